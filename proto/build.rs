@@ -1,0 +1,19 @@
+//! Generates the client API, peer and state-machine record types.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "latchkey/v1/kv.proto",
+        "latchkey/v1/cluster.proto",
+        "latchkey/v1/common.proto",
+        "latchkey/v1/lease.proto",
+        "latchkey/v1/lock.proto",
+        "latchkey/v1/election.proto",
+        "latchkey/peer/v1/peer.proto",
+        "latchkey/state/v1/state.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &["."])?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The Lease service. Grant and Revoke go through Raft; KeepAlive is
+//! answered by the leader from its lease clock without a Raft write.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use latchkey_proto::state::v1::{command, command_result, GrantLease, RevokeLease};
+use latchkey_proto::v1::lease_server::Lease;
+use latchkey_proto::v1::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseInfo, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseListRequest, LeaseListResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+
+use super::{header_at, Api};
+use crate::coordination::LeaseId;
+use crate::error::RequestError;
+use crate::lease_clock::KeepAlive;
+use crate::node::Role;
+use crate::state_machine::{grant_proto, MAX_LEASE_TTL_MS};
+
+/// Keepalive responses buffered per stream.
+const KEEPALIVE_BUFFER: usize = 16;
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for Api {
+    async fn grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let LeaseGrantRequest { ttl_ms, request } = request.into_inner();
+        if ttl_ms < self.min_lease_ttl_ms || ttl_ms > MAX_LEASE_TTL_MS {
+            return Err(self.status(RequestError::InvalidArgument {
+                field: "ttl_ms",
+                reason: format!(
+                    "{ttl_ms} is outside [{}, {MAX_LEASE_TTL_MS}]; the minimum is twice the election timeout, so that a leader change alone cannot outlast a lease",
+                    self.min_lease_ttl_ms
+                ),
+            }));
+        }
+        let (applied, result) = self
+            .propose_once(command::Command::GrantLease(GrantLease { ttl_ms }), request)
+            .await?;
+        let command_result::Result::LeaseGranted(granted) = result else {
+            return Err(Status::internal("grant produced another command's result"));
+        };
+        Ok(Response::new(LeaseGrantResponse {
+            header: Some(header_at(self, &applied)),
+            lease: granted.lease,
+            ttl_ms: granted.ttl_ms,
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let LeaseRevokeRequest { lease, request } = request.into_inner();
+        let (applied, _) = self
+            .propose_once(
+                command::Command::RevokeLease(RevokeLease { lease }),
+                request,
+            )
+            .await?;
+        Ok(Response::new(LeaseRevokeResponse {
+            header: Some(header_at(self, &applied)),
+        }))
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(LeaseKeepAliveRequest { lease })) = incoming.message().await {
+                let answer = api.keep_alive_once(LeaseId(lease)).await;
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let LeaseTimeToLiveRequest {
+            lease,
+            serializable,
+        } = request.into_inner();
+        if !serializable && self.node.status().role != Role::Leader {
+            // Only the leader knows the time left; send the caller there.
+            return Err(self.status(RequestError::NotLeader {
+                leader_id: Some(self.node.status().leader_id).filter(|id| *id != 0),
+                leader_client_addr: None,
+            }));
+        }
+        self.read_point(serializable).await?;
+        let remaining = self
+            .node
+            .lease_remaining(LeaseId(lease))
+            .await
+            .map_err(|e| self.status(e))?;
+        let header = self.header();
+        let state = self.reader.coordination();
+        let Some(found) = state.lease(LeaseId(lease)) else {
+            return Ok(Response::new(LeaseTimeToLiveResponse {
+                header: Some(header),
+                lease,
+                ..LeaseTimeToLiveResponse::default()
+            }));
+        };
+        let grants = state
+            .locks_of(LeaseId(lease))
+            .map(|(key, grant)| grant_proto(&key.name, grant))
+            .collect();
+        Ok(Response::new(LeaseTimeToLiveResponse {
+            header: Some(header),
+            lease,
+            found: true,
+            remaining_ms: remaining.map_or(found.ttl_ms, |r| r.as_millis() as u64),
+            ttl_ms: found.ttl_ms,
+            grants,
+            waiting: found.waiting.iter().map(|key| key.name.clone()).collect(),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<LeaseListRequest>,
+    ) -> Result<Response<LeaseListResponse>, Status> {
+        self.read_point(request.into_inner().serializable).await?;
+        let header = self.header();
+        let state = self.reader.coordination();
+        let leases = state
+            .leases()
+            .map(|lease| LeaseInfo {
+                lease: lease.id.0,
+                ttl_ms: lease.ttl_ms,
+                grants: lease.held.len() as u32,
+            })
+            .collect();
+        Ok(Response::new(LeaseListResponse {
+            header: Some(header),
+            leases,
+        }))
+    }
+}
+
+impl Api {
+    async fn keep_alive_once(&self, lease: LeaseId) -> Result<LeaseKeepAliveResponse, Status> {
+        let answer = self
+            .node
+            .keep_alive(lease)
+            .await
+            .map_err(|e| self.status(e))?;
+        let header = Some(self.header());
+        match answer {
+            KeepAlive::Renewed { ttl_ms } => Ok(LeaseKeepAliveResponse {
+                header,
+                lease: lease.0,
+                found: true,
+                remaining_ms: ttl_ms,
+                ttl_ms,
+            }),
+            KeepAlive::NotFound => Ok(LeaseKeepAliveResponse {
+                header,
+                lease: lease.0,
+                ..LeaseKeepAliveResponse::default()
+            }),
+            KeepAlive::NotReady => Err(Status::unavailable(
+                "the leader has not yet applied an entry of its term; retry shortly",
+            )),
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The Lock service, and the waiting shared with elections.
+//!
+//! A waiting acquire subscribes to this node's applied events *before* it
+//! proposes, so it cannot miss its own grant. It waits for a `Granted`
+//! event for its lease, or a `LeaseRemoved` for it. If the subscriber
+//! lagged, it re-reads the state instead. If the caller goes away (deadline,
+//! disconnect) while queued, a `CancelWait` is proposed so the lease leaves
+//! the queue; a grant that won that race stays with the lease until it is
+//! released or the lease ends.
+
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use latchkey_proto::state::v1::{command, command_result, Acquire, CancelWait, GrantKind, Release};
+use latchkey_proto::v1::lock_server::Lock;
+use latchkey_proto::v1::{
+    AcquireRequest, AcquireResponse, DescribeRequest, DescribeResponse, Grant, ReleaseRequest,
+    ReleaseResponse, RequestId,
+};
+
+use super::{header_at, Api};
+use crate::coordination::{validate_name, validate_value, Event, Kind, LeaseId};
+use crate::error::RequestError;
+use crate::state_machine::grant_proto;
+
+#[tonic::async_trait]
+impl Lock for Api {
+    async fn acquire(
+        &self,
+        request: Request<AcquireRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        let AcquireRequest {
+            name,
+            lease,
+            wait,
+            request,
+        } = request.into_inner();
+        let (header, grant) = self
+            .acquire_grant(Kind::Lock, name, LeaseId(lease), wait, Vec::new(), request)
+            .await?;
+        Ok(Response::new(AcquireResponse {
+            header: Some(header),
+            grant: Some(grant),
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let ReleaseRequest {
+            name,
+            token,
+            request,
+        } = request.into_inner();
+        let header = self.release_grant(Kind::Lock, name, token, request).await?;
+        Ok(Response::new(ReleaseResponse {
+            header: Some(header),
+        }))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        let DescribeRequest { name, serializable } = request.into_inner();
+        self.check_name(&name)?;
+        self.read_point(serializable).await?;
+        let header = self.header();
+        let state = self.reader.coordination();
+        let lock = state.describe(Kind::Lock, &name);
+        Ok(Response::new(DescribeResponse {
+            header: Some(header),
+            holder: lock.map(|lock| grant_proto(&name, &lock.holder)),
+            waiters: lock
+                .map(|lock| lock.waiters.iter().map(|w| w.lease.0).collect())
+                .unwrap_or_default(),
+        }))
+    }
+}
+
+fn grant_kind(kind: Kind) -> i32 {
+    match kind {
+        Kind::Lock => GrantKind::Lock as i32,
+        Kind::Election => GrantKind::Election as i32,
+    }
+}
+
+/// Proposes `CancelWait` if dropped while armed: the caller gave up.
+struct CancelOnDrop {
+    api: Api,
+    kind: Kind,
+    name: String,
+    lease: LeaseId,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let api = self.api.clone();
+        let cancel = CancelWait {
+            kind: grant_kind(self.kind),
+            name: std::mem::take(&mut self.name),
+            lease: self.lease.0,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = api
+                .propose_once(command::Command::CancelWait(cancel), None)
+                .await
+            {
+                tracing::debug!("cancelling a wait failed: {e}");
+            }
+        });
+    }
+}
+
+impl Api {
+    pub(super) fn check_name(&self, name: &str) -> Result<(), Status> {
+        validate_name(name).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// Acquire or campaign: returns the grant, waiting for it if asked.
+    pub(super) async fn acquire_grant(
+        &self,
+        kind: Kind,
+        name: String,
+        lease: LeaseId,
+        wait: bool,
+        value: Vec<u8>,
+        request: Option<RequestId>,
+    ) -> Result<(latchkey_proto::v1::ResponseHeader, Grant), Status> {
+        self.check_name(&name)?;
+        validate_value(kind, &value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut events = self.node.subscribe();
+        let acquire = Acquire {
+            kind: grant_kind(kind),
+            name: name.clone(),
+            lease: lease.0,
+            wait,
+            value,
+        };
+        let (applied, result) = self
+            .propose_once(command::Command::Acquire(acquire), request)
+            .await?;
+        match result {
+            command_result::Result::Granted(grant) => {
+                return Ok((header_at(self, &applied), grant))
+            }
+            command_result::Result::Queued(_) => {}
+            _ => {
+                return Err(Status::internal(
+                    "acquire produced another command's result",
+                ))
+            }
+        }
+        let mut guard = CancelOnDrop {
+            api: self.clone(),
+            kind,
+            name: name.clone(),
+            lease,
+            armed: true,
+        };
+        loop {
+            let found = match events.recv().await {
+                Ok(applied) => match_grant(&applied.events, kind, &name, lease),
+                Err(RecvError::Lagged(_)) => self.current_grant(kind, &name, lease),
+                Err(RecvError::Closed) => Err(self.status(RequestError::ShuttingDown)),
+            };
+            if let Some(grant) = found? {
+                guard.armed = false;
+                return Ok((self.header(), grant));
+            }
+        }
+    }
+
+    /// The grant if `lease` now holds `name`; an error if the lease is gone.
+    fn current_grant(
+        &self,
+        kind: Kind,
+        name: &str,
+        lease: LeaseId,
+    ) -> Result<Option<Grant>, Status> {
+        let state = self.reader.coordination();
+        if state.lease(lease).is_none() {
+            return Err(lease_gone(lease));
+        }
+        Ok(state
+            .describe(kind, name)
+            .filter(|lock| lock.holder.lease == lease)
+            .map(|lock| grant_proto(name, &lock.holder)))
+    }
+
+    pub(super) async fn release_grant(
+        &self,
+        kind: Kind,
+        name: String,
+        token: u64,
+        request: Option<RequestId>,
+    ) -> Result<latchkey_proto::v1::ResponseHeader, Status> {
+        self.check_name(&name)?;
+        let release = Release {
+            kind: grant_kind(kind),
+            name,
+            token,
+        };
+        let (applied, _) = self
+            .propose_once(command::Command::Release(release), request)
+            .await?;
+        Ok(header_at(self, &applied))
+    }
+}
+
+fn lease_gone(lease: LeaseId) -> Status {
+    Status::not_found(format!(
+        "lease {lease} ended (expired or revoked) while waiting"
+    ))
+}
+
+fn match_grant(
+    events: &[Event],
+    kind: Kind,
+    name: &str,
+    lease: LeaseId,
+) -> Result<Option<Grant>, Status> {
+    for event in events {
+        match event {
+            Event::Granted {
+                kind: k,
+                name: n,
+                lease: l,
+                token,
+                value,
+            } if *k == kind && n == name && *l == lease => {
+                return Ok(Some(Grant {
+                    name: name.to_string(),
+                    lease: lease.0,
+                    token: token.0,
+                    value: value.clone(),
+                    revision: 0,
+                }));
+            }
+            Event::LeaseRemoved { lease: l, .. } if *l == lease => return Err(lease_gone(lease)),
+            _ => {}
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,410 @@
+//! The client API: gRPC services over the node and the state machine.
+//!
+//! Writes are proposed to Raft and answered once applied. Only the leader
+//! accepts them: a follower answers `UNAVAILABLE` with the leader's id and
+//! client address in the response metadata ([`LEADER_ID_HEADER`],
+//! [`LEADER_ADDR_HEADER`]) so that a client can retry there; it does not
+//! forward. Reads are linearizable by default: a ReadIndex round confirms
+//! the read point with a quorum, and any node (follower included) answers
+//! once its applied index reaches it. `serializable` reads skip that round
+//! and may be stale.
+//!
+//! Every [`RequestError`] becomes a gRPC status in one place,
+//! [`status_from`]; every deterministic refusal recorded by apply
+//! (`CommandError`) becomes one in [`command_status`], with its typed
+//! `latchkey.v1.ErrorDetails` encoded in the status details.
+//!
+//! # Layout
+//! - this file: shared plumbing, the KV and Cluster services.
+//! - [`lease`]: Grant, Revoke, KeepAlive, TimeToLive, List.
+//! - [`lock`]: Acquire (waiting FIFO), Release, Describe.
+//! - [`election`]: Campaign, Proclaim, Leader, Observe, Resign.
+
+mod election;
+mod lease;
+mod lock;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use latchkey_proto::state::v1::{
+    command, command_result, Command, CommandError, Delete, KvRecord, Put,
+};
+use latchkey_proto::v1::cluster_server::{Cluster, ClusterServer};
+use latchkey_proto::v1::kv_server::{Kv, KvServer};
+use latchkey_proto::v1::RequestId;
+use latchkey_proto::v1::{
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, Member, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, Role as ProtoRole, StatusRequest,
+    StatusResponse,
+};
+use prost::Message as _;
+
+use crate::error::{FatalError, RequestError};
+use crate::node::{Applied, NodeHandle, Role};
+use crate::state_machine::{Reader, MAX_KEY_BYTES, MAX_RANGE_KEYS, MAX_VALUE_BYTES};
+use crate::transport::PeerDirectory;
+use crate::types::NodeId;
+
+/// Metadata key carrying the leader's node id on `UNAVAILABLE`.
+pub const LEADER_ID_HEADER: &str = "latchkey-leader-id";
+/// Metadata key carrying the leader's client address on `UNAVAILABLE`.
+pub const LEADER_ADDR_HEADER: &str = "latchkey-leader-addr";
+/// Largest client request accepted.
+pub const MAX_REQUEST_BYTES: usize = MAX_VALUE_BYTES + 64 * 1024;
+
+/// State shared by the client services of one node.
+#[derive(Clone)]
+pub struct Api {
+    id: NodeId,
+    node: NodeHandle,
+    reader: Reader,
+    directory: PeerDirectory,
+    /// Shortest lease TTL granted: twice the election timeout, so that a
+    /// leader change alone never outlasts a lease.
+    min_lease_ttl_ms: u64,
+}
+
+impl Api {
+    pub fn new(
+        id: NodeId,
+        node: NodeHandle,
+        reader: Reader,
+        directory: PeerDirectory,
+        min_lease_ttl_ms: u64,
+    ) -> Api {
+        Api {
+            id,
+            node,
+            reader,
+            directory,
+            min_lease_ttl_ms,
+        }
+    }
+
+    pub fn lease_service(&self) -> latchkey_proto::v1::lease_server::LeaseServer<Api> {
+        latchkey_proto::v1::lease_server::LeaseServer::new(self.clone())
+    }
+
+    pub fn lock_service(&self) -> latchkey_proto::v1::lock_server::LockServer<Api> {
+        latchkey_proto::v1::lock_server::LockServer::new(self.clone())
+    }
+
+    pub fn election_service(&self) -> latchkey_proto::v1::election_server::ElectionServer<Api> {
+        latchkey_proto::v1::election_server::ElectionServer::new(self.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    pub fn kv_service(&self) -> KvServer<Api> {
+        KvServer::new(self.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    pub fn cluster_service(&self) -> ClusterServer<Api> {
+        ClusterServer::new(self.clone())
+    }
+
+    fn status(&self, error: RequestError) -> Status {
+        status_from(error, &self.directory)
+    }
+
+    fn fatal(&self, error: FatalError) -> Status {
+        let message = error.to_string();
+        self.node.report_fatal(error);
+        Status::data_loss(message)
+    }
+
+    fn header(&self) -> ResponseHeader {
+        let status = self.node.status();
+        ResponseHeader {
+            node_id: self.id.0,
+            term: status.term,
+            revision: status.applied_index,
+        }
+    }
+
+    /// Proposes `command` under an exactly-once request id; a recorded
+    /// refusal comes back as its gRPC status.
+    async fn propose_once(
+        &self,
+        command: command::Command,
+        request: Option<RequestId>,
+    ) -> Result<(Applied, command_result::Result), Status> {
+        let command = Command {
+            command: Some(command),
+            request,
+        };
+        let applied = self
+            .node
+            .propose(command)
+            .await
+            .map_err(|e| self.status(e))?;
+        let result = applied
+            .result
+            .result
+            .clone()
+            .ok_or_else(|| Status::internal("command produced no result"))?;
+        if let command_result::Result::Error(error) = result {
+            return Err(command_status(error));
+        }
+        Ok((applied, result))
+    }
+
+    async fn read_point(&self, serializable: bool) -> Result<(), Status> {
+        if serializable {
+            return Ok(());
+        }
+        self.node
+            .read_index()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.status(e))
+    }
+}
+
+/// Maps a refusal recorded by apply to its gRPC status with typed details.
+pub fn command_status(error: CommandError) -> Status {
+    let code = tonic::Code::from_i32(error.code);
+    let details = error.details.map(|d| d.encode_to_vec()).unwrap_or_default();
+    Status::with_details(code, error.message, details.into())
+}
+
+fn header_at(api: &Api, applied: &Applied) -> ResponseHeader {
+    ResponseHeader {
+        node_id: api.id.0,
+        term: applied.term,
+        revision: applied.index.0,
+    }
+}
+
+/// Maps a request error to its gRPC status, adding the leader hint.
+pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
+    match error {
+        RequestError::NotLeader { leader_id, .. } => {
+            let leader_client_addr = leader_id
+                .and_then(|id| directory.get(NodeId(id)))
+                .map(|info| info.client_addr)
+                .filter(|addr| !addr.is_empty());
+            let error = RequestError::NotLeader {
+                leader_id,
+                leader_client_addr: leader_client_addr.clone(),
+            };
+            let mut status = Status::unavailable(error.to_string());
+            if let Some(id) = leader_id {
+                status
+                    .metadata_mut()
+                    .insert(LEADER_ID_HEADER, MetadataValue::from(id));
+            }
+            if let Some(value) = leader_client_addr.and_then(|a| MetadataValue::try_from(a).ok()) {
+                status.metadata_mut().insert(LEADER_ADDR_HEADER, value);
+            }
+            status
+        }
+        RequestError::LeadershipLost | RequestError::ShuttingDown => {
+            Status::unavailable(error.to_string())
+        }
+        RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
+        RequestError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), RequestError> {
+    if key.is_empty() {
+        return Err(RequestError::InvalidArgument {
+            field: "key",
+            reason: "must not be empty".into(),
+        });
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(RequestError::InvalidArgument {
+            field: "key",
+            reason: format!("is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
+        });
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), RequestError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(RequestError::InvalidArgument {
+            field: "value",
+            reason: format!("is {} bytes; the limit is {MAX_VALUE_BYTES}", value.len()),
+        });
+    }
+    Ok(())
+}
+
+fn key_value(key: Vec<u8>, record: KvRecord) -> KeyValue {
+    KeyValue {
+        key,
+        value: record.value,
+        create_revision: record.create_revision,
+        mod_revision: record.mod_revision,
+        token: record.token,
+        fence_name: record.fence_name,
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for Api {
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let PutRequest {
+            key,
+            value,
+            fence,
+            request,
+            expected_mod_revision,
+        } = request.into_inner();
+        check_key(&key)
+            .and_then(|()| check_value(&value))
+            .map_err(|e| self.status(e))?;
+        if let Some(fence) = &fence {
+            crate::coordination::validate_name(&fence.name)
+                .map_err(|e| Status::invalid_argument(format!("fence: {e}")))?;
+        }
+        let put = Put {
+            key,
+            value,
+            fence,
+            expected_mod_revision,
+        };
+        let (applied, result) = self
+            .propose_once(command::Command::Put(put), request)
+            .await?;
+        let command_result::Result::Put(put) = result else {
+            return Err(Status::internal("put produced another command's result"));
+        };
+        Ok(Response::new(PutResponse {
+            header: Some(ResponseHeader {
+                node_id: self.id.0,
+                term: applied.term,
+                revision: applied.index.0,
+            }),
+            revision: put.revision,
+        }))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let GetRequest { key, serializable } = request.into_inner();
+        check_key(&key).map_err(|e| self.status(e))?;
+        self.read_point(serializable).await?;
+        let header = self.header();
+        let record = self.reader.get(&key).map_err(|e| self.fatal(e))?;
+        Ok(Response::new(GetResponse {
+            header: Some(header),
+            kv: record.map(|record| key_value(key, record)),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let DeleteRequest {
+            key,
+            fence,
+            request,
+            expected_mod_revision,
+        } = request.into_inner();
+        check_key(&key).map_err(|e| self.status(e))?;
+        let delete = Delete {
+            key,
+            fence,
+            expected_mod_revision,
+        };
+        let (applied, result) = self
+            .propose_once(command::Command::Delete(delete), request)
+            .await?;
+        let command_result::Result::Delete(delete) = result else {
+            return Err(Status::internal("delete produced another command's result"));
+        };
+        Ok(Response::new(DeleteResponse {
+            header: Some(ResponseHeader {
+                node_id: self.id.0,
+                term: applied.term,
+                revision: applied.index.0,
+            }),
+            deleted: delete.deleted,
+            revision: delete.revision,
+        }))
+    }
+
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let RangeRequest {
+            prefix,
+            limit,
+            serializable,
+        } = request.into_inner();
+        if prefix.len() > MAX_KEY_BYTES {
+            return Err(self.status(RequestError::InvalidArgument {
+                field: "prefix",
+                reason: format!("is {} bytes; the limit is {MAX_KEY_BYTES}", prefix.len()),
+            }));
+        }
+        let limit = match limit as usize {
+            0 => MAX_RANGE_KEYS,
+            n => n.min(MAX_RANGE_KEYS),
+        };
+        self.read_point(serializable).await?;
+        let header = self.header();
+        let (records, more) = self
+            .reader
+            .range(&prefix, limit)
+            .map_err(|e| self.fatal(e))?;
+        Ok(Response::new(RangeResponse {
+            header: Some(header),
+            kvs: records.into_iter().map(|(k, r)| key_value(k, r)).collect(),
+            more,
+        }))
+    }
+}
+
+fn proto_role(role: Role) -> ProtoRole {
+    match role {
+        Role::Follower => ProtoRole::Follower,
+        Role::Candidate => ProtoRole::Candidate,
+        Role::PreCandidate => ProtoRole::PreCandidate,
+        Role::Leader => ProtoRole::Leader,
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for Api {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let status = self.node.status();
+        let members = self.directory.all();
+        let me = members.get(&self.id).cloned().unwrap_or_default();
+        let leader_client_addr = members
+            .get(&NodeId(status.leader_id))
+            .map(|info| info.client_addr.clone())
+            .unwrap_or_default();
+        Ok(Response::new(StatusResponse {
+            id: self.id.0,
+            role: proto_role(status.role).into(),
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            leader_id: status.leader_id,
+            client_addr: me.client_addr,
+            peer_addr: me.peer_addr,
+            first_index: status.first_index,
+            last_index: status.last_index,
+            members: members
+                .into_iter()
+                .map(|(id, info)| Member {
+                    id: id.0,
+                    client_addr: info.client_addr,
+                    peer_addr: info.peer_addr,
+                })
+                .collect(),
+            leader_client_addr,
+        }))
+    }
+}

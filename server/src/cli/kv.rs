@@ -1,0 +1,362 @@
+//! `latchkey kv put|get|del|range`: the replicated key-value store.
+//!
+//! Each command sends one request through [`Router`] and prints the answer:
+//! plain text by default (`kv get` prints the value alone, so scripts can
+//! use `$(latchkey kv get K)`), or one JSON object with `--json`. JSON output
+//! shows keys and values as UTF-8 text; bytes that are not valid UTF-8
+//! become U+FFFD, while plain `kv get` writes the stored bytes unchanged.
+
+use std::time::Duration;
+
+use latchkey_proto::v1::{
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestId,
+};
+use serde::Serialize;
+
+use super::route::{Idempotence, Router};
+use super::{parse_duration, parse_endpoints, print_error, write_json, write_stdout, Failure};
+use super::{EXIT_NOT_FOUND, EXIT_OK};
+
+/// Flags of `latchkey kv`.
+#[derive(clap::Args, Debug)]
+pub struct KvArgs {
+    /// Client endpoints, comma-separated HOST:PORT; tried in order, the leader is found from there.
+    #[arg(long, env = "LATCHKEY_ENDPOINTS", value_delimiter = ',', global = true)]
+    pub endpoints: Vec<String>,
+    /// Print one JSON object per result.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Give up after this long, retries and leader changes included (500ms, 5s, …).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: KvCommand,
+}
+
+/// The `kv` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum KvCommand {
+    /// Write VALUE under KEY; prints the revision of the write.
+    Put { key: String, value: String },
+    /// Print the value of KEY (exit code 1 if it does not exist).
+    Get {
+        key: String,
+        /// Answer from the contacted node's local state without confirming
+        /// with a quorum; faster, but may be stale.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Delete KEY (deleting a missing key succeeds and says so).
+    #[command(alias = "delete")]
+    Del { key: String },
+    /// List keys starting with PREFIX (every key when omitted), in key order.
+    Range {
+        prefix: Option<String>,
+        /// At most this many keys (0 = the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Answer from local state without confirming with a quorum (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+}
+
+pub(crate) async fn run(args: KvArgs) -> Result<u8, Failure> {
+    let router = Router::new(parse_endpoints(&args.endpoints)?, args.timeout);
+    let json = args.json;
+    match args.command {
+        KvCommand::Put { key, value } => put(&router, key, value, json).await,
+        KvCommand::Get { key, serializable } => get(&router, key, serializable, json).await,
+        KvCommand::Del { key } => delete(&router, key, json).await,
+        KvCommand::Range {
+            prefix,
+            limit,
+            serializable,
+        } => {
+            let request = RangeRequest {
+                prefix: prefix.unwrap_or_default().into_bytes(),
+                limit,
+                serializable,
+            };
+            range(&router, request, json).await
+        }
+    }
+}
+
+async fn put(router: &Router, key: String, value: String, json: bool) -> Result<u8, Failure> {
+    let request = PutRequest {
+        key: key.clone().into_bytes(),
+        value: value.into_bytes(),
+        request: Some(request_id()),
+        ..PutRequest::default()
+    };
+    let response: PutResponse = router
+        .call(Idempotence::Write, |mut client| {
+            let request = request.clone();
+            async move { client.put(request).await }
+        })
+        .await?;
+    if json {
+        write_json(&PutOutput {
+            key,
+            revision: response.revision,
+        })?;
+    } else {
+        write_stdout(format!("OK revision {}\n", response.revision).as_bytes())?;
+    }
+    Ok(EXIT_OK)
+}
+
+async fn get(router: &Router, key: String, serializable: bool, json: bool) -> Result<u8, Failure> {
+    let request = GetRequest {
+        key: key.clone().into_bytes(),
+        serializable,
+    };
+    let response: GetResponse = router
+        .call(Idempotence::Read, |mut client| {
+            let request = request.clone();
+            async move { client.get(request).await }
+        })
+        .await?;
+    let found = response.kv.is_some();
+    if json {
+        write_json(&GetOutput::new(key.clone(), response.kv.as_ref()))?;
+    } else if let Some(kv) = &response.kv {
+        let mut line = kv.value.clone();
+        line.push(b'\n');
+        write_stdout(&line)?;
+    }
+    if !found {
+        if !json {
+            print_error(&format!("key not found: {key}"));
+        }
+        return Ok(EXIT_NOT_FOUND);
+    }
+    Ok(EXIT_OK)
+}
+
+async fn delete(router: &Router, key: String, json: bool) -> Result<u8, Failure> {
+    let request = DeleteRequest {
+        key: key.clone().into_bytes(),
+        request: Some(request_id()),
+        ..DeleteRequest::default()
+    };
+    let response: DeleteResponse = router
+        .call(Idempotence::Write, |mut client| {
+            let request = request.clone();
+            async move { client.delete(request).await }
+        })
+        .await?;
+    if json {
+        write_json(&DeleteOutput {
+            key,
+            deleted: response.deleted,
+            revision: response.revision,
+        })?;
+    } else if response.deleted {
+        write_stdout(format!("OK deleted, revision {}\n", response.revision).as_bytes())?;
+    } else {
+        write_stdout(format!("OK nothing to delete: key not found: {key}\n").as_bytes())?;
+    }
+    Ok(EXIT_OK)
+}
+
+async fn range(router: &Router, request: RangeRequest, json: bool) -> Result<u8, Failure> {
+    let response: RangeResponse = router
+        .call(Idempotence::Read, |mut client| {
+            let request = request.clone();
+            async move { client.range(request).await }
+        })
+        .await?;
+    if json {
+        write_json(&RangeOutput::new(&response))?;
+        return Ok(EXIT_OK);
+    }
+    let mut out = Vec::new();
+    for kv in &response.kvs {
+        out.extend_from_slice(&kv.key);
+        out.push(b'\t');
+        out.extend_from_slice(&kv.value);
+        out.push(b'\n');
+    }
+    write_stdout(&out)?;
+    if response.more {
+        print_note(response.kvs.len());
+    }
+    Ok(EXIT_OK)
+}
+
+/// Tells a person (on stderr, so pipes stay clean) that the list is cut short.
+fn print_note(shown: usize) {
+    use std::io::Write;
+    // A lost note on a closed stderr changes nothing.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "latchkey: note: more keys match than the {shown} shown; narrow the prefix or raise --limit"
+    );
+}
+
+/// A fresh exactly-once identity for one write: a random client id (never 0,
+/// which means "no deduplication") and sequence number 1. Every attempt of
+/// the write carries the same one.
+fn request_id() -> RequestId {
+    RequestId {
+        client_id: rand::Rng::gen_range(&mut rand::thread_rng(), 1..=u64::MAX),
+        seq: 1,
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `kv put --json`.
+#[derive(Serialize, Debug)]
+pub struct PutOutput {
+    pub key: String,
+    pub revision: u64,
+}
+
+/// `kv get --json`; `value` is null and the revisions 0 when not found.
+#[derive(Serialize, Debug)]
+pub struct GetOutput {
+    pub key: String,
+    pub value: Option<String>,
+    pub found: bool,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+impl GetOutput {
+    fn new(key: String, kv: Option<&KeyValue>) -> Self {
+        GetOutput {
+            key,
+            value: kv.map(|kv| text(&kv.value)),
+            found: kv.is_some(),
+            create_revision: kv.map_or(0, |kv| kv.create_revision),
+            mod_revision: kv.map_or(0, |kv| kv.mod_revision),
+        }
+    }
+}
+
+/// `kv del --json`.
+#[derive(Serialize, Debug)]
+pub struct DeleteOutput {
+    pub key: String,
+    pub deleted: bool,
+    pub revision: u64,
+}
+
+/// `kv range --json`.
+#[derive(Serialize, Debug)]
+pub struct RangeOutput {
+    pub kvs: Vec<KeyValueOutput>,
+    pub more: bool,
+}
+
+/// One entry of [`RangeOutput`].
+#[derive(Serialize, Debug)]
+pub struct KeyValueOutput {
+    pub key: String,
+    pub value: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+}
+
+impl RangeOutput {
+    fn new(response: &RangeResponse) -> Self {
+        RangeOutput {
+            kvs: response
+                .kvs
+                .iter()
+                .map(|kv| KeyValueOutput {
+                    key: text(&kv.key),
+                    value: text(&kv.value),
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                })
+                .collect(),
+            more: response.more,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.as_bytes().to_vec(),
+            value: value.to_vec(),
+            create_revision: 3,
+            mod_revision: 5,
+            ..KeyValue::default()
+        }
+    }
+
+    #[test]
+    fn get_json_for_a_found_key_has_value_and_revisions() {
+        let found = kv("a", b"1");
+        let json = serde_json::to_value(GetOutput::new("a".into(), Some(&found))).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"key":"a","value":"1","found":true,"create_revision":3,"mod_revision":5})
+        );
+    }
+
+    #[test]
+    fn get_json_for_a_missing_key_has_found_false_and_null_value() {
+        let json = serde_json::to_value(GetOutput::new("a".into(), None)).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"key":"a","value":null,"found":false,"create_revision":0,"mod_revision":0})
+        );
+    }
+
+    #[test]
+    fn range_json_shows_invalid_utf8_lossily() {
+        let response = RangeResponse {
+            header: None,
+            kvs: vec![kv("a", &[0x66, 0xff])],
+            more: true,
+        };
+        let json = serde_json::to_value(RangeOutput::new(&response)).expect("json");
+        assert_eq!(json["kvs"][0]["value"], "f\u{fffd}");
+        assert_eq!(json["more"], true);
+    }
+
+    #[test]
+    fn kv_flags_work_before_or_after_the_subcommand() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        enum Top {
+            Kv(KvArgs),
+        }
+        let Top::Kv(args) = Top::try_parse_from([
+            "latchkey",
+            "kv",
+            "get",
+            "k",
+            "--json",
+            "--endpoints",
+            "a:1,b:2",
+        ])
+        .expect("flags after the subcommand");
+        assert!(args.json);
+        assert_eq!(args.endpoints, vec!["a:1".to_string(), "b:2".to_string()]);
+        let Top::Kv(args) =
+            Top::try_parse_from(["latchkey", "kv", "--timeout", "1s", "range", "--limit", "3"])
+                .expect("flags before the subcommand");
+        assert_eq!(args.timeout, Duration::from_secs(1));
+        assert!(matches!(
+            args.command,
+            KvCommand::Range {
+                limit: 3,
+                prefix: None,
+                ..
+            }
+        ));
+    }
+}

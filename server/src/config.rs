@@ -1,0 +1,345 @@
+//! Node configuration: flags, environment and an optional TOML file.
+//!
+//! Precedence, highest first: command-line flag, environment variable
+//! (`LATCHKEY_*`), the `--config` TOML file, built-in default. The resolved
+//! [`Config`] is validated once here, so the rest of the server can trust it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::StartupError;
+use crate::types::NodeId;
+
+/// Flags of `latchkey serve`; each one also reads `LATCHKEY_<NAME>`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and env override it).
+    #[arg(long, env = "LATCHKEY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id; must appear in --initial-cluster.
+    #[arg(long, env = "LATCHKEY_ID")]
+    pub id: Option<u64>,
+    /// Directory for the RocksDB data of this node (created if missing).
+    #[arg(long, env = "LATCHKEY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HOST:PORT to serve the client API on.
+    #[arg(long, env = "LATCHKEY_LISTEN_CLIENT")]
+    pub listen_client: Option<String>,
+    /// HOST:PORT to serve the peer (Raft) transport on.
+    #[arg(long, env = "LATCHKEY_LISTEN_PEER")]
+    pub listen_peer: Option<String>,
+    /// Client address other nodes hand out as this node's (default: --listen-client).
+    #[arg(long, env = "LATCHKEY_ADVERTISE_CLIENT")]
+    pub advertise_client: Option<String>,
+    /// Every member's peer address: `1=HOST:PORT,2=HOST:PORT,...`.
+    #[arg(long, env = "LATCHKEY_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Length of one Raft tick in milliseconds.
+    #[arg(long, env = "LATCHKEY_TICK_INTERVAL_MS")]
+    pub tick_interval_ms: Option<u64>,
+    /// Ticks without a heartbeat before a follower campaigns (randomised up to 2x).
+    #[arg(long, env = "LATCHKEY_ELECTION_TICKS")]
+    pub election_ticks: Option<usize>,
+    /// Ticks between leader heartbeats.
+    #[arg(long, env = "LATCHKEY_HEARTBEAT_TICKS")]
+    pub heartbeat_ticks: Option<usize>,
+    /// Compact the Raft log once this many applied entries sit before the applied index.
+    #[arg(long, env = "LATCHKEY_COMPACT_LOG_AFTER_ENTRIES")]
+    pub compact_log_after_entries: Option<u64>,
+}
+
+/// The same settings as a TOML file (`--config`).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    listen_client: Option<String>,
+    listen_peer: Option<String>,
+    advertise_client: Option<String>,
+    initial_cluster: Option<String>,
+    tick_interval_ms: Option<u64>,
+    election_ticks: Option<usize>,
+    heartbeat_ticks: Option<usize>,
+    compact_log_after_entries: Option<u64>,
+}
+
+/// Raft timing. Defaults give sub-second failover on loopback: a follower
+/// campaigns after 500–1000 ms without hearing from a leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    pub tick_interval_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            tick_interval_ms: 50,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+        }
+    }
+}
+
+impl RaftTiming {
+    /// The shortest time after which a healthy follower may start an election.
+    pub fn election_timeout_ms(&self) -> u64 {
+        self.tick_interval_ms * self.election_ticks as u64
+    }
+}
+
+/// Default for [`Config::compact_log_after_entries`].
+pub const DEFAULT_COMPACT_LOG_AFTER_ENTRIES: u64 = 10_000;
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    pub listen_client: SocketAddr,
+    pub listen_peer: SocketAddr,
+    /// The client address this node announces to its peers.
+    pub advertise_client: String,
+    /// Peer address of every voter, this node included.
+    pub peers: BTreeMap<NodeId, String>,
+    pub timing: RaftTiming,
+    pub compact_log_after_entries: u64,
+}
+
+impl Config {
+    /// Resolves flags, environment and the optional file into a [`Config`].
+    pub fn resolve(args: &ServeArgs) -> Result<Config, StartupError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let id = args.id.or(file.id).ok_or_else(|| {
+            StartupError::config("missing --id (or LATCHKEY_ID, or `id` in the config file)")
+        })?;
+        let data_dir = args.data_dir.clone().or(file.data_dir).ok_or_else(|| {
+            StartupError::config("missing --data-dir (or LATCHKEY_DATA_DIR, or `data-dir`)")
+        })?;
+        let listen_client = pick(&args.listen_client, &file.listen_client, "listen-client")?;
+        let listen_peer = pick(&args.listen_peer, &file.listen_peer, "listen-peer")?;
+        let initial_cluster = pick(
+            &args.initial_cluster,
+            &file.initial_cluster,
+            "initial-cluster",
+        )?;
+        let peers = parse_initial_cluster(&initial_cluster)?;
+        let id = NodeId(id);
+        if !peers.contains_key(&id) {
+            return Err(StartupError::config(format!(
+                "--id {id} is not in --initial-cluster ({}); add `{id}=HOST:PORT` or fix --id",
+                initial_cluster
+            )));
+        }
+        let listen_client = parse_socket_addr("--listen-client", &listen_client)?;
+        let listen_peer = parse_socket_addr("--listen-peer", &listen_peer)?;
+        let advertise_client = args
+            .advertise_client
+            .clone()
+            .or(file.advertise_client)
+            .unwrap_or_else(|| listen_client.to_string());
+        let defaults = RaftTiming::default();
+        let timing = RaftTiming {
+            tick_interval_ms: args
+                .tick_interval_ms
+                .or(file.tick_interval_ms)
+                .unwrap_or(defaults.tick_interval_ms),
+            election_ticks: args
+                .election_ticks
+                .or(file.election_ticks)
+                .unwrap_or(defaults.election_ticks),
+            heartbeat_ticks: args
+                .heartbeat_ticks
+                .or(file.heartbeat_ticks)
+                .unwrap_or(defaults.heartbeat_ticks),
+        };
+        validate_timing(&timing)?;
+        let compact_log_after_entries = args
+            .compact_log_after_entries
+            .or(file.compact_log_after_entries)
+            .unwrap_or(DEFAULT_COMPACT_LOG_AFTER_ENTRIES);
+        if compact_log_after_entries == 0 {
+            return Err(StartupError::config(
+                "--compact-log-after-entries must be at least 1",
+            ));
+        }
+        Ok(Config {
+            id,
+            data_dir,
+            listen_client,
+            listen_peer,
+            advertise_client,
+            peers,
+            timing,
+            compact_log_after_entries,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, StartupError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StartupError::config(format!("cannot read config file {}: {e}", path.display()))
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        let message = e.message().to_string();
+        StartupError::config(format!(
+            "config file {} is invalid: {message}",
+            path.display()
+        ))
+    })
+}
+
+fn pick(flag: &Option<String>, file: &Option<String>, name: &str) -> Result<String, StartupError> {
+    flag.clone().or_else(|| file.clone()).ok_or_else(|| {
+        StartupError::config(format!(
+            "missing --{name} (or LATCHKEY_{}, or `{name}` in the config file)",
+            name.to_uppercase().replace('-', "_")
+        ))
+    })
+}
+
+fn parse_socket_addr(flag: &str, value: &str) -> Result<SocketAddr, StartupError> {
+    value.parse().map_err(|_| {
+        StartupError::config(format!(
+            "{flag} {value:?} is not an IP:PORT address (for example 127.0.0.1:7001)"
+        ))
+    })
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT,...`.
+pub fn parse_initial_cluster(value: &str) -> Result<BTreeMap<NodeId, String>, StartupError> {
+    let mut peers = BTreeMap::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            StartupError::config(format!(
+                "--initial-cluster entry {part:?} is not ID=HOST:PORT"
+            ))
+        })?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            StartupError::config(format!(
+                "--initial-cluster entry {part:?}: node id {id:?} is not a positive integer"
+            ))
+        })?;
+        if id == 0 {
+            return Err(StartupError::config(
+                "--initial-cluster: node id 0 is reserved; ids start at 1",
+            ));
+        }
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(StartupError::config(format!(
+                "--initial-cluster entry {part:?}: {addr:?} is not HOST:PORT"
+            )));
+        }
+        if peers.insert(NodeId(id), addr.to_string()).is_some() {
+            return Err(StartupError::config(format!(
+                "--initial-cluster names node {id} twice"
+            )));
+        }
+    }
+    if peers.is_empty() {
+        return Err(StartupError::config("--initial-cluster is empty"));
+    }
+    Ok(peers)
+}
+
+fn validate_timing(timing: &RaftTiming) -> Result<(), StartupError> {
+    if timing.tick_interval_ms == 0 {
+        return Err(StartupError::config(
+            "--tick-interval-ms must be at least 1",
+        ));
+    }
+    if timing.heartbeat_ticks == 0 || timing.election_ticks <= timing.heartbeat_ticks {
+        return Err(StartupError::config(format!(
+            "--election-ticks ({}) must be greater than --heartbeat-ticks ({}), and both at least 1",
+            timing.election_ticks, timing.heartbeat_ticks
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            id: Some(2),
+            data_dir: Some("/tmp/x".into()),
+            listen_client: Some("127.0.0.1:7001".into()),
+            listen_peer: Some("127.0.0.1:7002".into()),
+            initial_cluster: Some("1=127.0.0.1:8001,2=127.0.0.1:8002".into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    #[test]
+    fn resolves_flags_with_default_timing() {
+        let config = Config::resolve(&args()).unwrap();
+        assert_eq!(config.id, NodeId(2));
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(config.timing, RaftTiming::default());
+        assert_eq!(config.advertise_client, "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn id_missing_from_initial_cluster_is_rejected() {
+        let mut a = args();
+        a.id = Some(9);
+        let err = Config::resolve(&a).unwrap_err().to_string();
+        assert!(err.contains("--id 9 is not in --initial-cluster"), "{err}");
+    }
+
+    #[test]
+    fn malformed_initial_cluster_is_rejected() {
+        for bad in ["1", "x=127.0.0.1:1", "1=host", "1=a:1,1=b:2", "0=a:1", ""] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "id = 1\ndata-dir = \"/tmp/y\"\nlisten-client = \"127.0.0.1:1\"\n\
+             listen-peer = \"127.0.0.1:2\"\ninitial-cluster = \"1=127.0.0.1:2,2=127.0.0.1:3\"\n\
+             election-ticks = 20\n",
+        )
+        .unwrap();
+        let a = ServeArgs {
+            config: Some(path),
+            id: Some(2),
+            ..ServeArgs::default()
+        };
+        let config = Config::resolve(&a).unwrap();
+        assert_eq!(config.id, NodeId(2));
+        assert_eq!(config.timing.election_ticks, 20);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn unknown_config_file_key_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "idd = 1\n").unwrap();
+        let a = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let err = Config::resolve(&a).unwrap_err().to_string();
+        assert!(err.contains("invalid"), "{err}");
+    }
+}

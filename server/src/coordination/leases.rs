@@ -1,0 +1,125 @@
+//! Granting and removing leases. Removal releases everything the lease
+//! holds and takes it out of every queue, in the entry that removes it.
+
+use std::collections::BTreeSet;
+use std::mem;
+
+use super::ops::{CoordinationError, Event, Outcome};
+use super::types::{Lease, LeaseId};
+use super::{Coordination, Effects, Record, TtlBounds, MAX_LEASES};
+use crate::types::LogIndex;
+
+impl Coordination {
+    pub(super) fn grant_lease(
+        &mut self,
+        index: LogIndex,
+        ttl_ms: u64,
+        fx: &mut Effects,
+    ) -> Result<Outcome, CoordinationError> {
+        let TtlBounds {
+            min_ttl_ms,
+            max_ttl_ms,
+        } = self.ttl_bounds;
+        if !(min_ttl_ms..=max_ttl_ms).contains(&ttl_ms) {
+            return Err(CoordinationError::InvalidArgument {
+                field: "ttl_ms",
+                reason: format!("{ttl_ms} ms is outside {min_ttl_ms}..={max_ttl_ms} ms"),
+            });
+        }
+        if self.leases.len() >= MAX_LEASES {
+            return Err(CoordinationError::ResourceExhausted {
+                what: "leases",
+                limit: MAX_LEASES as u64,
+            });
+        }
+        let id = LeaseId(index.0);
+        let lease = Lease {
+            id,
+            ttl_ms,
+            held: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+        };
+        let replaced = self.leases.insert(id, lease);
+        assert!(
+            replaced.is_none(),
+            "lease {id} granted twice: every index must be applied once"
+        );
+        fx.touched.insert(Record::Lease(id));
+        Ok(Outcome::LeaseGranted { lease: id, ttl_ms })
+    }
+
+    pub(super) fn revoke_lease(
+        &mut self,
+        index: LogIndex,
+        lease: LeaseId,
+        fx: &mut Effects,
+    ) -> Result<Outcome, CoordinationError> {
+        if !self.leases.contains_key(&lease) {
+            return Err(CoordinationError::LeaseNotFound { lease });
+        }
+        self.remove_leases(index, &BTreeSet::from([lease]), false, fx);
+        Ok(Outcome::LeaseRevoked { lease })
+    }
+
+    pub(super) fn expire_leases(
+        &mut self,
+        index: LogIndex,
+        leases: Vec<LeaseId>,
+        fx: &mut Effects,
+    ) -> Outcome {
+        let alive: BTreeSet<LeaseId> = leases
+            .into_iter()
+            .filter(|lease| self.leases.contains_key(lease))
+            .collect();
+        self.remove_leases(index, &alive, true, fx);
+        Outcome::LeasesExpired {
+            leases: alive.into_iter().collect(),
+        }
+    }
+
+    /// Removes live leases `ids`: all of them leave every queue first, so
+    /// that no lock they free is handed to one of them; then each releases
+    /// what it holds, in key order.
+    fn remove_leases(
+        &mut self,
+        index: LogIndex,
+        ids: &BTreeSet<LeaseId>,
+        expired: bool,
+        fx: &mut Effects,
+    ) {
+        for id in ids {
+            self.leave_queues(*id, fx);
+        }
+        for id in ids {
+            let lease = self.leases.get_mut(id).expect("removed leases are alive");
+            let held = mem::take(&mut lease.held);
+            for key in &held {
+                self.release_holder(index, key, fx);
+            }
+            self.leases.remove(id);
+            fx.touched.insert(Record::Lease(*id));
+            fx.events.push(Event::LeaseRemoved {
+                lease: *id,
+                expired,
+            });
+        }
+    }
+
+    fn leave_queues(&mut self, id: LeaseId, fx: &mut Effects) {
+        let lease = self.leases.get_mut(&id).expect("removed leases are alive");
+        let waiting = mem::take(&mut lease.waiting);
+        for key in waiting {
+            let lock = self.locks.get_mut(&key);
+            let lock = lock.expect("a lease waits only for held locks");
+            let position = lock.waiters.iter().position(|waiter| waiter.lease == id);
+            let position = position.expect("a lease's waiting set matches the queues");
+            // `position` was just found in this queue.
+            let waiter = lock
+                .waiters
+                .remove(position)
+                .expect("position is in the queue");
+            fx.touched
+                .insert(Record::Waiter(key, waiter.enqueued_index));
+        }
+    }
+}

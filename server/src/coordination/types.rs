@@ -1,0 +1,146 @@
+//! Identifiers and records of the coordination state: leases, locks,
+//! elections and their grants.
+//!
+//! Everything here is plain data. The rules that tie the records together
+//! (a holder's lease exists, a lease's `held` set names exactly the locks it
+//! holds, ...) are owned by [`super::Coordination`] and checked by
+//! [`super::Coordination::validate`].
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+
+use crate::types::LogIndex;
+
+/// A lease, named by the Raft index of the entry that granted it.
+///
+/// Indexes are applied once each, so ids are unique and never reused: an
+/// expiry proposed for an old lease can never remove a newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LeaseId(pub u64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The number handed out with a grant. Drawn from one cluster-wide counter,
+/// so it is strictly increasing per lock and unique across locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Locks and elections live in two namespaces: a lock and an election may
+/// share a name without sharing anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Lock,
+    Election,
+}
+
+impl Kind {
+    /// The byte that stands for the kind in stored keys.
+    pub(super) fn key_byte(self) -> u8 {
+        match self {
+            Kind::Lock => b'l',
+            Kind::Election => b'e',
+        }
+    }
+
+    pub(super) fn from_key_byte(byte: u8) -> Option<Kind> {
+        match byte {
+            b'l' => Some(Kind::Lock),
+            b'e' => Some(Kind::Election),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Lock => "lock",
+            Kind::Election => "election",
+        })
+    }
+}
+
+/// The full name of a lock or an election.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LockKey {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl LockKey {
+    pub fn new(kind: Kind, name: impl Into<String>) -> LockKey {
+        LockKey {
+            kind,
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}", self.kind, self.name)
+    }
+}
+
+/// A live lease and what hangs off it.
+///
+/// Only `id` and `ttl_ms` are stored in the lease's record; `held` and
+/// `waiting` are indexes rebuilt from the lock and waiter records on load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub ttl_ms: u64,
+    /// Locks and elections this lease currently holds.
+    pub held: BTreeSet<LockKey>,
+    /// Locks and elections this lease is queued for.
+    pub waiting: BTreeSet<LockKey>,
+}
+
+impl Lease {
+    /// The index of the entry that granted the lease (its id, by construction).
+    pub fn granted_index(&self) -> LogIndex {
+        LogIndex(self.id.0)
+    }
+}
+
+/// The current holder of a lock or an election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub lease: LeaseId,
+    pub token: FencingToken,
+    /// The published value of an election's leader; always empty for a lock.
+    pub value: Vec<u8>,
+    /// The index of the entry that made this grant.
+    pub granted_index: LogIndex,
+}
+
+/// A lease queued for a lock or an election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiter {
+    pub lease: LeaseId,
+    /// The value the candidate will publish once elected; empty for a lock.
+    pub value: Vec<u8>,
+    /// The index of the entry that queued it; unique per lock and increasing
+    /// along the queue, so it also orders the stored waiter records.
+    pub enqueued_index: LogIndex,
+}
+
+/// A held lock or election. A lock that nobody holds has no record: when its
+/// holder goes, the first waiter is granted in the same entry, so a lock
+/// with waiters and no holder cannot exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub holder: Grant,
+    /// First in line at the front.
+    pub waiters: VecDeque<Waiter>,
+}

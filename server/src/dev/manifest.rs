@@ -1,0 +1,379 @@
+//! `cluster.json`: which nodes a dev cluster has, where they listen, which
+//! process runs each one.
+//!
+//! ```json
+//! {"nodes":[{"id":1,"pid":4242,"client_addr":"127.0.0.1:7001","peer_addr":"127.0.0.1:7002",
+//!            "data_dir":"/tmp/latchkey-dev/node-1","log":"/tmp/latchkey-dev/node-1.log"}]}
+//! ```
+//!
+//! The file is written before any node starts (with `pid` 0, meaning "not
+//! running") and rewritten with the real pids once they run; `pid` goes back
+//! to 0 when a node exits. A later `latchkey dev` on the same directory reads
+//! it back so the nodes restart with the same ids, addresses and data: a Raft
+//! member must not change its peer address behind its peers' backs.
+//! Writes go to a temporary file renamed over the old one, so a reader never
+//! sees half a file.
+
+use std::collections::BTreeSet;
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the manifest inside the data directory.
+pub const MANIFEST_FILE: &str = "cluster.json";
+
+/// Most nodes a dev cluster may have: each is a process with its own RocksDB.
+pub const MAX_NODES: usize = 9;
+
+/// The whole file.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One node of the dev cluster.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub id: u64,
+    /// Process id of the running `latchkey serve`; 0 when it is not running.
+    pub pid: u32,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Manifest {
+    /// A new cluster of `count` nodes in `dir`: ports from `base_port`
+    /// (client `B+2(i-1)`, peer `B+2(i-1)+1` for node i) or free ones.
+    pub fn plan(dir: &Path, count: usize, base_port: Option<u16>) -> Result<Manifest, String> {
+        if count == 0 || count > MAX_NODES {
+            return Err(format!(
+                "--nodes {count}: a dev cluster has 1 to {MAX_NODES} nodes"
+            ));
+        }
+        let ports = match base_port {
+            Some(base) => ports_from_base(base, count)?,
+            None => free_ports(2 * count)
+                .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
+        };
+        let nodes = (1..=count as u64)
+            .zip(ports.chunks_exact(2))
+            .map(|(id, pair)| NodeEntry {
+                id,
+                pid: 0,
+                client_addr: format!("127.0.0.1:{}", pair[0]),
+                peer_addr: format!("127.0.0.1:{}", pair[1]),
+                data_dir: PathBuf::new(),
+                log: PathBuf::new(),
+            })
+            .collect();
+        Ok(Manifest { nodes }.placed_in(dir))
+    }
+
+    /// Reads `dir/cluster.json`; `None` when there is none.
+    pub fn load(dir: &Path) -> Result<Option<Manifest>, String> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("cannot read {}: {err}", path.display())),
+        };
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|err| {
+            format!(
+                "{} is not a latchkey dev manifest ({err}); remove {} to start a new cluster",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        manifest.validate().map_err(|err| {
+            format!(
+                "{}: {err}; remove {} to start a new cluster",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        Ok(Some(manifest.placed_in(dir)))
+    }
+
+    /// Writes `dir/cluster.json` atomically.
+    pub fn store(&self, dir: &Path) -> io::Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let temporary = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let mut text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
+        text.push('\n');
+        std::fs::write(&temporary, text)?;
+        std::fs::rename(&temporary, &path)
+    }
+
+    /// Rejects flags that contradict an existing cluster: restarting must keep
+    /// every node's id and addresses.
+    pub fn check_flags(
+        &self,
+        dir: &Path,
+        nodes: Option<usize>,
+        base_port: Option<u16>,
+    ) -> Result<(), String> {
+        let advice = format!(
+            "drop the flag to restart that cluster, or pass another --data-dir (or remove {}) for a new one",
+            dir.display()
+        );
+        if let Some(count) = nodes.filter(|&count| count != self.nodes.len()) {
+            return Err(format!(
+                "{} describes a {}-node cluster but --nodes {count} was given; {advice}",
+                dir.join(MANIFEST_FILE).display(),
+                self.nodes.len()
+            ));
+        }
+        let Some(base) = base_port else {
+            return Ok(());
+        };
+        let wanted = ports_from_base(base, self.nodes.len())?;
+        for (node, pair) in self.nodes.iter().zip(wanted.chunks_exact(2)) {
+            let client = format!("127.0.0.1:{}", pair[0]);
+            if node.client_addr != client {
+                return Err(format!(
+                    "{} has node {} at {}, but --base-port {base} would put it at {client}; {advice}",
+                    dir.join(MANIFEST_FILE).display(),
+                    node.id,
+                    node.client_addr
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets each node's data dir and log under `dir`, so a moved directory
+    /// still works.
+    fn placed_in(mut self, dir: &Path) -> Manifest {
+        for node in &mut self.nodes {
+            node.data_dir = dir.join(format!("node-{}", node.id));
+            node.log = dir.join(format!("node-{}.log", node.id));
+        }
+        self
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.nodes.is_empty() || self.nodes.len() > MAX_NODES {
+            return Err(format!(
+                "it lists {} nodes (1 to {MAX_NODES} allowed)",
+                self.nodes.len()
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for node in &self.nodes {
+            if node.id == 0 || !ids.insert(node.id) {
+                return Err(format!("node id {} is zero or repeated", node.id));
+            }
+            for addr in [&node.client_addr, &node.peer_addr] {
+                if addr.parse::<SocketAddr>().is_err() || !addrs.insert(addr.clone()) {
+                    return Err(format!(
+                        "node {} address {addr:?} is not IP:PORT or is repeated",
+                        node.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `1=PEER,2=PEER,…` for `--initial-cluster`.
+    pub fn initial_cluster(&self) -> String {
+        let parts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.peer_addr))
+            .collect();
+        parts.join(",")
+    }
+
+    /// Client addresses, comma-separated, for `--endpoints`.
+    pub fn endpoints(&self) -> String {
+        let parts: Vec<&str> = self.nodes.iter().map(|n| n.client_addr.as_str()).collect();
+        parts.join(",")
+    }
+}
+
+fn ports_from_base(base: u16, count: usize) -> Result<Vec<u16>, String> {
+    let last = u32::from(base) + 2 * count as u32 - 1;
+    if base == 0 || last > u32::from(u16::MAX) {
+        return Err(format!(
+            "--base-port {base} with {count} nodes needs ports {base}..={last}; pick a base between 1024 and {}",
+            u32::from(u16::MAX) + 1 - 2 * count as u32
+        ));
+    }
+    Ok((0..2 * count as u32)
+        .map(|offset| (u32::from(base) + offset) as u16)
+        .collect())
+}
+
+/// Asks the kernel for `count` distinct free ports. They are free when this
+/// returns, not reserved: another process could take one before a node binds
+/// it, in which case that node fails to start and says so in its log.
+fn free_ports(count: usize) -> io::Result<Vec<u16>> {
+    // All listeners stay open until every port is known, so no port repeats.
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// Fails with a one-line message naming the first port of the cluster that
+/// something else already listens on.
+pub fn check_ports_free(manifest: &Manifest, dir: &Path, reused: bool) -> Result<(), String> {
+    for node in &manifest.nodes {
+        for (addr, role) in [(&node.client_addr, "client"), (&node.peer_addr, "peer")] {
+            let Err(err) = addr
+                .parse::<SocketAddr>()
+                .map_err(io::Error::other)
+                .and_then(TcpListener::bind)
+            else {
+                continue;
+            };
+            let port = addr.rsplit_once(':').map_or("?", |(_, port)| port);
+            let what = format!("port {port} (node {} {role} address {addr})", node.id);
+            let hint = if reused {
+                format!(
+                    "stop whatever listens there (`ss -ltnp 'sport = :{port}'`); if it is an earlier \
+                     `latchkey dev` on {}, stop that one first, or remove the directory to start a new cluster on other ports",
+                    dir.display()
+                )
+            } else {
+                format!("stop whatever listens there (`ss -ltnp 'sport = :{port}'`) or choose other ports with --base-port")
+            };
+            return Err(match err.kind() {
+                ErrorKind::AddrInUse => format!("{what} is already in use; {hint}"),
+                ErrorKind::PermissionDenied => {
+                    format!("{what} needs privileges to bind; choose --base-port 1024 or higher")
+                }
+                _ => format!("cannot bind {what}: {err}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_port_assigns_client_and_peer_ports_pairwise() {
+        let manifest = Manifest::plan(Path::new("/d"), 3, Some(7001)).expect("plan");
+        let addrs: Vec<(&str, &str)> = manifest
+            .nodes
+            .iter()
+            .map(|n| (n.client_addr.as_str(), n.peer_addr.as_str()))
+            .collect();
+        assert_eq!(
+            addrs,
+            vec![
+                ("127.0.0.1:7001", "127.0.0.1:7002"),
+                ("127.0.0.1:7003", "127.0.0.1:7004"),
+                ("127.0.0.1:7005", "127.0.0.1:7006"),
+            ]
+        );
+        assert_eq!(manifest.nodes[2].data_dir, Path::new("/d/node-3"));
+        assert_eq!(manifest.nodes[2].log, Path::new("/d/node-3.log"));
+        assert_eq!(
+            manifest.initial_cluster(),
+            "1=127.0.0.1:7002,2=127.0.0.1:7004,3=127.0.0.1:7006"
+        );
+        assert_eq!(
+            manifest.endpoints(),
+            "127.0.0.1:7001,127.0.0.1:7003,127.0.0.1:7005"
+        );
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let manifest = Manifest::plan(Path::new("/d"), 5, None).expect("plan");
+        let mut ports = BTreeSet::new();
+        for node in &manifest.nodes {
+            assert!(ports.insert(node.client_addr.clone()));
+            assert!(ports.insert(node.peer_addr.clone()));
+        }
+        assert_eq!(ports.len(), 10);
+    }
+
+    #[test]
+    fn node_counts_and_base_ports_out_of_range_are_rejected() {
+        assert!(Manifest::plan(Path::new("/d"), 0, Some(7001)).is_err());
+        assert!(Manifest::plan(Path::new("/d"), MAX_NODES + 1, Some(7001)).is_err());
+        assert!(Manifest::plan(Path::new("/d"), 5, Some(65530)).is_err());
+        assert!(Manifest::plan(Path::new("/d"), 5, Some(0)).is_err());
+        assert!(Manifest::plan(Path::new("/d"), 5, Some(65526)).is_ok());
+    }
+
+    #[test]
+    fn manifest_round_trips_in_the_documented_shape() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut manifest = Manifest::plan(dir.path(), 2, Some(7001)).expect("plan");
+        manifest.nodes[0].pid = 42;
+        manifest.store(dir.path()).expect("store");
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).expect("read"),
+        )
+        .expect("json");
+        let keys: Vec<&String> = raw["nodes"][0]
+            .as_object()
+            .expect("object")
+            .keys()
+            .collect();
+        assert_eq!(keys.len(), 6, "{raw}");
+        for key in ["id", "pid", "client_addr", "peer_addr", "data_dir", "log"] {
+            assert!(raw["nodes"][0].get(key).is_some(), "missing {key}: {raw}");
+        }
+        assert_eq!(Manifest::load(dir.path()).expect("load"), Some(manifest));
+    }
+
+    #[test]
+    fn a_missing_manifest_loads_as_none_and_a_broken_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(Manifest::load(dir.path()).expect("load"), None);
+        std::fs::write(dir.path().join(MANIFEST_FILE), "{\"nodes\":[]}").expect("write");
+        assert!(Manifest::load(dir.path()).is_err());
+        std::fs::write(dir.path().join(MANIFEST_FILE), "not json").expect("write");
+        assert!(Manifest::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn flags_that_contradict_an_existing_cluster_are_rejected() {
+        let dir = Path::new("/d");
+        let manifest = Manifest::plan(dir, 3, Some(7001)).expect("plan");
+        assert!(manifest.check_flags(dir, None, None).is_ok());
+        assert!(manifest.check_flags(dir, Some(3), Some(7001)).is_ok());
+        let err = manifest
+            .check_flags(dir, Some(5), None)
+            .expect_err("node count differs");
+        assert!(
+            err.contains("3-node cluster") && err.contains("--nodes 5"),
+            "{err}"
+        );
+        let err = manifest
+            .check_flags(dir, None, Some(8001))
+            .expect_err("ports differ");
+        assert!(err.contains("--base-port 8001"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_in_the_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut manifest = Manifest::plan(Path::new("/d"), 1, None).expect("plan");
+        manifest.nodes[0].peer_addr = format!("127.0.0.1:{port}");
+        let err = check_ports_free(&manifest, Path::new("/d"), false).expect_err("port taken");
+        assert!(
+            err.contains(&format!("port {port}")) && err.contains("already in use"),
+            "{err}"
+        );
+        assert!(err.contains("--base-port"), "{err}");
+    }
+}

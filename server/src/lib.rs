@@ -1,0 +1,32 @@
+//! The latchkey server.
+//!
+//! # Layout
+//! - [`config`]: flags, environment and TOML file resolved into a validated [`config::Config`].
+//! - [`types`]: newtypes (`NodeId`, `LogIndex`, `Term`).
+//! - [`error`]: startup errors, fatal (node-stopping) errors and request errors.
+//! - [`storage`]: `raft::Storage` over RocksDB; every record checksummed.
+//! - [`state_machine`]: the deterministic apply of committed commands.
+//! - [`coordination`]: leases, locks, elections and exactly-once sessions as a pure, deterministic state machine.
+//! - [`lease_clock`]: the leader's lease deadlines and expiry rounds.
+//! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
+//! - [`transport`]: the peer gRPC service and one outbound stream per peer.
+//! - [`api`]: the client gRPC services.
+//! - [`server`]: wires the pieces together, binds listeners, shuts down.
+//! - [`logging`]: routes raft-rs's slog output into `tracing`.
+//! - [`dev`]: `latchkey dev`, a local cluster of child processes.
+//! - [`cli`]: the client-side commands of the binary (`status`, `kv`).
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod coordination;
+pub mod dev;
+pub mod error;
+pub mod lease_clock;
+pub mod logging;
+pub mod node;
+pub mod server;
+pub mod state_machine;
+pub mod storage;
+pub mod transport;
+pub mod types;

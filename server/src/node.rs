@@ -1,0 +1,776 @@
+//! The Raft node: one task owns `RawNode` and everything it touches.
+//!
+//! Other tasks talk to it only through a bounded inbox ([`NodeHandle`]) and
+//! read its published [`NodeStatus`] from a `watch` channel. The loop:
+//!
+//! 1. wait for a tick or an inbox message, then drain up to
+//!    [`MAX_INBOX_BATCH`] more messages without waiting, so that many
+//!    proposals share one Ready and one fsync (group commit);
+//! 2. handle the Ready in the order raft-rs documents: send messages; apply
+//!    a snapshot; apply committed entries; persist entries and hard state in
+//!    one batch (fsynced when `must_sync`); send persisted messages;
+//!    `advance`; send the light ready's messages, record its commit index and
+//!    apply its committed entries; `advance_apply`;
+//! 3. publish the status and compact the log if it has grown past the
+//!    configured bound.
+//!
+//! Proposals carry a [`ProposalContext`] (node id, a random per-process boot
+//! id, and a request id) in the entry context; when the entry is applied the
+//! proposer finds its caller by that id, never by queue position. When this
+//! node stops being leader, every pending proposal fails with
+//! [`RequestError::LeadershipLost`]: its entry may or may not commit later.
+//!
+//! Linearizable reads use ReadIndex: the caller gets the commit index that
+//! the leader confirmed with a quorum, and waits until the local applied
+//! index reaches it (see [`NodeHandle::read_index`]).
+//!
+//! Not done yet: membership changes are applied if committed, but nothing
+//! proposes them; entries are read from RocksDB synchronously on the loop.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use latchkey_proto::state::v1::{
+    command, command_result, Command, CommandResult, ExpireLeases, ProposalContext,
+};
+
+use crate::config::Config;
+use crate::coordination::{Event, LeaseId};
+use crate::error::{FatalError, RequestError};
+use crate::lease_clock::{KeepAlive, LeaseClock};
+use crate::state_machine::{SharedCoordination, StateMachine};
+use crate::storage::raft_log::FatalSlot;
+use crate::storage::{Batch, Engine, LogPosition, RaftLog};
+use crate::types::{LogIndex, NodeId};
+
+/// Capacity of the node's inbox; senders wait when it is full.
+pub const INBOX_CAPACITY: usize = 4096;
+/// Most inbox messages handled before the next Ready.
+pub const MAX_INBOX_BATCH: usize = 1024;
+/// A ReadIndex request not answered within this time fails.
+pub const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
+/// Applied-event batches buffered for slow subscribers; a subscriber that
+/// falls further behind sees `Lagged` and must re-read the state.
+pub const EVENT_BUFFER: usize = 4096;
+/// Largest batch of entries raft-rs puts in one append message.
+const MAX_APPEND_BYTES: u64 = 1024 * 1024;
+/// Most append messages in flight to one follower.
+const MAX_INFLIGHT_APPENDS: usize = 256;
+
+/// Outbound side of the peer transport, as the node sees it.
+pub trait Transport: Send + 'static {
+    /// Queues messages for their recipients; never blocks. Messages that
+    /// cannot be queued are dropped: Raft retransmits.
+    fn send(&mut self, messages: Vec<Message>);
+}
+
+/// The role of a node, as published in its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Follower,
+    Candidate,
+    PreCandidate,
+    Leader,
+}
+
+impl From<StateRole> for Role {
+    fn from(role: StateRole) -> Role {
+        match role {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Leader => Role::Leader,
+        }
+    }
+}
+
+/// A snapshot of the node's Raft position, republished after every Ready.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// False once the node task has stopped.
+    pub running: bool,
+}
+
+/// The events of one applied entry, broadcast to watchers on this node.
+#[derive(Debug, Clone)]
+pub struct AppliedEvents {
+    pub index: LogIndex,
+    pub events: Vec<Event>,
+}
+
+/// What a successful proposal returns.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub index: LogIndex,
+    pub term: u64,
+    pub result: CommandResult,
+}
+
+type ProposalReply = oneshot::Sender<Result<Applied, RequestError>>;
+type ReadReply = oneshot::Sender<Result<LogIndex, RequestError>>;
+
+/// Messages into the node task.
+pub enum NodeMsg {
+    /// A Raft message from a peer.
+    Raft(Box<Message>),
+    /// A command to replicate.
+    Propose {
+        command: Command,
+        reply: ProposalReply,
+    },
+    /// A request for a linearizable read point.
+    ReadIndex { reply: ReadReply },
+    /// The transport could not reach a peer.
+    Unreachable(NodeId),
+    /// The transport finished (or failed) sending a snapshot.
+    SnapshotSent { to: NodeId, ok: bool },
+    /// Renew a lease (leader only, no Raft write).
+    KeepAlive {
+        lease: LeaseId,
+        reply: oneshot::Sender<Result<KeepAlive, RequestError>>,
+    },
+    /// Time left on a lease, as this leader sees it.
+    LeaseRemaining {
+        lease: LeaseId,
+        reply: oneshot::Sender<Option<Duration>>,
+    },
+}
+
+/// The cloneable handle other tasks use to reach the node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inbox: mpsc::Sender<NodeMsg>,
+    status: watch::Receiver<NodeStatus>,
+    fatal: FatalSlot,
+    events: broadcast::Sender<Arc<AppliedEvents>>,
+    coordination: SharedCoordination,
+}
+
+impl NodeHandle {
+    /// The latest published status.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Events of every entry applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<AppliedEvents>> {
+        self.events.subscribe()
+    }
+
+    /// The coordination state as applied on this node.
+    pub fn coordination(&self) -> SharedCoordination {
+        self.coordination.clone()
+    }
+
+    /// A receiver that sees every status update.
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Delivers a peer's Raft message (waits if the inbox is full).
+    pub async fn step(&self, message: Message) -> Result<(), RequestError> {
+        self.send(NodeMsg::Raft(Box::new(message))).await
+    }
+
+    /// Stops the node: another task found that its data cannot be trusted.
+    /// The node checks at least once per tick.
+    pub fn report_fatal(&self, error: FatalError) {
+        tracing::error!("{error}");
+        self.fatal.lock().get_or_insert(error);
+    }
+
+    /// Non-blocking delivery of transport feedback.
+    pub fn report(&self, message: NodeMsg) {
+        // Feedback is advisory: if the inbox is full, Raft's own timers recover.
+        let _ = self.inbox.try_send(message);
+    }
+
+    async fn send(&self, message: NodeMsg) -> Result<(), RequestError> {
+        self.inbox
+            .send(message)
+            .await
+            .map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Replicates `command` and returns its result once applied here.
+    pub async fn propose(&self, command: Command) -> Result<Applied, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::Propose { command, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Renews `lease` at the leader.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAlive, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::KeepAlive { lease, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Time left on `lease` if this node leads; `None` otherwise or if unknown.
+    pub async fn lease_remaining(&self, lease: LeaseId) -> Result<Option<Duration>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::LeaseRemaining { lease, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Waits until the local state reflects every write committed before
+    /// this call: a ReadIndex round, then the local apply catching up.
+    pub async fn read_index(&self) -> Result<LogIndex, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::ReadIndex { reply }).await?;
+        let index = answer.await.map_err(|_| RequestError::ShuttingDown)??;
+        self.wait_applied(index).await?;
+        Ok(index)
+    }
+
+    /// Waits until the applied index reaches `index`.
+    pub async fn wait_applied(&self, index: LogIndex) -> Result<(), RequestError> {
+        let mut status = self.status.clone();
+        let waited = tokio::time::timeout(
+            READ_INDEX_TIMEOUT,
+            status.wait_for(|s| s.applied_index >= index.0 || !s.running),
+        )
+        .await;
+        match waited {
+            Ok(Ok(s)) if s.running => Ok(()),
+            Ok(_) => Err(RequestError::ShuttingDown),
+            Err(_) => Err(RequestError::Timeout(format!(
+                "local state did not reach index {index} in time"
+            ))),
+        }
+    }
+}
+
+struct PendingRead {
+    reply: ReadReply,
+    since: Instant,
+}
+
+/// The task that owns `RawNode`.
+pub struct Node {
+    id: NodeId,
+    boot_id: u64,
+    raw: RawNode<RaftLog>,
+    state_machine: StateMachine,
+    transport: Box<dyn Transport>,
+    inbox: mpsc::Receiver<NodeMsg>,
+    status: watch::Sender<NodeStatus>,
+    events: broadcast::Sender<Arc<AppliedEvents>>,
+    fatal: FatalSlot,
+    next_request_id: u64,
+    proposals: HashMap<u64, ProposalReply>,
+    reads: HashMap<u64, PendingRead>,
+    role: Role,
+    lease_clock: LeaseClock,
+    tick_interval: Duration,
+    compact_log_after_entries: u64,
+}
+
+impl Node {
+    /// Opens the node's Raft state over `engine`.
+    pub fn new(
+        config: &Config,
+        engine: Engine,
+        transport: Box<dyn Transport>,
+    ) -> Result<(Node, NodeHandle), FatalError> {
+        let fatal = FatalSlot::default();
+        let voters: Vec<u64> = config.peers.keys().map(|id| id.0).collect();
+        let mut raft_log = RaftLog::open(engine.clone(), &voters, fatal.clone())?;
+        let state_machine = StateMachine::open(engine.clone())?;
+        let applied = state_machine.applied();
+        raft_log.repair_commit(applied.index)?;
+        let raft_config = raft::Config {
+            id: config.id.0,
+            election_tick: config.timing.election_ticks,
+            heartbeat_tick: config.timing.heartbeat_ticks,
+            applied: applied.index,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: MAX_APPEND_BYTES,
+            max_inflight_msgs: MAX_INFLIGHT_APPENDS,
+            ..raft::Config::default()
+        };
+        raft_config
+            .validate()
+            .map_err(|e| FatalError::Raft(format!("invalid raft configuration: {e}")))?;
+        let logger = crate::logging::raft_logger(config.id.0);
+        let raw = RawNode::new(&raft_config, raft_log, &logger)
+            .map_err(|e| FatalError::Raft(format!("cannot start raft: {e}")))?;
+        let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let (status, status_rx) = watch::channel(NodeStatus::default());
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let coordination = state_machine.coordination();
+        let mut node = Node {
+            id: config.id,
+            boot_id: rand::random(),
+            raw,
+            state_machine,
+            transport,
+            inbox,
+            status,
+            events: events.clone(),
+            fatal,
+            next_request_id: 1,
+            proposals: HashMap::new(),
+            reads: HashMap::new(),
+            role: Role::Follower,
+            lease_clock: LeaseClock::default(),
+            tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
+            compact_log_after_entries: config.compact_log_after_entries,
+        };
+        node.publish_status(true);
+        let handle = NodeHandle {
+            inbox: inbox_tx,
+            status: status_rx,
+            fatal: node.fatal.clone(),
+            events,
+            coordination,
+        };
+        Ok((node, handle))
+    }
+
+    /// Runs until `shutdown` resolves or a fatal error occurs.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), FatalError> {
+        let result = tokio::select! {
+            result = self.run_loop() => result,
+            () = shutdown => Ok(()),
+        };
+        self.fail_all(RequestError::ShuttingDown);
+        self.publish_status(false);
+        let flushed = self.raw.store().engine().flush();
+        result.and(flushed)
+    }
+
+    /// Only returns on a fatal error; [`Node::run`] stops it on shutdown.
+    async fn run_loop(&mut self) -> Result<(), FatalError> {
+        let mut ticker = tokio::time::interval(self.tick_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.raw.tick();
+                    self.expire_reads();
+                    self.start_expiry_round();
+                }
+                message = self.inbox.recv() => {
+                    // The node holds a handle to itself (via the transport),
+                    // so the inbox never closes while the loop runs.
+                    let Some(message) = message else { return Ok(()) };
+                    self.handle(message);
+                    for _ in 1..MAX_INBOX_BATCH {
+                        match self.inbox.try_recv() {
+                            Ok(message) => self.handle(message),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            self.on_ready()?;
+            self.check_fatal()?;
+            self.publish_status(true);
+            self.maybe_compact()?;
+        }
+    }
+
+    fn check_fatal(&self) -> Result<(), FatalError> {
+        match self.fatal.lock().take() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    fn handle(&mut self, message: NodeMsg) {
+        match message {
+            NodeMsg::Raft(message) => {
+                // Stale or misdirected messages are normal in Raft; drop them.
+                if let Err(e) = self.raw.step(*message) {
+                    tracing::debug!(node = %self.id, "dropped raft message: {e}");
+                }
+            }
+            NodeMsg::Propose { command, reply } => self.propose(command, reply),
+            NodeMsg::ReadIndex { reply } => self.read_index(reply),
+            NodeMsg::Unreachable(peer) => self.raw.report_unreachable(peer.0),
+            NodeMsg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to.0, status);
+            }
+            NodeMsg::KeepAlive { lease, reply } => {
+                let answer = if self.raw.raft.state == StateRole::Leader {
+                    Ok(self.lease_clock.keep_alive(Instant::now(), lease))
+                } else {
+                    Err(self.not_leader())
+                };
+                let _ = reply.send(answer);
+            }
+            NodeMsg::LeaseRemaining { lease, reply } => {
+                let _ = reply.send(self.lease_clock.remaining(Instant::now(), lease));
+            }
+        }
+    }
+
+    /// Starts confirming leadership before expiring overdue leases.
+    fn start_expiry_round(&mut self) {
+        let now = Instant::now();
+        if self.lease_clock.due(now).is_empty() {
+            return;
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.raw.read_index(request_id.to_be_bytes().to_vec());
+        self.lease_clock.start_round(request_id, now);
+    }
+
+    /// Leadership is confirmed: expire what is still overdue.
+    fn finish_expiry_round(&mut self) {
+        let expired = self.lease_clock.expired(Instant::now());
+        if expired.is_empty() || self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        tracing::info!(node = %self.id, leases = ?expired, "expiring leases");
+        let command = Command {
+            command: Some(command::Command::ExpireLeases(ExpireLeases {
+                leases: expired.iter().map(|lease| lease.0).collect(),
+            })),
+            request: None,
+        };
+        let context = ProposalContext {
+            node_id: self.id.0,
+            boot_id: self.boot_id,
+            request_id: 0,
+        };
+        if let Err(e) = self
+            .raw
+            .propose(context.encode_to_vec(), command.encode_to_vec())
+        {
+            tracing::debug!(node = %self.id, "expiry proposal dropped: {e}");
+        }
+    }
+
+    fn not_leader(&self) -> RequestError {
+        let leader = self.raw.raft.leader_id;
+        RequestError::NotLeader {
+            leader_id: (leader != raft::INVALID_ID).then_some(leader),
+            leader_client_addr: None,
+        }
+    }
+
+    fn propose(&mut self, command: Command, reply: ProposalReply) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let context = ProposalContext {
+            node_id: self.id.0,
+            boot_id: self.boot_id,
+            request_id,
+        };
+        match self
+            .raw
+            .propose(context.encode_to_vec(), command.encode_to_vec())
+        {
+            Ok(()) => {
+                self.proposals.insert(request_id, reply);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = reply.send(Err(self.not_leader()));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(RequestError::Timeout(format!(
+                    "proposal rejected: {e}"
+                ))));
+            }
+        }
+    }
+
+    fn read_index(&mut self, reply: ReadReply) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.raw.read_index(request_id.to_be_bytes().to_vec());
+        self.reads.insert(
+            request_id,
+            PendingRead {
+                reply,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    fn expire_reads(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, read)| now.duration_since(read.since) > READ_INDEX_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(read) = self.reads.remove(&id) {
+                let _ = read.reply.send(Err(RequestError::Timeout(
+                    "no quorum confirmed the read in time".into(),
+                )));
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), FatalError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if let Some(soft_state) = ready.ss() {
+            self.on_role(soft_state.raft_state.into());
+        }
+        self.transport.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
+        self.answer_reads(ready.take_read_states());
+        self.apply(ready.take_committed_entries())?;
+        self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
+        self.transport.send(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut batch = Batch::new(self.raw.store().engine());
+            self.raw.mut_store().set_commit(&mut batch, commit);
+            self.raw.store().engine().write(batch, false)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn on_role(&mut self, role: Role) {
+        if self.role == Role::Leader && role != Role::Leader {
+            self.fail_all(RequestError::LeadershipLost);
+        }
+        if role != self.role {
+            tracing::info!(node = %self.id, term = self.raw.raft.term, "role is now {role:?}");
+            if role == Role::Leader {
+                let ready_index = self.raw.raft.raft_log.last_index();
+                let state = self.state_machine.coordination();
+                self.lease_clock
+                    .lead(Instant::now(), ready_index, &state.read());
+            } else {
+                self.lease_clock.follow();
+            }
+        }
+        self.role = role;
+    }
+
+    fn fail_all(&mut self, error: RequestError) {
+        for (_, reply) in self.proposals.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    fn answer_reads(&mut self, read_states: Vec<raft::ReadState>) {
+        for state in read_states {
+            let Ok(bytes) = <[u8; 8]>::try_from(state.request_ctx.as_slice()) else {
+                continue;
+            };
+            let id = u64::from_be_bytes(bytes);
+            if self.lease_clock.finish_round(id) {
+                self.finish_expiry_round();
+            } else if let Some(read) = self.reads.remove(&id) {
+                let _ = read.reply.send(Ok(LogIndex(state.index)));
+            }
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), FatalError> {
+        let meta = snapshot.get_metadata();
+        tracing::info!(node = %self.id, index = meta.index, term = meta.term, "installing snapshot");
+        self.raw.mut_store().apply_snapshot(snapshot)?;
+        self.state_machine.reload()?;
+        assert_eq!(
+            self.state_machine.applied().index,
+            meta.index,
+            "snapshot's state must be at the snapshot's index"
+        );
+        Ok(())
+    }
+
+    fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<raft::prelude::HardState>,
+        must_sync: bool,
+    ) -> Result<(), FatalError> {
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let mut batch = Batch::new(self.raw.store().engine());
+        let store = self.raw.mut_store();
+        store.append(&mut batch, entries);
+        if let Some(hard_state) = &hard_state {
+            store.set_hard_state(&mut batch, hard_state);
+        }
+        store.engine().write(batch, must_sync)
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
+        for entry in entries {
+            let mut batch = Batch::new(self.raw.store().engine());
+            let result = self.apply_entry(&mut batch, &entry)?;
+            let position = LogPosition {
+                index: entry.index,
+                term: entry.term,
+            };
+            self.state_machine.set_applied(&mut batch, position);
+            self.raw.store().engine().write(batch, false)?;
+            self.lease_clock.applied(entry.index);
+            if let Some(result) = result {
+                if let Some(command_result::Result::LeaseGranted(granted)) = &result.result {
+                    self.lease_clock.granted(
+                        Instant::now(),
+                        LeaseId(granted.lease),
+                        granted.ttl_ms,
+                    );
+                }
+                self.complete(&entry, result);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_entry(
+        &mut self,
+        batch: &mut Batch,
+        entry: &Entry,
+    ) -> Result<Option<CommandResult>, FatalError> {
+        let undecodable = |what: &str, e: &dyn std::fmt::Display| FatalError::Corruption {
+            cf: crate::storage::CF_RAFT_LOG,
+            key: entry.index.to_string(),
+            reason: format!("committed {what} does not decode: {e}"),
+        };
+        match entry.get_entry_type() {
+            EntryType::EntryNormal if entry.data.is_empty() => Ok(None),
+            EntryType::EntryNormal => {
+                let command =
+                    Command::decode(entry.data.as_ref()).map_err(|e| undecodable("command", &e))?;
+                let output = self.state_machine.apply(batch, entry.index, command)?;
+                for event in &output.events {
+                    if let Event::LeaseRemoved { lease, .. } = event {
+                        self.lease_clock.removed(*lease);
+                    }
+                }
+                if !output.events.is_empty() {
+                    // No subscriber is fine: nobody is waiting.
+                    let _ = self.events.send(Arc::new(AppliedEvents {
+                        index: LogIndex(entry.index),
+                        events: output.events,
+                    }));
+                }
+                Ok(Some(output.result))
+            }
+            EntryType::EntryConfChange => {
+                let change = ConfChange::parse_from_bytes(&entry.data)
+                    .map_err(|e| undecodable("conf change", &e))?;
+                let applied = self.raw.apply_conf_change(&change);
+                self.record_conf_state(batch, applied)
+            }
+            EntryType::EntryConfChangeV2 => {
+                let change = ConfChangeV2::parse_from_bytes(&entry.data)
+                    .map_err(|e| undecodable("conf change", &e))?;
+                let applied = self.raw.apply_conf_change(&change);
+                self.record_conf_state(batch, applied)
+            }
+        }
+    }
+
+    fn record_conf_state(
+        &mut self,
+        batch: &mut Batch,
+        applied: raft::Result<raft::prelude::ConfState>,
+    ) -> Result<Option<CommandResult>, FatalError> {
+        let conf_state = applied
+            .map_err(|e| FatalError::Raft(format!("applying a committed conf change: {e}")))?;
+        self.raw.mut_store().set_conf_state(batch, &conf_state);
+        Ok(None)
+    }
+
+    fn complete(&mut self, entry: &Entry, result: CommandResult) {
+        let Ok(context) = ProposalContext::decode(entry.context.as_ref()) else {
+            return;
+        };
+        if context.node_id != self.id.0 || context.boot_id != self.boot_id {
+            return;
+        }
+        if let Some(reply) = self.proposals.remove(&context.request_id) {
+            let _ = reply.send(Ok(Applied {
+                index: LogIndex(entry.index),
+                term: entry.term,
+                result,
+            }));
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), FatalError> {
+        let applied = self.state_machine.applied().index;
+        let first = self.raw.store().first_index();
+        if applied < first || applied - first + 1 < self.compact_log_after_entries {
+            return Ok(());
+        }
+        // Keep the most recent half so that a follower that is only a little
+        // behind catches up from the log rather than a snapshot.
+        let keep = self.compact_log_after_entries / 2;
+        let compact_to = applied.saturating_sub(keep);
+        if compact_to >= first {
+            self.raw.mut_store().compact_to(compact_to)?;
+        }
+        Ok(())
+    }
+
+    fn publish_status(&mut self, running: bool) {
+        let raft = &self.raw.raft;
+        let store = self.raw.store();
+        let status = NodeStatus {
+            id: self.id,
+            role: raft.state.into(),
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.state_machine.applied().index,
+            leader_id: raft.leader_id,
+            first_index: store.first_index(),
+            last_index: store.last_index(),
+            running,
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}

@@ -1,0 +1,201 @@
+//! Wiring: opens storage, binds both listeners, starts the node, the peer
+//! transport and the client API, and stops them together.
+//!
+//! Startup checks everything that an operator can get wrong before the node
+//! joins the cluster: the data directory, both listen addresses and the
+//! stored data (every record's checksum). Each failure is a
+//! [`StartupError`] with a one-line message.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
+
+use crate::api::Api;
+use crate::config::{Config, ServeArgs};
+use crate::error::{FatalError, StartupError};
+use crate::node::{Node, NodeHandle};
+use crate::state_machine::Reader;
+use crate::storage::Engine;
+use crate::transport::{spawn_outbound, GrpcTransport, PeerDirectory, PeerService};
+
+/// A started node. Dropping it without [`RunningServer::shutdown`] leaves
+/// its tasks running until the runtime stops.
+pub struct RunningServer {
+    pub config: Config,
+    pub client_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub node: NodeHandle,
+    stop: Option<oneshot::Sender<()>>,
+    node_task: JoinHandle<Result<(), FatalError>>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Starts a node from a validated configuration.
+    pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+        let client_listener = bind(config.listen_client, "--listen-client").await?;
+        let peer_listener = bind(config.listen_peer, "--listen-peer").await?;
+        let engine = open_engine(&config)?;
+        let directory = PeerDirectory::new(&config);
+        let (transport, outbound) = GrpcTransport::new(&config);
+        let (node, handle) = Node::new(&config, engine.clone(), Box::new(transport))?;
+        spawn_outbound(outbound, handle.clone());
+
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stopped = futures::future::FutureExt::shared(async move {
+            let _ = stopped.await;
+        });
+        let reader = Reader::new(engine, handle.coordination());
+        let min_lease_ttl_ms = 2 * config.timing.election_timeout_ms();
+        let api = Api::new(
+            config.id,
+            handle.clone(),
+            reader,
+            directory.clone(),
+            min_lease_ttl_ms,
+        );
+        let client_addr = client_listener.local_addr().map_err(listen_error)?;
+        let peer_addr = peer_listener.local_addr().map_err(listen_error)?;
+        let client_server = tonic::transport::Server::builder()
+            .add_service(api.kv_service())
+            .add_service(api.cluster_service())
+            .add_service(api.lease_service())
+            .add_service(api.lock_service())
+            .add_service(api.election_service())
+            .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone());
+        let peer_server = tonic::transport::Server::builder()
+            .add_service(PeerService::new(config.id, handle.clone(), directory))
+            .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone());
+        let servers = vec![
+            spawn_server("client", client_server),
+            spawn_server("peer", peer_server),
+        ];
+        let node_task = tokio::spawn(node.run(stopped));
+        tracing::info!(node = %config.id, client = %client_addr, peer = %peer_addr, "serving");
+        Ok(RunningServer {
+            config,
+            client_addr,
+            peer_addr,
+            node: handle,
+            stop: Some(stop),
+            node_task,
+            servers,
+        })
+    }
+
+    /// Resolves when the node stops by itself (a fatal error).
+    pub async fn stopped(&mut self) -> Result<(), FatalError> {
+        join_node(&mut self.node_task).await
+    }
+
+    /// Stops serving and waits for the node to flush and stop.
+    pub async fn shutdown(mut self) -> Result<(), FatalError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = join_node(&mut self.node_task).await;
+        for server in self.servers.drain(..) {
+            server.abort();
+        }
+        result
+    }
+}
+
+async fn join_node(task: &mut JoinHandle<Result<(), FatalError>>) -> Result<(), FatalError> {
+    match task.await {
+        Ok(result) => result,
+        Err(e) => Err(FatalError::Raft(format!("node task failed: {e}"))),
+    }
+}
+
+fn spawn_server(
+    name: &'static str,
+    server: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("{name} server stopped: {e}");
+        }
+    })
+}
+
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "another process uses it; stop it or pick another port"
+            }
+            std::io::ErrorKind::AddrNotAvailable => "no local interface has that address",
+            std::io::ErrorKind::PermissionDenied => {
+                "ports below 1024 need privileges; pick a higher port"
+            }
+            _ => "check the address",
+        };
+        StartupError::Listen(format!("cannot listen on {flag} {addr}: {e}; {hint}"))
+    })
+}
+
+fn listen_error(e: std::io::Error) -> StartupError {
+    StartupError::Listen(format!("cannot read the bound address: {e}"))
+}
+
+fn open_engine(config: &Config) -> Result<Engine, StartupError> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StartupError::Storage(format!(
+            "cannot create data dir {}: {e}; check --data-dir and its permissions",
+            dir.display()
+        ))
+    })?;
+    let db_dir = dir.join("db");
+    Engine::open(&db_dir).map_err(|e| {
+        StartupError::Storage(format!("cannot open data in {}: {e}", db_dir.display()))
+    })
+}
+
+/// `latchkey serve`: runs one node until SIGINT/SIGTERM or a fatal error.
+pub fn run_from_args(args: ServeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let config = Config::resolve(&args)?;
+    crate::logging::init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut server = RunningServer::start(config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = server.stopped() => {
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; stopping");
+            server.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = terminate.recv() => {
+            tracing::info!("terminated; stopping");
+            server.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

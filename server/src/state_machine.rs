@@ -1,0 +1,568 @@
+//! The replicated state machine: a deterministic function from committed
+//! commands to state changes.
+//!
+//! Apply reads no clock, no randomness and does no I/O beyond the `state`
+//! column family: every replica that applies the same entries reaches the
+//! same state. Each entry's changes and the new applied position are written
+//! in one batch by the caller. A committed entry that does not decode is a
+//! fatal error, not a result: a replica that skipped it would diverge.
+//!
+//! It holds two things:
+//! - the fenced key-value store, records under [`keys::KV_PREFIX`]; their
+//!   revisions are the Raft indexes of the entries that wrote them;
+//! - the [`Coordination`] state (leases, locks, elections, sessions), kept
+//!   in memory and persisted as records under [`coordination::RECORD_PREFIX`].
+//!
+//! Exactly-once (Invariant 5): a command with a [`RequestId`] is first
+//! looked up in the session table; a duplicate returns the recorded result
+//! and changes nothing. The result of a new one is recorded in the same
+//! batch as its effects.
+//!
+//! Fenced writes (Invariant 3): a `Put`/`Delete` with a fence is applied
+//! only if the fence's token is the current grant of its lock (or election)
+//! at this index and not lower than the token stored on the key. An
+//! unfenced write is allowed and keeps the key's stored token, so a later
+//! fenced write must still present at least that token.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use prost::Message as _;
+use tonic::Code;
+
+use latchkey_proto::state::v1::{
+    command, command_result, Command, CommandError, CommandResult, DeleteResult, Done, GrantKind,
+    KvRecord, LeaseGranted, PutResult, Queued,
+};
+use latchkey_proto::v1::{error_details, fence, ErrorDetails, Fence, RequestId};
+
+use crate::coordination::{
+    self, ClientId, Coordination, CoordinationError, Event, FencingToken, Kind, LeaseId, Op,
+    Outcome, SequenceNumber, SessionCheck, TtlBounds,
+};
+use crate::error::FatalError;
+use crate::storage::{keys, Batch, Engine, LogPosition, CF_STATE};
+use crate::types::LogIndex;
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value accepted, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Most keys one `Range` returns.
+pub const MAX_RANGE_KEYS: usize = 10_000;
+/// Shortest lease TTL apply accepts. The API enforces a higher floor
+/// derived from the election timeout; this one is the same on every replica.
+pub const MIN_LEASE_TTL_MS: u64 = 100;
+/// Longest lease TTL accepted (one day).
+pub const MAX_LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The TTL bounds apply uses; identical on every replica.
+pub const TTL_BOUNDS: TtlBounds = TtlBounds {
+    min_ttl_ms: MIN_LEASE_TTL_MS,
+    max_ttl_ms: MAX_LEASE_TTL_MS,
+};
+
+/// Shared, read-mostly coordination state; written only by the node task.
+pub type SharedCoordination = Arc<RwLock<Coordination>>;
+
+/// The applying side of the state machine, owned by the node task.
+pub struct StateMachine {
+    engine: Engine,
+    applied: LogPosition,
+    coordination: SharedCoordination,
+}
+
+/// What applying one command produced.
+pub struct ApplyOutput {
+    pub result: CommandResult,
+    pub events: Vec<Event>,
+}
+
+impl StateMachine {
+    /// Loads the applied position and the coordination state.
+    pub fn open(engine: Engine) -> Result<StateMachine, FatalError> {
+        let coordination = Arc::new(RwLock::new(load_coordination(&engine)?));
+        let applied = load_applied(&engine)?;
+        Ok(StateMachine {
+            engine,
+            applied,
+            coordination,
+        })
+    }
+
+    pub fn applied(&self) -> LogPosition {
+        self.applied
+    }
+
+    pub fn coordination(&self) -> SharedCoordination {
+        self.coordination.clone()
+    }
+
+    /// Re-reads the state after a snapshot replaced it.
+    pub fn reload(&mut self) -> Result<(), FatalError> {
+        *self.coordination.write() = load_coordination(&self.engine)?;
+        self.applied = load_applied(&self.engine)?;
+        Ok(())
+    }
+
+    /// Applies one command at `index`, adding its changes to `batch`.
+    pub fn apply(
+        &mut self,
+        batch: &mut Batch,
+        index: u64,
+        command: Command,
+    ) -> Result<ApplyOutput, FatalError> {
+        let session = command
+            .request
+            .filter(|r| r.client_id != 0)
+            .map(|RequestId { client_id, seq }| (ClientId(client_id), SequenceNumber(seq)));
+        if let Some((client, seq)) = session {
+            let coordination = self.coordination.read();
+            match coordination.check_session(client, seq) {
+                SessionCheck::New => {}
+                SessionCheck::Duplicate(bytes) => {
+                    let result =
+                        CommandResult::decode(bytes).map_err(|e| FatalError::Corruption {
+                            cf: CF_STATE,
+                            key: format!("session {}", client.0),
+                            reason: format!("recorded result does not decode: {e}"),
+                        })?;
+                    return Ok(ApplyOutput {
+                        result,
+                        events: Vec::new(),
+                    });
+                }
+                SessionCheck::TooOld { oldest_kept } => {
+                    let message = format!(
+                        "request {} of client {} is older than the oldest remembered ({}); its outcome is unknown",
+                        seq.0, client.0, oldest_kept.0
+                    );
+                    let result = error_result(Code::FailedPrecondition, message, None);
+                    return Ok(ApplyOutput {
+                        result,
+                        events: Vec::new(),
+                    });
+                }
+            }
+        }
+        let output = self.apply_new(batch, index, command)?;
+        if let Some((client, seq)) = session {
+            let changes = self.coordination.write().record_session(
+                client,
+                seq,
+                output.result.encode_to_vec(),
+                LogIndex(index),
+            );
+            write_changes(batch, changes);
+        }
+        Ok(output)
+    }
+
+    fn apply_new(
+        &mut self,
+        batch: &mut Batch,
+        index: u64,
+        command: Command,
+    ) -> Result<ApplyOutput, FatalError> {
+        let no_events = |result| {
+            Ok(ApplyOutput {
+                result,
+                events: Vec::new(),
+            })
+        };
+        let op = match command.command {
+            Some(command::Command::Put(put)) => return no_events(self.put(batch, index, put)?),
+            Some(command::Command::Delete(delete)) => {
+                return no_events(self.delete(batch, index, delete)?)
+            }
+            Some(command::Command::GrantLease(c)) => Op::GrantLease { ttl_ms: c.ttl_ms },
+            Some(command::Command::RevokeLease(c)) => Op::RevokeLease {
+                lease: LeaseId(c.lease),
+            },
+            Some(command::Command::ExpireLeases(c)) => Op::ExpireLeases {
+                leases: c.leases.into_iter().map(LeaseId).collect(),
+            },
+            Some(command::Command::Acquire(c)) => Op::Acquire {
+                kind: kind_of(c.kind),
+                name: c.name,
+                lease: LeaseId(c.lease),
+                wait: c.wait,
+                value: c.value,
+            },
+            Some(command::Command::Release(c)) => Op::Release {
+                kind: kind_of(c.kind),
+                name: c.name,
+                token: FencingToken(c.token),
+            },
+            Some(command::Command::CancelWait(c)) => Op::CancelWait {
+                kind: kind_of(c.kind),
+                name: c.name,
+                lease: LeaseId(c.lease),
+            },
+            Some(command::Command::Proclaim(c)) => Op::Proclaim {
+                name: c.name,
+                token: FencingToken(c.token),
+                value: c.value,
+            },
+            None => {
+                return Err(FatalError::Corruption {
+                    cf: crate::storage::CF_RAFT_LOG,
+                    key: index.to_string(),
+                    reason: "committed command has no body".into(),
+                })
+            }
+        };
+        let name = op_name(&op);
+        let applied = self.coordination.write().apply(LogIndex(index), op);
+        write_changes(batch, applied.changes);
+        let result = match applied.result {
+            Ok(outcome) => outcome_result(&name, outcome),
+            Err(error) => coordination_error(&name, error),
+        };
+        Ok(ApplyOutput {
+            result,
+            events: applied.events,
+        })
+    }
+
+    /// Checks a write's fence and compare-and-set condition against the key's
+    /// current record. `Err` is the (deterministic) refusal.
+    fn check_write(
+        &self,
+        key: &[u8],
+        existing: Option<&KvRecord>,
+        fence: Option<&Fence>,
+        expected_mod_revision: Option<u64>,
+    ) -> Result<(), CommandResult> {
+        if let Some(expected) = expected_mod_revision {
+            let actual = existing.map_or(0, |r| r.mod_revision);
+            if actual != expected {
+                let details =
+                    error_details::Detail::RevisionMismatch(latchkey_proto::v1::RevisionMismatch {
+                        key: key.to_vec(),
+                        expected,
+                        actual,
+                    });
+                let message = format!("mod revision is {actual}, expected {expected}");
+                return Err(error_result(
+                    Code::FailedPrecondition,
+                    message,
+                    Some(details),
+                ));
+            }
+        }
+        let Some(fence) = fence else { return Ok(()) };
+        let token = FencingToken(fence.token);
+        let coordination = self.coordination.read();
+        let checked = match fence.kind() {
+            fence::Kind::Lock => coordination.check_fence(&fence.name, token),
+            fence::Kind::Election => coordination.check_election_fence(&fence.name, token),
+        };
+        if let Err(error) = checked {
+            return Err(stale(
+                &fence.name,
+                error.presented.0,
+                error.current.map_or(0, |t| t.0),
+            ));
+        }
+        let stored = existing.map_or(0, |r| r.token);
+        if fence.token < stored {
+            return Err(stale(&fence.name, fence.token, stored));
+        }
+        Ok(())
+    }
+
+    fn put(
+        &mut self,
+        batch: &mut Batch,
+        index: u64,
+        put: latchkey_proto::state::v1::Put,
+    ) -> Result<CommandResult, FatalError> {
+        let stored_key = keys::kv(&put.key);
+        let existing = self.engine.get_message::<KvRecord>(CF_STATE, &stored_key)?;
+        if let Err(refusal) = self.check_write(
+            &put.key,
+            existing.as_ref(),
+            put.fence.as_ref(),
+            put.expected_mod_revision,
+        ) {
+            return Ok(refusal);
+        }
+        let (token, fence_name) = match (&put.fence, &existing) {
+            (Some(fence), _) => (fence.token, fence.name.clone()),
+            (None, Some(existing)) => (existing.token, existing.fence_name.clone()),
+            (None, None) => (0, String::new()),
+        };
+        let record = KvRecord {
+            value: put.value,
+            create_revision: existing.as_ref().map_or(index, |r| r.create_revision),
+            mod_revision: index,
+            token,
+            fence_name,
+        };
+        batch.put_message(CF_STATE, &stored_key, &record);
+        Ok(result(command_result::Result::Put(PutResult {
+            revision: index,
+        })))
+    }
+
+    fn delete(
+        &mut self,
+        batch: &mut Batch,
+        index: u64,
+        delete: latchkey_proto::state::v1::Delete,
+    ) -> Result<CommandResult, FatalError> {
+        let stored_key = keys::kv(&delete.key);
+        let existing = self.engine.get_message::<KvRecord>(CF_STATE, &stored_key)?;
+        if let Err(refusal) = self.check_write(
+            &delete.key,
+            existing.as_ref(),
+            delete.fence.as_ref(),
+            delete.expected_mod_revision,
+        ) {
+            return Ok(refusal);
+        }
+        let deleted = existing.is_some();
+        if deleted {
+            batch.delete(CF_STATE, &stored_key);
+        }
+        Ok(result(command_result::Result::Delete(DeleteResult {
+            deleted,
+            revision: index,
+        })))
+    }
+
+    /// Records that everything up to `position` is applied, in the same
+    /// batch as the changes of `position`'s entry.
+    pub fn set_applied(&mut self, batch: &mut Batch, position: LogPosition) {
+        assert!(
+            position.index > self.applied.index,
+            "applied index must grow: {} after {}",
+            position.index,
+            self.applied.index
+        );
+        batch.put_message(CF_STATE, keys::APPLIED, &position);
+        self.applied = position;
+    }
+}
+
+fn load_applied(engine: &Engine) -> Result<LogPosition, FatalError> {
+    Ok(engine
+        .get_message::<LogPosition>(CF_STATE, keys::APPLIED)?
+        .unwrap_or_default())
+}
+
+fn load_coordination(engine: &Engine) -> Result<Coordination, FatalError> {
+    let mut records = Vec::new();
+    engine.scan_prefix(CF_STATE, coordination::RECORD_PREFIX, |key, payload| {
+        records.push((key.to_vec(), payload));
+        true
+    })?;
+    Coordination::load(TTL_BOUNDS, records).map_err(|e| FatalError::Corruption {
+        cf: CF_STATE,
+        key: "coordination records".into(),
+        reason: e.to_string(),
+    })
+}
+
+fn write_changes(batch: &mut Batch, changes: coordination::Changes) {
+    for (key, value) in changes {
+        match value {
+            Some(value) => batch.put(CF_STATE, &key, &value),
+            None => batch.delete(CF_STATE, &key),
+        }
+    }
+}
+
+fn kind_of(kind: i32) -> Kind {
+    match GrantKind::try_from(kind) {
+        Ok(GrantKind::Election) => Kind::Election,
+        _ => Kind::Lock,
+    }
+}
+
+fn op_name(op: &Op) -> String {
+    match op {
+        Op::Acquire { name, .. }
+        | Op::Release { name, .. }
+        | Op::CancelWait { name, .. }
+        | Op::Proclaim { name, .. } => name.clone(),
+        _ => String::new(),
+    }
+}
+
+fn result(result: command_result::Result) -> CommandResult {
+    CommandResult {
+        result: Some(result),
+    }
+}
+
+fn done() -> CommandResult {
+    result(command_result::Result::Done(Done {}))
+}
+
+/// The wire form of a grant of lock or election `name`.
+pub fn grant_proto(name: &str, grant: &coordination::Grant) -> latchkey_proto::v1::Grant {
+    latchkey_proto::v1::Grant {
+        name: name.to_string(),
+        lease: grant.lease.0,
+        token: grant.token.0,
+        value: grant.value.clone(),
+        revision: grant.granted_index.0,
+    }
+}
+
+fn outcome_result(name: &str, outcome: Outcome) -> CommandResult {
+    match outcome {
+        Outcome::LeaseGranted { lease, ttl_ms } => {
+            result(command_result::Result::LeaseGranted(LeaseGranted {
+                lease: lease.0,
+                ttl_ms,
+            }))
+        }
+        Outcome::LeaseRevoked { .. } | Outcome::LeasesExpired { .. } | Outcome::Released { .. } => {
+            done()
+        }
+        Outcome::Acquired { grant, .. } | Outcome::Proclaimed { leader: grant } => {
+            result(command_result::Result::Granted(grant_proto(name, &grant)))
+        }
+        Outcome::WaitCancelled {
+            held: Some(grant), ..
+        } => result(command_result::Result::Granted(grant_proto(name, &grant))),
+        Outcome::WaitCancelled { held: None, .. } => done(),
+        Outcome::Queued { position } => result(command_result::Result::Queued(Queued {
+            position: u32::try_from(position).unwrap_or(u32::MAX),
+        })),
+    }
+}
+
+fn error_result(
+    code: Code,
+    message: String,
+    details: Option<error_details::Detail>,
+) -> CommandResult {
+    result(command_result::Result::Error(CommandError {
+        code: code as i32,
+        message,
+        details: details.map(|detail| ErrorDetails {
+            detail: Some(detail),
+        }),
+    }))
+}
+
+fn stale(name: &str, presented: u64, current: u64) -> CommandResult {
+    let message = if current == 0 {
+        format!("stale fencing token {presented} for {name:?}: it is not held")
+    } else {
+        format!("stale fencing token {presented} for {name:?}: current token is {current}")
+    };
+    let details = error_details::Detail::StaleToken(latchkey_proto::v1::StaleToken {
+        name: name.to_string(),
+        presented,
+        current,
+    });
+    error_result(Code::FailedPrecondition, message, Some(details))
+}
+
+fn coordination_error(name: &str, error: CoordinationError) -> CommandResult {
+    let message = error.to_string();
+    match error {
+        CoordinationError::InvalidArgument { field, reason } => {
+            let details = error_details::Detail::InvalidField(latchkey_proto::v1::InvalidField {
+                field: field.to_string(),
+                reason,
+            });
+            error_result(Code::InvalidArgument, message, Some(details))
+        }
+        CoordinationError::LeaseNotFound { lease } => {
+            let details = error_details::Detail::LeaseNotFound(latchkey_proto::v1::LeaseNotFound {
+                lease: lease.0,
+            });
+            error_result(Code::NotFound, message, Some(details))
+        }
+        CoordinationError::Held {
+            holder_lease,
+            holder_token,
+        } => {
+            let details = error_details::Detail::LockHeld(latchkey_proto::v1::LockHeld {
+                name: name.to_string(),
+                holder_lease: holder_lease.0,
+                holder_token: holder_token.0,
+            });
+            error_result(
+                Code::FailedPrecondition,
+                format!("{name:?} is {message}"),
+                Some(details),
+            )
+        }
+        CoordinationError::StaleToken { presented, current } => {
+            stale(name, presented.0, current.map_or(0, |t| t.0))
+        }
+        CoordinationError::ResourceExhausted { .. } => {
+            error_result(Code::ResourceExhausted, message, None)
+        }
+    }
+}
+
+/// A user key and its record.
+pub type KeyRecord = (Vec<u8>, KvRecord);
+
+/// Read-only queries over the state machine, usable from any task.
+#[derive(Clone)]
+pub struct Reader {
+    engine: Engine,
+    coordination: SharedCoordination,
+}
+
+impl Reader {
+    pub fn new(engine: Engine, coordination: SharedCoordination) -> Reader {
+        Reader {
+            engine,
+            coordination,
+        }
+    }
+
+    /// The coordination state, for queries. Hold the guard briefly.
+    pub fn coordination(&self) -> parking_lot::RwLockReadGuard<'_, Coordination> {
+        self.coordination.read()
+    }
+
+    /// The record of `key`, if present.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KvRecord>, FatalError> {
+        self.engine.get_message(CF_STATE, &keys::kv(key))
+    }
+
+    /// Up to `limit` records whose keys start with `prefix`, and whether
+    /// more matched.
+    pub fn range(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, bool), FatalError> {
+        let mut found = Vec::new();
+        let mut more = false;
+        let mut failure = None;
+        self.engine
+            .scan_prefix(CF_STATE, &keys::kv(prefix), |key, payload| {
+                if found.len() == limit {
+                    more = true;
+                    return false;
+                }
+                match crate::storage::decode::<KvRecord>(CF_STATE, key, &payload) {
+                    Ok(record) => found.push((key[keys::KV_PREFIX.len()..].to_vec(), record)),
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+                true
+            })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((found, more)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

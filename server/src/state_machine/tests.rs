@@ -1,0 +1,222 @@
+use latchkey_proto::state::v1::{command, command_result, Acquire, GrantLease, Put, Release};
+use latchkey_proto::v1::{error_details, Fence, RequestId};
+
+use super::*;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    engine: Engine,
+    machine: StateMachine,
+    index: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let machine = StateMachine::open(engine.clone()).unwrap();
+        Harness {
+            _dir: dir,
+            engine,
+            machine,
+            index: 0,
+        }
+    }
+
+    fn apply_with(&mut self, body: command::Command, request: Option<RequestId>) -> CommandResult {
+        self.index += 1;
+        let mut batch = Batch::new(&self.engine);
+        let command = Command {
+            command: Some(body),
+            request,
+        };
+        let output = self.machine.apply(&mut batch, self.index, command).unwrap();
+        self.machine.set_applied(
+            &mut batch,
+            LogPosition {
+                index: self.index,
+                term: 1,
+            },
+        );
+        self.engine.write(batch, false).unwrap();
+        output.result
+    }
+
+    fn apply(&mut self, body: command::Command) -> CommandResult {
+        self.apply_with(body, None)
+    }
+
+    fn lease(&mut self) -> u64 {
+        match self
+            .apply(command::Command::GrantLease(GrantLease { ttl_ms: 5_000 }))
+            .result
+        {
+            Some(command_result::Result::LeaseGranted(granted)) => granted.lease,
+            other => panic!("lease not granted: {other:?}"),
+        }
+    }
+
+    fn acquire(&mut self, name: &str, lease: u64) -> CommandResult {
+        self.apply(command::Command::Acquire(Acquire {
+            name: name.into(),
+            lease,
+            wait: true,
+            ..Acquire::default()
+        }))
+    }
+
+    fn fenced_put(&mut self, key: &str, value: &str, lock: &str, token: u64) -> CommandResult {
+        self.apply(command::Command::Put(Put {
+            key: key.into(),
+            value: value.into(),
+            fence: Some(Fence {
+                name: lock.into(),
+                token,
+                ..Fence::default()
+            }),
+            expected_mod_revision: None,
+        }))
+    }
+
+    fn value(&self, key: &str) -> Option<KvRecord> {
+        Reader::new(self.engine.clone(), self.machine.coordination())
+            .get(key.as_bytes())
+            .unwrap()
+    }
+}
+
+fn token_of(result: &CommandResult) -> u64 {
+    match &result.result {
+        Some(command_result::Result::Granted(grant)) => grant.token,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+fn stale_details(result: &CommandResult) -> (u64, u64) {
+    match &result.result {
+        Some(command_result::Result::Error(error)) => {
+            match error.details.as_ref().and_then(|d| d.detail.clone()) {
+                Some(error_details::Detail::StaleToken(stale)) => (stale.presented, stale.current),
+                other => panic!("expected stale token details, got {other:?}"),
+            }
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn fenced_put_with_current_token_is_applied_and_records_the_token() {
+    let mut h = Harness::new();
+    let lease = h.lease();
+    let token = token_of(&h.acquire("res", lease));
+    let result = h.fenced_put("k", "v1", "res", token);
+    assert!(
+        matches!(result.result, Some(command_result::Result::Put(_))),
+        "{result:?}"
+    );
+    let record = h.value("k").unwrap();
+    assert_eq!(record.value, b"v1");
+    assert_eq!(record.token, token);
+    assert_eq!(record.fence_name, "res");
+}
+
+#[test]
+fn stale_token_write_is_rejected_and_changes_nothing() {
+    let mut h = Harness::new();
+    let a = h.lease();
+    let b = h.lease();
+    let t1 = token_of(&h.acquire("res", a));
+    h.fenced_put("k", "from-a", "res", t1);
+    h.acquire("res", b);
+    h.apply(command::Command::Release(Release {
+        name: "res".into(),
+        token: t1,
+        ..Release::default()
+    }));
+    let t2 = h
+        .machine
+        .coordination()
+        .read()
+        .describe(Kind::Lock, "res")
+        .unwrap()
+        .holder
+        .token
+        .0;
+    assert!(t2 > t1, "the next holder's token is higher");
+    let before = h.value("k");
+    let rejected = h.fenced_put("k", "late-a", "res", t1);
+    assert_eq!(stale_details(&rejected), (t1, t2));
+    assert_eq!(h.value("k"), before, "a rejected write changes nothing");
+}
+
+#[test]
+fn token_lower_than_the_keys_stored_token_is_rejected() {
+    let mut h = Harness::new();
+    let a = h.lease();
+    let b = h.lease();
+    let t_other = token_of(&h.acquire("other", a));
+    let t_res = token_of(&h.acquire("res", b));
+    assert!(t_res > t_other);
+    h.fenced_put("k", "high", "res", t_res);
+    let rejected = h.fenced_put("k", "low", "other", t_other);
+    assert_eq!(stale_details(&rejected), (t_other, t_res));
+    assert_eq!(h.value("k").unwrap().value, b"high");
+}
+
+#[test]
+fn compare_and_set_on_mod_revision() {
+    let mut h = Harness::new();
+    let put = |expected| {
+        command::Command::Put(Put {
+            key: "k".into(),
+            value: "v".into(),
+            fence: None,
+            expected_mod_revision: expected,
+        })
+    };
+    let created = h.apply(put(Some(0)));
+    let Some(command_result::Result::Put(created)) = created.result else {
+        panic!("{created:?}")
+    };
+    let again = h.apply(put(Some(0)));
+    assert!(
+        matches!(again.result, Some(command_result::Result::Error(_))),
+        "key exists now"
+    );
+    let updated = h.apply(put(Some(created.revision)));
+    assert!(matches!(
+        updated.result,
+        Some(command_result::Result::Put(_))
+    ));
+}
+
+#[test]
+fn retried_request_is_applied_once_and_returns_the_first_result() {
+    let mut h = Harness::new();
+    let request = Some(RequestId {
+        client_id: 7,
+        seq: 1,
+    });
+    let grant = || command::Command::GrantLease(GrantLease { ttl_ms: 5_000 });
+    let first = h.apply_with(grant(), request);
+    let leases_before = h.machine.coordination().read().leases().count();
+    let retry = h.apply_with(grant(), request);
+    assert_eq!(first, retry, "the retry gets the original result");
+    assert_eq!(
+        h.machine.coordination().read().leases().count(),
+        leases_before,
+        "applied once"
+    );
+}
+
+#[test]
+fn tokens_keep_increasing_after_reload() {
+    let mut h = Harness::new();
+    let lease = h.lease();
+    let t1 = token_of(&h.acquire("a", lease));
+    h.machine.reload().unwrap();
+    let reopened = StateMachine::open(h.engine.clone()).unwrap();
+    h.machine = reopened;
+    let t2 = token_of(&h.acquire("b", lease));
+    assert!(t2 > t1, "token after restart {t2} must exceed {t1}");
+}

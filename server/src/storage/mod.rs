@@ -1,0 +1,325 @@
+//! Durable storage: one RocksDB database per node, three column families.
+//!
+//! | column family | keys | values |
+//! |---|---|---|
+//! | `raft_log` | entry index, 8 bytes big-endian | raft-rs `Entry` |
+//! | `raft_state` | `hard_state`, `conf_state`, `truncated` | `HardState`, `ConfState`, [`LogPosition`] of the last compacted entry |
+//! | `state` | state-machine keys (see [`keys`]) | state-machine records |
+//!
+//! Every value is framed as `crc32(key ‖ payload)` (4 bytes, big-endian)
+//! followed by the payload, and checked on every read. A mismatch is a
+//! [`FatalError::Corruption`] naming the column family and key: the node
+//! stops rather than serve data it cannot vouch for. Opening the database
+//! scans every record once, so a damaged replica refuses to start instead of
+//! failing later; RocksDB's own block checksums are verified by that same
+//! scan, and its write-ahead log is replayed in a mode that rejects damage in
+//! the middle of the log but tolerates a torn final record (a write that was
+//! never acknowledged).
+//!
+//! Durability: Raft entries and hard state go in one `WriteBatch`, fsynced
+//! when raft-rs asks (`must_sync`). State-machine changes and the applied
+//! index go in one `WriteBatch` without fsync: after a crash the state
+//! machine is at some earlier applied index and replays the rest of the
+//! (fsynced) log. Compaction only removes entries at or below an applied
+//! index that is already in the same write-ahead log, so it never outruns the
+//! state it depends on.
+//!
+//! # Layout
+//! - this file: [`Engine`], the opened database with checksummed get/put/scan.
+//! - [`raft_log`]: [`RaftLog`], raft-rs's `Storage` over the first two families.
+//! - [`keys`]: the key layout of the `state` family.
+
+pub mod keys;
+pub mod raft_log;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBRecoveryMode, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+pub use latchkey_proto::state::v1::LogPosition;
+pub use raft_log::RaftLog;
+
+use crate::error::FatalError;
+
+/// A stored key and its framed value.
+pub type RawRecord = (Vec<u8>, Vec<u8>);
+
+/// Column family of the Raft log entries.
+pub const CF_RAFT_LOG: &str = "raft_log";
+/// Column family of hard state, conf state and the compaction point.
+pub const CF_RAFT_STATE: &str = "raft_state";
+/// Column family of the state machine.
+pub const CF_STATE: &str = "state";
+
+const COLUMN_FAMILIES: [&str; 3] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE];
+
+/// Bytes of the checksum that prefixes every stored value.
+const CHECKSUM_LEN: usize = 4;
+
+/// The opened database. Cheap to clone; every clone shares one RocksDB.
+#[derive(Clone)]
+pub struct Engine {
+    db: Arc<DB>,
+}
+
+impl Engine {
+    /// Opens (creating if missing) the database under `dir` and verifies
+    /// every record's checksum.
+    pub fn open(dir: &Path) -> Result<Engine, FatalError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_paranoid_checks(true);
+        options.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+        options.set_keep_log_file_num(4);
+        let descriptors = COLUMN_FAMILIES
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, dir, descriptors)
+            .map_err(|e| FatalError::storage(format!("opening {}", dir.display()), e))?;
+        let engine = Engine { db: Arc::new(db) };
+        engine.verify_all()?;
+        Ok(engine)
+    }
+
+    fn cf(&self, name: &'static str) -> &ColumnFamily {
+        // Every column family in COLUMN_FAMILIES is created by `open`.
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    /// Reads and verifies one record; `None` when the key is absent.
+    pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, FatalError> {
+        let raw = self
+            .db
+            .get_pinned_cf(self.cf(cf), key)
+            .map_err(|e| FatalError::storage(format!("reading {cf}/{}", display_key(key)), e))?;
+        raw.map(|raw| unframe(cf, key, &raw)).transpose()
+    }
+
+    /// Reads, verifies and decodes one protobuf record.
+    pub fn get_message<M: prost::Message + Default>(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Option<M>, FatalError> {
+        match self.get(cf, key)? {
+            None => Ok(None),
+            Some(payload) => decode(cf, key, &payload).map(Some),
+        }
+    }
+
+    /// Visits the verified records of `cf` whose keys start with `prefix`,
+    /// in key order, until `visit` returns false.
+    pub fn scan_prefix(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], Vec<u8>) -> bool,
+    ) -> Result<(), FatalError> {
+        self.scan_from(cf, prefix, |key, payload| {
+            key.starts_with(prefix) && visit(key, payload)
+        })
+    }
+
+    /// Visits the verified records of `cf` from `start` on, in key order,
+    /// until `visit` returns false.
+    pub fn scan_from(
+        &self,
+        cf: &'static str,
+        start: &[u8],
+        mut visit: impl FnMut(&[u8], Vec<u8>) -> bool,
+    ) -> Result<(), FatalError> {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward));
+        for item in iter {
+            let (key, raw) = item.map_err(|e| FatalError::storage(format!("scanning {cf}"), e))?;
+            let payload = unframe(cf, &key, &raw)?;
+            if !visit(&key, payload) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record of the `state` family, still framed, as seen at one
+    /// instant; the payload of a snapshot.
+    pub fn state_records(&self) -> Result<Vec<RawRecord>, FatalError> {
+        let snapshot = self.db.snapshot();
+        let mut records = Vec::new();
+        for item in snapshot.iterator_cf(self.cf(CF_STATE), IteratorMode::Start) {
+            let (key, raw) = item.map_err(|e| FatalError::storage("reading a snapshot", e))?;
+            unframe(CF_STATE, &key, &raw)?;
+            records.push((key.to_vec(), raw.to_vec()));
+        }
+        Ok(records)
+    }
+
+    /// Applies a batch; `sync` forces it to disk before returning.
+    pub fn write(&self, batch: Batch, sync: bool) -> Result<(), FatalError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db
+            .write_opt(batch.inner, &options)
+            .map_err(|e| FatalError::storage("writing a batch", e))
+    }
+
+    /// Flushes memtables to table files (used on clean shutdown so that a
+    /// restart does not need to replay the write-ahead log).
+    pub fn flush(&self) -> Result<(), FatalError> {
+        self.db
+            .flush()
+            .map_err(|e| FatalError::storage("flushing memtables", e))
+    }
+
+    /// Reads every record of every column family, checking RocksDB's block
+    /// checksums and ours.
+    fn verify_all(&self) -> Result<(), FatalError> {
+        for cf in COLUMN_FAMILIES {
+            let mut options = ReadOptions::default();
+            options.set_verify_checksums(true);
+            options.fill_cache(false);
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(cf), options, IteratorMode::Start)
+            {
+                let (key, raw) =
+                    item.map_err(|e| FatalError::storage(format!("verifying {cf}"), e))?;
+                unframe(cf, &key, &raw)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a raw value, bypassing the framing. Only for tests that need
+    /// to plant a damaged record.
+    #[doc(hidden)]
+    pub fn put_raw_for_test(&self, cf: &'static str, key: &[u8], raw: &[u8]) {
+        // Test-only helper: a failed write is a broken test environment.
+        self.db
+            .put_cf(self.cf(cf), key, raw)
+            .expect("raw test write");
+    }
+}
+
+/// A set of writes applied atomically by [`Engine::write`].
+pub struct Batch {
+    inner: WriteBatch,
+    engine: Engine,
+}
+
+impl Batch {
+    pub fn new(engine: &Engine) -> Batch {
+        Batch {
+            inner: WriteBatch::default(),
+            engine: engine.clone(),
+        }
+    }
+
+    /// Stores `payload` under `key`, framed with its checksum.
+    pub fn put(&mut self, cf: &'static str, key: &[u8], payload: &[u8]) {
+        let framed = frame(key, payload);
+        self.inner.put_cf(self.engine.cf(cf), key, framed);
+    }
+
+    /// Stores a protobuf record.
+    pub fn put_message(&mut self, cf: &'static str, key: &[u8], message: &impl prost::Message) {
+        self.put(cf, key, &message.encode_to_vec());
+    }
+
+    /// Stores an already framed value (from a snapshot), after checking it.
+    pub fn put_framed(
+        &mut self,
+        cf: &'static str,
+        key: &[u8],
+        raw: &[u8],
+    ) -> Result<(), FatalError> {
+        unframe(cf, key, raw)?;
+        self.inner.put_cf(self.engine.cf(cf), key, raw);
+        Ok(())
+    }
+
+    pub fn delete(&mut self, cf: &'static str, key: &[u8]) {
+        self.inner.delete_cf(self.engine.cf(cf), key);
+    }
+
+    /// Deletes every key in `[from, to)`.
+    pub fn delete_range(&mut self, cf: &'static str, from: &[u8], to: &[u8]) {
+        self.inner.delete_range_cf(self.engine.cf(cf), from, to);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+fn checksum(key: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(key);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+fn frame(key: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(CHECKSUM_LEN + payload.len());
+    framed.extend_from_slice(&checksum(key, payload).to_be_bytes());
+    framed.extend_from_slice(payload);
+    framed
+}
+
+fn unframe(cf: &'static str, key: &[u8], raw: &[u8]) -> Result<Vec<u8>, FatalError> {
+    if raw.len() < CHECKSUM_LEN {
+        return Err(corruption(
+            cf,
+            key,
+            format!("record is {} bytes, shorter than its checksum", raw.len()),
+        ));
+    }
+    let (stored, payload) = raw.split_at(CHECKSUM_LEN);
+    let stored = u32::from_be_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    let computed = checksum(key, payload);
+    if stored != computed {
+        return Err(corruption(
+            cf,
+            key,
+            format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+        ));
+    }
+    Ok(payload.to_vec())
+}
+
+/// Decodes a verified protobuf payload; a failure is corruption.
+pub fn decode<M: prost::Message + Default>(
+    cf: &'static str,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<M, FatalError> {
+    M::decode(payload).map_err(|e| corruption(cf, key, format!("does not decode: {e}")))
+}
+
+pub(crate) fn corruption(cf: &'static str, key: &[u8], reason: String) -> FatalError {
+    FatalError::Corruption {
+        cf,
+        key: display_key(key),
+        reason,
+    }
+}
+
+/// Renders a key for messages: printable ASCII as is, anything else as hex.
+pub fn display_key(key: &[u8]) -> String {
+    if !key.is_empty() && key.iter().all(|b| b.is_ascii_graphic()) {
+        String::from_utf8_lossy(key).into_owned()
+    } else {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("0x{hex}")
+    }
+}
+
+#[cfg(test)]
+mod tests;

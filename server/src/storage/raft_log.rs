@@ -1,0 +1,508 @@
+//! [`RaftLog`]: raft-rs's `Storage` over the `raft_log` and `raft_state`
+//! column families, plus the writes the Ready loop makes to them.
+//!
+//! The log holds entries `truncated.index + 1 ..= last_index`. The term of
+//! `truncated.index` is kept so that raft-rs can still match the entry just
+//! before the first one it has. Snapshots are not stored separately: the
+//! state machine in the `state` family *is* the snapshot, read at one
+//! instant together with its applied position and membership.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use latchkey_proto::state::v1::{SnapshotData, SnapshotRecord};
+
+use super::keys::{self, raft_state};
+use super::{corruption, Batch, Engine, LogPosition, CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE};
+use crate::error::FatalError;
+
+/// Where a storage failure seen inside raft-rs is kept, so that the node
+/// can stop with the real cause even when raft-rs turns the error into a
+/// panic.
+pub type FatalSlot = Arc<Mutex<Option<FatalError>>>;
+
+/// The Raft log and hard state of one node.
+pub struct RaftLog {
+    engine: Engine,
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated: LogPosition,
+    last_index: u64,
+    last_term: u64,
+    fatal: FatalSlot,
+    /// The last snapshot built for a follower, reused while still current.
+    snapshot_cache: RefCell<Option<Snapshot>>,
+}
+
+impl RaftLog {
+    /// Loads the log; on a node that has never run, records `voters` as the
+    /// initial membership.
+    pub fn open(engine: Engine, voters: &[u64], fatal: FatalSlot) -> Result<RaftLog, FatalError> {
+        let hard_state = load_pb::<HardState>(&engine, raft_state::HARD_STATE)?;
+        let conf_state = load_pb::<ConfState>(&engine, raft_state::CONF_STATE)?;
+        let truncated: Option<LogPosition> =
+            engine.get_message(CF_RAFT_STATE, raft_state::TRUNCATED)?;
+        let mut log = RaftLog {
+            engine,
+            hard_state: hard_state.unwrap_or_default(),
+            conf_state: conf_state.clone().unwrap_or_default(),
+            truncated: truncated.unwrap_or_default(),
+            last_index: 0,
+            last_term: 0,
+            fatal,
+            snapshot_cache: RefCell::new(None),
+        };
+        if conf_state.is_none() {
+            log.bootstrap(voters)?;
+        }
+        log.load_last()?;
+        Ok(log)
+    }
+
+    fn bootstrap(&mut self, voters: &[u64]) -> Result<(), FatalError> {
+        let mut conf_state = ConfState::default();
+        conf_state.set_voters(voters.to_vec());
+        let encoded = encode_pb(&conf_state);
+        let mut batch = Batch::new(&self.engine);
+        batch.put(CF_RAFT_STATE, raft_state::CONF_STATE, &encoded);
+        batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+        self.engine.write(batch, true)?;
+        self.conf_state = conf_state;
+        Ok(())
+    }
+
+    /// Finds the last entry and checks that the log starts right after the
+    /// compaction point.
+    fn load_last(&mut self) -> Result<(), FatalError> {
+        self.last_index = self.truncated.index;
+        self.last_term = self.truncated.term;
+        let mut first = None;
+        self.engine.scan_prefix(CF_RAFT_LOG, &[], |key, _| {
+            first = Some(key.to_vec());
+            false
+        })?;
+        let Some(first) = first else { return Ok(()) };
+        let first_index = index_of_key(&first)?;
+        if first_index != self.truncated.index + 1 {
+            return Err(corruption(
+                CF_RAFT_LOG,
+                &first,
+                format!(
+                    "log starts at {first_index}, expected {}",
+                    self.truncated.index + 1
+                ),
+            ));
+        }
+        let mut expected = first_index;
+        let mut last = None;
+        self.engine.scan_prefix(CF_RAFT_LOG, &[], |key, payload| {
+            last = Some((key.to_vec(), payload));
+            expected += 1;
+            true
+        })?;
+        // `first` exists, so the scan saw at least one entry.
+        let (key, payload) = last.expect("non-empty log");
+        let entry = decode_entry(&key, &payload)?;
+        if entry.index != expected - 1 {
+            return Err(corruption(
+                CF_RAFT_LOG,
+                &key,
+                format!(
+                    "log has a gap: last entry is {}, but {} entries follow {}",
+                    entry.index,
+                    expected - first_index,
+                    first_index - 1
+                ),
+            ));
+        }
+        self.last_index = entry.index;
+        self.last_term = entry.term;
+        Ok(())
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.truncated.index + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Adds `entries` to `batch`, replacing any conflicting suffix.
+    pub fn append(&mut self, batch: &mut Batch, entries: &[Entry]) {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return;
+        };
+        assert!(
+            first.index > self.truncated.index,
+            "append of entry {} overwrites the compacted log (truncated at {})",
+            first.index,
+            self.truncated.index
+        );
+        assert!(
+            first.index <= self.last_index + 1,
+            "append of entry {} leaves a gap after {}",
+            first.index,
+            self.last_index
+        );
+        if first.index <= self.last_index {
+            batch.delete_range(
+                CF_RAFT_LOG,
+                &keys::log_entry(first.index),
+                &keys::log_entry(self.last_index + 1),
+            );
+        }
+        for entry in entries {
+            batch.put(
+                CF_RAFT_LOG,
+                &keys::log_entry(entry.index),
+                &encode_pb(entry),
+            );
+        }
+        self.last_index = last.index;
+        self.last_term = last.term;
+    }
+
+    /// Adds the hard state to `batch`.
+    pub fn set_hard_state(&mut self, batch: &mut Batch, hard_state: &HardState) {
+        batch.put(
+            CF_RAFT_STATE,
+            raft_state::HARD_STATE,
+            &encode_pb(hard_state),
+        );
+        self.hard_state = hard_state.clone();
+    }
+
+    /// Records a new commit index (from a light ready).
+    pub fn set_commit(&mut self, batch: &mut Batch, commit: u64) {
+        let mut hard_state = self.hard_state.clone();
+        hard_state.commit = commit;
+        self.set_hard_state(batch, &hard_state);
+    }
+
+    /// Records a membership change applied at `batch`'s index, in both the
+    /// Raft state and the state machine.
+    pub fn set_conf_state(&mut self, batch: &mut Batch, conf_state: &ConfState) {
+        let encoded = encode_pb(conf_state);
+        batch.put(CF_RAFT_STATE, raft_state::CONF_STATE, &encoded);
+        batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+        self.conf_state = conf_state.clone();
+    }
+
+    /// Removes every entry up to and including `index`, which must be applied.
+    pub fn compact_to(&mut self, index: u64) -> Result<(), FatalError> {
+        if index <= self.truncated.index {
+            return Ok(());
+        }
+        assert!(
+            index <= self.last_index,
+            "compaction to {index} past the last entry {}",
+            self.last_index
+        );
+        let term = self.term_of(index)?;
+        let truncated = LogPosition { index, term };
+        let mut batch = Batch::new(&self.engine);
+        batch.delete_range(
+            CF_RAFT_LOG,
+            &keys::log_entry(self.truncated.index + 1),
+            &keys::log_entry(index + 1),
+        );
+        batch.put_message(CF_RAFT_STATE, raft_state::TRUNCATED, &truncated);
+        self.engine.write(batch, false)?;
+        self.truncated = truncated;
+        Ok(())
+    }
+
+    /// Replaces the log and the state machine with a snapshot received from
+    /// the leader, in one synced batch.
+    pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), FatalError> {
+        let meta = snapshot.get_metadata();
+        let data = SnapshotData::decode_from(snapshot.get_data())?;
+        let mut batch = Batch::new(&self.engine);
+        batch.delete_range(CF_STATE, &[], keys::END);
+        for record in &data.records {
+            batch.put_framed(CF_STATE, &record.key, &record.value)?;
+        }
+        batch.delete_range(CF_RAFT_LOG, &keys::log_entry(0), &keys::log_entry(u64::MAX));
+        let truncated = LogPosition {
+            index: meta.index,
+            term: meta.term,
+        };
+        batch.put_message(CF_RAFT_STATE, raft_state::TRUNCATED, &truncated);
+        let mut hard_state = self.hard_state.clone();
+        hard_state.term = hard_state.term.max(meta.term);
+        hard_state.commit = meta.index;
+        self.set_hard_state(&mut batch, &hard_state);
+        self.set_conf_state(&mut batch, meta.get_conf_state());
+        self.engine.write(batch, true)?;
+        self.truncated = truncated;
+        self.last_index = meta.index;
+        self.last_term = meta.term;
+        Ok(())
+    }
+
+    fn term_of(&self, index: u64) -> Result<u64, FatalError> {
+        if index == self.truncated.index {
+            return Ok(self.truncated.term);
+        }
+        if index == self.last_index {
+            return Ok(self.last_term);
+        }
+        let key = keys::log_entry(index);
+        match self.engine.get(CF_RAFT_LOG, &key)? {
+            Some(payload) => Ok(decode_entry(&key, &payload)?.term),
+            None => Err(corruption(
+                CF_RAFT_LOG,
+                &key,
+                "entry missing from the log".into(),
+            )),
+        }
+    }
+
+    fn read_entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> Result<Vec<Entry>, FatalError> {
+        let mut entries = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let mut failure = None;
+        let mut expected = low;
+        self.engine
+            .scan_from(CF_RAFT_LOG, &keys::log_entry(low), |key, payload| {
+                if expected >= high {
+                    return false;
+                }
+                let entry = match decode_entry(key, &payload) {
+                    Ok(entry) if entry.index == expected => entry,
+                    Ok(entry) => {
+                        failure = Some(corruption(
+                            CF_RAFT_LOG,
+                            key,
+                            format!("found entry {} where {expected} belongs", entry.index),
+                        ));
+                        return false;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                };
+                size += u64::from(entry.compute_size());
+                let over = max_size.is_some_and(|max| size > max) && !entries.is_empty();
+                if over {
+                    return false;
+                }
+                entries.push(entry);
+                expected += 1;
+                true
+            })?;
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        let complete = expected == high || max_size.is_some() && !entries.is_empty();
+        if !complete {
+            return Err(corruption(
+                CF_RAFT_LOG,
+                &keys::log_entry(expected),
+                format!("entry missing (log should hold {low}..{high})"),
+            ));
+        }
+        Ok(entries)
+    }
+
+    fn build_snapshot(&self, request_index: u64) -> Result<Snapshot, FatalError> {
+        if let Some(cached) = self.snapshot_cache.borrow().as_ref() {
+            if cached.get_metadata().index >= request_index
+                && cached.get_metadata().index >= self.truncated.index
+            {
+                return Ok(cached.clone());
+            }
+        }
+        let records = self.engine.state_records()?;
+        let mut applied = None;
+        let mut conf_state = None;
+        for (key, raw) in &records {
+            if key.as_slice() == keys::APPLIED {
+                applied = Some(super::decode::<LogPosition>(CF_STATE, key, &raw[4..])?);
+            } else if key.as_slice() == keys::CONF_STATE {
+                conf_state = Some(decode_pb::<ConfState>(CF_STATE, key, &raw[4..])?);
+            }
+        }
+        let applied = applied.unwrap_or_default();
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = applied.index;
+        meta.term = applied.term;
+        meta.set_conf_state(conf_state.unwrap_or_else(|| self.conf_state.clone()));
+        let data = SnapshotData {
+            records: records
+                .into_iter()
+                .map(|(key, value)| SnapshotRecord { key, value })
+                .collect(),
+        };
+        snapshot.set_data(prost::Message::encode_to_vec(&data).into());
+        *self.snapshot_cache.borrow_mut() = Some(snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// Converts a storage failure for raft-rs, remembering the real cause.
+    fn fail(&self, err: FatalError) -> raft::Error {
+        let message = err.to_string();
+        self.fatal.lock().get_or_insert(err);
+        raft::Error::Store(StorageError::Other(message.into()))
+    }
+}
+
+impl raft::Storage for RaftLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(
+            high <= self.last_index + 1,
+            "entries up to {high} requested, log ends at {}",
+            self.last_index
+        );
+        self.read_entries(low, high, max_size.into())
+            .map_err(|e| self.fail(e))
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index < self.truncated.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.term_of(index).map_err(|e| self.fail(e))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snapshot = self
+            .build_snapshot(request_index)
+            .map_err(|e| self.fail(e))?;
+        if snapshot.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snapshot)
+    }
+}
+
+trait DecodeFrom: Sized {
+    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError>;
+}
+
+impl DecodeFrom for SnapshotData {
+    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError> {
+        prost::Message::decode(bytes).map_err(|e| FatalError::Corruption {
+            cf: CF_STATE,
+            key: "<received snapshot>".into(),
+            reason: format!("snapshot does not decode: {e}"),
+        })
+    }
+}
+
+fn encode_pb(message: &impl protobuf::Message) -> Vec<u8> {
+    // Encoding into a Vec only fails for messages missing required fields,
+    // which proto3 raft-rs messages do not have.
+    message.write_to_bytes().expect("raft-rs message encodes")
+}
+
+fn decode_pb<M: protobuf::Message>(
+    cf: &'static str,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<M, FatalError> {
+    M::parse_from_bytes(payload).map_err(|e| corruption(cf, key, format!("does not decode: {e}")))
+}
+
+fn load_pb<M: protobuf::Message>(
+    engine: &Engine,
+    key: &'static [u8],
+) -> Result<Option<M>, FatalError> {
+    engine
+        .get(CF_RAFT_STATE, key)?
+        .map(|payload| decode_pb(CF_RAFT_STATE, key, &payload))
+        .transpose()
+}
+
+fn decode_entry(key: &[u8], payload: &[u8]) -> Result<Entry, FatalError> {
+    let entry: Entry = decode_pb(CF_RAFT_LOG, key, payload)?;
+    if key != keys::log_entry(entry.index) {
+        return Err(corruption(
+            CF_RAFT_LOG,
+            key,
+            format!("holds entry {}", entry.index),
+        ));
+    }
+    Ok(entry)
+}
+
+fn index_of_key(key: &[u8]) -> Result<u64, FatalError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| corruption(CF_RAFT_LOG, key, "log key is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl RaftLog {
+    /// Makes the commit index at least `applied`. Entries are applied only
+    /// once committed, but the applied index can reach disk before the hard
+    /// state that records the commit; raft-rs refuses to start if
+    /// applied > commit.
+    pub fn repair_commit(&mut self, applied: u64) -> Result<(), FatalError> {
+        if self.hard_state.commit >= applied {
+            return Ok(());
+        }
+        assert!(
+            applied <= self.last_index,
+            "applied index {applied} is past the last log entry {}",
+            self.last_index
+        );
+        let mut batch = Batch::new(&self.engine);
+        self.set_commit(&mut batch, applied);
+        self.engine.write(batch, true)
+    }
+}

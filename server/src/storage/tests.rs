@@ -1,0 +1,230 @@
+use raft::prelude::{Entry, HardState};
+use raft::{GetEntriesContext, Storage as _, StorageError};
+
+use super::keys;
+use super::raft_log::{FatalSlot, RaftLog};
+use super::*;
+
+const VOTERS: [u64; 5] = [1, 2, 3, 4, 5];
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: format!("entry {index}/{term}").into_bytes().into(),
+        ..Entry::default()
+    }
+}
+
+fn open(dir: &std::path::Path) -> RaftLog {
+    let engine = Engine::open(dir).expect("open engine");
+    RaftLog::open(engine, &VOTERS, FatalSlot::default()).expect("open log")
+}
+
+fn append(log: &mut RaftLog, entries: &[Entry]) {
+    let mut batch = Batch::new(log.engine());
+    log.append(&mut batch, entries);
+    log.engine().clone().write(batch, true).unwrap();
+}
+
+fn all_entries(log: &RaftLog) -> Vec<(u64, u64)> {
+    let first = log.first_index();
+    let last = log.last_index();
+    log.entries(first, last + 1, None, GetEntriesContext::empty(false))
+        .unwrap()
+        .iter()
+        .map(|e| (e.index, e.term))
+        .collect()
+}
+
+#[test]
+fn fresh_log_is_bootstrapped_with_the_voters() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let state = log.initial_state().unwrap();
+    assert_eq!(state.conf_state.voters, VOTERS.to_vec());
+    assert_eq!(log.first_index(), 1);
+    assert_eq!(log.last_index(), 0);
+}
+
+#[test]
+fn appended_entries_are_read_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(&mut log, &[entry(1, 1), entry(2, 1), entry(3, 2)]);
+    assert_eq!(all_entries(&log), vec![(1, 1), (2, 1), (3, 2)]);
+    assert_eq!(log.term(3).unwrap(), 2);
+    assert_eq!(log.term(2).unwrap(), 1);
+    assert!(matches!(
+        log.term(4),
+        Err(raft::Error::Store(StorageError::Unavailable))
+    ));
+}
+
+#[test]
+fn conflicting_append_overwrites_the_suffix() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(
+        &mut log,
+        &[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)],
+    );
+    append(&mut log, &[entry(3, 2)]);
+    assert_eq!(log.last_index(), 3);
+    assert_eq!(all_entries(&log), vec![(1, 1), (2, 1), (3, 2)]);
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(
+        log.last_index(),
+        3,
+        "the overwritten tail must not come back"
+    );
+    assert_eq!(all_entries(&log), vec![(1, 1), (2, 1), (3, 2)]);
+}
+
+#[test]
+fn entries_respect_max_size_but_return_at_least_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(&mut log, &[entry(1, 1), entry(2, 1), entry(3, 1)]);
+    let one = log
+        .entries(1, 4, 1, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(one.len(), 1);
+}
+
+#[test]
+fn compaction_removes_entries_and_keeps_the_boundary_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(
+        &mut log,
+        &(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>(),
+    );
+    log.compact_to(6).unwrap();
+    assert_eq!(log.first_index(), 7);
+    assert_eq!(
+        log.term(6).unwrap(),
+        2,
+        "term of the last compacted entry is kept"
+    );
+    assert!(matches!(
+        log.entries(5, 8, None, GetEntriesContext::empty(false)),
+        Err(raft::Error::Store(StorageError::Compacted))
+    ));
+    assert!(matches!(
+        log.term(5),
+        Err(raft::Error::Store(StorageError::Compacted))
+    ));
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(log.first_index(), 7);
+    assert_eq!(log.last_index(), 10);
+    assert_eq!(all_entries(&log).len(), 4);
+}
+
+#[test]
+fn restart_recovers_log_and_hard_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(&mut log, &[entry(1, 3), entry(2, 3)]);
+    let hard_state = HardState {
+        term: 3,
+        vote: 2,
+        commit: 2,
+        ..HardState::default()
+    };
+    let mut batch = Batch::new(log.engine());
+    log.set_hard_state(&mut batch, &hard_state);
+    log.engine().clone().write(batch, true).unwrap();
+    drop(log);
+    let log = open(dir.path());
+    let state = log.initial_state().unwrap();
+    assert_eq!(state.hard_state, hard_state);
+    assert_eq!(state.conf_state.voters, VOTERS.to_vec());
+    assert_eq!(all_entries(&log), vec![(1, 3), (2, 3)]);
+}
+
+#[test]
+fn snapshot_carries_the_state_machine_and_installs_elsewhere() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let mut leader = open(leader_dir.path());
+    append(
+        &mut leader,
+        &(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(),
+    );
+    let mut batch = Batch::new(leader.engine());
+    batch.put(CF_STATE, &keys::kv(b"x"), b"payload");
+    batch.put_message(CF_STATE, keys::APPLIED, &LogPosition { index: 5, term: 1 });
+    leader.engine().clone().write(batch, true).unwrap();
+    let snapshot = leader.snapshot(0, 2).unwrap();
+    assert_eq!(snapshot.get_metadata().index, 5);
+    assert_eq!(snapshot.get_metadata().term, 1);
+    assert!(matches!(
+        leader.snapshot(6, 2),
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable
+        ))
+    ));
+
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = open(follower_dir.path());
+    append(&mut follower, &[entry(1, 1)]);
+    follower.apply_snapshot(&snapshot).unwrap();
+    assert_eq!(follower.first_index(), 6);
+    assert_eq!(follower.last_index(), 5);
+    assert_eq!(follower.hard_state().commit, 5);
+    let engine = follower.engine().clone();
+    assert_eq!(
+        engine.get(CF_STATE, &keys::kv(b"x")).unwrap().unwrap(),
+        b"payload"
+    );
+    drop(follower);
+    drop(engine);
+    let follower = open(follower_dir.path());
+    assert_eq!(follower.first_index(), 6);
+    assert_eq!(follower.term(5).unwrap(), 1);
+}
+
+#[test]
+fn checksum_mismatch_stops_open_naming_family_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    append(&mut log, &[entry(1, 1)]);
+    let engine = log.engine().clone();
+    let mut raw = frame(b"k/good", b"value");
+    raw[5] ^= 0x01;
+    engine.put_raw_for_test(CF_STATE, b"k/bad", &raw);
+    drop(log);
+    drop(engine);
+    let err = Engine::open(dir.path())
+        .err()
+        .expect("open must fail")
+        .to_string();
+    assert!(err.contains("\"state\""), "names the column family: {err}");
+    assert!(err.contains("k/bad"), "names the key: {err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+}
+
+#[test]
+fn checksum_mismatch_on_read_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.put_raw_for_test(CF_RAFT_LOG, &keys::log_entry(7), b"\0\0\0\0garbage");
+    let err = engine.get(CF_RAFT_LOG, &keys::log_entry(7)).unwrap_err();
+    match err {
+        crate::error::FatalError::Corruption { cf, key, .. } => {
+            assert_eq!(cf, CF_RAFT_LOG);
+            assert_eq!(key, "0x0000000000000007");
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+}
+
+#[test]
+fn truncated_record_is_corruption_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    engine.put_raw_for_test(CF_STATE, b"k/short", b"ab");
+    assert!(engine.get(CF_STATE, b"k/short").is_err());
+}

@@ -1,0 +1,373 @@
+//! The peer transport: raft-rs messages between nodes over gRPC.
+//!
+//! Each node keeps one long-lived client stream to every other node
+//! (`Peer.Raft`) and serves the same service for the streams of the others,
+//! on the peer address only. The first frame of a stream is a `Hello` that
+//! names the sender and its client address; that is how every node learns
+//! where the others serve clients, so that a follower can point a client at
+//! the leader.
+//!
+//! Outbound messages go into a bounded queue per peer
+//! ([`PEER_QUEUE_CAPACITY`]). When the queue is full the message is dropped
+//! and Raft's retransmission recovers it; the node never blocks on a slow
+//! peer. A broken stream is reopened with exponential backoff between
+//! [`RECONNECT_BACKOFF_MIN`] and [`RECONNECT_BACKOFF_MAX`], and the node is
+//! told the peer was unreachable so raft-rs falls back to probing. Snapshots
+//! travel inside their Raft message (up to [`MAX_PEER_FRAME_BYTES`]); the
+//! node is told when one was handed to the stream or could not be.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use latchkey_proto::peer::v1::peer_client::PeerClient;
+use latchkey_proto::peer::v1::peer_server::{Peer, PeerServer};
+use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame};
+
+use crate::config::Config;
+use crate::node::{NodeHandle, NodeMsg, Transport};
+use crate::types::NodeId;
+
+/// Raft messages queued for one peer before new ones are dropped.
+pub const PEER_QUEUE_CAPACITY: usize = 1024;
+/// Frames buffered between the queue and one gRPC stream.
+const STREAM_BUFFER: usize = 64;
+/// Largest frame on the peer transport (bounds snapshot size).
+pub const MAX_PEER_FRAME_BYTES: usize = 256 * 1024 * 1024;
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Addresses of the members, as learnt from configuration and `Hello`s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub peer_addr: String,
+    /// Empty until the member has said hello.
+    pub client_addr: String,
+}
+
+/// Shared, read-mostly map of member addresses. Written only by the
+/// transport.
+#[derive(Clone, Default)]
+pub struct PeerDirectory {
+    members: Arc<RwLock<BTreeMap<NodeId, PeerInfo>>>,
+}
+
+impl PeerDirectory {
+    pub fn new(config: &Config) -> PeerDirectory {
+        let members = config
+            .peers
+            .iter()
+            .map(|(id, peer_addr)| {
+                let client_addr = if *id == config.id {
+                    config.advertise_client.clone()
+                } else {
+                    String::new()
+                };
+                let info = PeerInfo {
+                    peer_addr: peer_addr.clone(),
+                    client_addr,
+                };
+                (*id, info)
+            })
+            .collect();
+        PeerDirectory {
+            members: Arc::new(RwLock::new(members)),
+        }
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<PeerInfo> {
+        self.members.read().get(&id).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<NodeId, PeerInfo> {
+        self.members.read().clone()
+    }
+
+    fn learn_client_addr(&self, id: NodeId, client_addr: &str) {
+        if let Some(info) = self.members.write().get_mut(&id) {
+            if info.client_addr != client_addr {
+                info.client_addr = client_addr.to_string();
+            }
+        }
+    }
+}
+
+/// The node's side of the transport: one bounded queue per peer.
+pub struct GrpcTransport {
+    queues: HashMap<NodeId, mpsc::Sender<Message>>,
+    node: Arc<OnceLock<NodeHandle>>,
+}
+
+/// The receiving ends of the per-peer queues, handed to [`spawn_outbound`].
+pub struct Outbound {
+    queues: Vec<(NodeId, String, mpsc::Receiver<Message>)>,
+    node: Arc<OnceLock<NodeHandle>>,
+    hello: Hello,
+}
+
+impl GrpcTransport {
+    pub fn new(config: &Config) -> (GrpcTransport, Outbound) {
+        let node = Arc::new(OnceLock::new());
+        let mut queues = HashMap::new();
+        let mut receivers = Vec::new();
+        for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
+            queues.insert(*id, tx);
+            receivers.push((*id, addr.clone(), rx));
+        }
+        let hello = Hello {
+            from: config.id.0,
+            to: 0,
+            client_addr: config.advertise_client.clone(),
+            peer_addr: config.peers[&config.id].clone(),
+        };
+        let transport = GrpcTransport {
+            queues,
+            node: node.clone(),
+        };
+        let outbound = Outbound {
+            queues: receivers,
+            node,
+            hello,
+        };
+        (transport, outbound)
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            let to = NodeId(message.to);
+            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+            let Some(queue) = self.queues.get(&to) else {
+                tracing::warn!(to = %to, "message for an unknown peer dropped");
+                continue;
+            };
+            if queue.try_send(message).is_err() && is_snapshot {
+                if let Some(node) = self.node.get() {
+                    node.report(NodeMsg::SnapshotSent { to, ok: false });
+                }
+            }
+        }
+    }
+}
+
+/// Starts one outbound task per peer. They stop when the node's transport
+/// (and with it every queue sender) is dropped.
+pub fn spawn_outbound(outbound: Outbound, node: NodeHandle) {
+    // Set once here; `spawn_outbound` is called once per transport.
+    let _ = outbound.node.set(node);
+    for (peer, addr, queue) in outbound.queues {
+        let mut hello = outbound.hello.clone();
+        hello.to = peer.0;
+        let task = PeerLink {
+            peer,
+            addr,
+            hello,
+            queue,
+            node: outbound.node.clone(),
+        };
+        tokio::spawn(task.run());
+    }
+}
+
+/// One outbound stream to one peer, reopened whenever it breaks.
+struct PeerLink {
+    peer: NodeId,
+    addr: String,
+    hello: Hello,
+    queue: mpsc::Receiver<Message>,
+    node: Arc<OnceLock<NodeHandle>>,
+}
+
+impl PeerLink {
+    async fn run(mut self) {
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        loop {
+            match self.connect().await {
+                Ok(client) => {
+                    backoff = RECONNECT_BACKOFF_MIN;
+                    if self.stream(client).await.is_break() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, addr = %self.addr, "connect failed: {e}")
+                }
+            }
+            self.report(NodeMsg::Unreachable(self.peer));
+            // Messages queued while the link was down are stale; Raft resends.
+            if self.drain_stale().is_break() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
+    }
+
+    fn report(&self, message: NodeMsg) {
+        if let Some(node) = self.node.get() {
+            node.report(message);
+        }
+    }
+
+    fn drain_stale(&mut self) -> std::ops::ControlFlow<()> {
+        loop {
+            match self.queue.try_recv() {
+                Ok(message) if message.get_msg_type() == MessageType::MsgSnapshot => {
+                    self.report(NodeMsg::SnapshotSent {
+                        to: self.peer,
+                        ok: false,
+                    });
+                }
+                Ok(_) => {}
+                Err(mpsc::error::TryRecvError::Empty) => return std::ops::ControlFlow::Continue(()),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return std::ops::ControlFlow::Break(())
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr))?
+            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
+        Ok(PeerClient::new(channel)
+            .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
+            .max_decoding_message_size(MAX_PEER_FRAME_BYTES))
+    }
+
+    /// Forwards queued messages until the stream breaks (`Continue`) or the
+    /// node is gone (`Break`).
+    async fn stream(&mut self, mut client: PeerClient<Channel>) -> std::ops::ControlFlow<()> {
+        let (frames, rx) = mpsc::channel(STREAM_BUFFER);
+        let hello = PeerFrame {
+            frame: Some(peer_frame::Frame::Hello(self.hello.clone())),
+        };
+        if frames.send(hello).await.is_err() {
+            return std::ops::ControlFlow::Continue(());
+        }
+        let call = client.raft(Request::new(ReceiverStream::new(rx)));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => {
+                    if let Err(status) = result {
+                        tracing::debug!(peer = %self.peer, "stream closed: {status}");
+                    }
+                    return std::ops::ControlFlow::Continue(());
+                }
+                message = self.queue.recv() => {
+                    let Some(message) = message else { return std::ops::ControlFlow::Break(()) };
+                    let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+                    let frame = PeerFrame { frame: Some(peer_frame::Frame::RaftMessage(encode(&message))) };
+                    let sent = frames.send(frame).await.is_ok();
+                    if is_snapshot {
+                        self.report(NodeMsg::SnapshotSent { to: self.peer, ok: sent });
+                    }
+                    if !sent {
+                        return std::ops::ControlFlow::Continue(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn encode(message: &Message) -> Vec<u8> {
+    // raft-rs messages have no required fields, so encoding cannot fail.
+    message.write_to_bytes().expect("raft message encodes")
+}
+
+/// The peer gRPC service: accepts other nodes' streams.
+pub struct PeerService {
+    id: NodeId,
+    node: NodeHandle,
+    directory: PeerDirectory,
+}
+
+impl PeerService {
+    pub fn new(id: NodeId, node: NodeHandle, directory: PeerDirectory) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService {
+            id,
+            node,
+            directory,
+        })
+        .max_decoding_message_size(MAX_PEER_FRAME_BYTES)
+        .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(
+        &self,
+        request: Request<Streaming<PeerFrame>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut stream = request.into_inner();
+        let from = match stream.message().await?.and_then(|f| f.frame) {
+            Some(peer_frame::Frame::Hello(hello)) => self.accept_hello(hello)?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a peer stream must open with a Hello",
+                ))
+            }
+        };
+        while let Some(frame) = stream.message().await? {
+            let Some(peer_frame::Frame::RaftMessage(bytes)) = frame.frame else {
+                return Err(Status::invalid_argument(
+                    "only raft messages may follow the Hello",
+                ));
+            };
+            let message = Message::parse_from_bytes(&bytes).map_err(|e| {
+                Status::invalid_argument(format!("raft message does not decode: {e}"))
+            })?;
+            if message.from != from.0 || message.to != self.id.0 {
+                return Err(Status::invalid_argument(format!(
+                    "message from {} to {} on the stream of {from}",
+                    message.from, message.to
+                )));
+            }
+            if self.node.step(message).await.is_err() {
+                return Err(Status::unavailable("node is shutting down"));
+            }
+        }
+        Ok(Response::new(PeerAck {}))
+    }
+}
+
+impl PeerService {
+    fn accept_hello(&self, hello: Hello) -> Result<NodeId, Status> {
+        let from = NodeId(hello.from);
+        if hello.to != self.id.0 {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {}; check --initial-cluster",
+                self.id, hello.to
+            )));
+        }
+        if self.directory.get(from).is_none() || from == self.id {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member of this cluster"
+            )));
+        }
+        self.directory.learn_client_addr(from, &hello.client_addr);
+        Ok(from)
+    }
+}

@@ -1,0 +1,274 @@
+//! Cluster tests of leases, locks, fencing and elections: five in-process
+//! nodes over loopback gRPC.
+
+use std::time::{Duration, Instant};
+
+use latchkey_proto::v1::election_client::ElectionClient;
+use latchkey_proto::v1::lease_client::LeaseClient;
+use latchkey_proto::v1::lock_client::LockClient;
+use latchkey_proto::v1::{
+    error_details, AcquireRequest, CampaignRequest, ErrorDetails, Fence, GetRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, ObserveRequest, PutRequest, ReleaseRequest,
+};
+use prost::Message as _;
+use tonic::Code;
+
+mod support;
+
+use support::TestCluster;
+
+fn details(status: &tonic::Status) -> error_details::Detail {
+    ErrorDetails::decode(status.details())
+        .expect("typed details")
+        .detail
+        .expect("a detail")
+}
+
+impl TestCluster {
+    async fn grant(&self, ttl_ms: u64) -> u64 {
+        let leader = self.leader().await;
+        let mut leases = LeaseClient::new(self.channel(leader).await);
+        let request = LeaseGrantRequest {
+            ttl_ms,
+            request: None,
+        };
+        leases
+            .grant(request)
+            .await
+            .expect("grant")
+            .into_inner()
+            .lease
+    }
+
+    async fn acquire(&self, name: &str, lease: u64, wait: bool) -> Result<u64, tonic::Status> {
+        let leader = self.leader().await;
+        let mut locks = LockClient::new(self.channel(leader).await);
+        let request = AcquireRequest {
+            name: name.into(),
+            lease,
+            wait,
+            request: None,
+        };
+        Ok(locks
+            .acquire(request)
+            .await?
+            .into_inner()
+            .grant
+            .expect("grant")
+            .token)
+    }
+
+    async fn fenced_put(
+        &self,
+        key: &str,
+        value: &str,
+        lock: &str,
+        token: u64,
+    ) -> Result<(), tonic::Status> {
+        let leader = self.leader().await;
+        let request = PutRequest {
+            key: key.into(),
+            value: value.into(),
+            fence: Some(Fence {
+                name: lock.into(),
+                token,
+                ..Fence::default()
+            }),
+            ..PutRequest::default()
+        };
+        self.client(leader).await.put(request).await.map(|_| ())
+    }
+
+    async fn value(&self, key: &str) -> Option<Vec<u8>> {
+        let leader = self.leader().await;
+        let request = GetRequest {
+            key: key.into(),
+            serializable: false,
+        };
+        let response = self.client(leader).await.get(request).await.expect("get");
+        response.into_inner().kv.map(|kv| kv.value)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_holder_write_is_rejected_after_the_lock_changes_hands_and_a_leader_change() {
+    let mut cluster = TestCluster::start(5, 10_000).await;
+    let a = cluster.grant(30_000).await;
+    let b = cluster.grant(30_000).await;
+    let t1 = cluster.acquire("res", a, false).await.expect("A acquires");
+    let held = cluster.acquire("res", b, false).await.unwrap_err();
+    assert_eq!(held.code(), Code::FailedPrecondition);
+    match details(&held) {
+        error_details::Detail::LockHeld(held) => {
+            assert_eq!((held.holder_lease, held.holder_token), (a, t1));
+        }
+        other => panic!("expected LockHeld, got {other:?}"),
+    }
+    cluster
+        .fenced_put("k", "by-a", "res", t1)
+        .await
+        .expect("current token writes");
+    assert_eq!(
+        cluster.acquire("res", a, false).await.unwrap(),
+        t1,
+        "reacquire is idempotent"
+    );
+
+    let leader = cluster.leader().await;
+    let mut locks = LockClient::new(cluster.channel(leader).await);
+    let release = ReleaseRequest {
+        name: "res".into(),
+        token: t1,
+        request: None,
+    };
+    locks.release(release).await.expect("A releases");
+    let t2 = cluster.acquire("res", b, false).await.expect("B acquires");
+    assert!(t2 > t1, "B's token {t2} must exceed A's {t1}");
+
+    cluster.stop(leader).await;
+    let rejected = cluster
+        .fenced_put("k", "late-a", "res", t1)
+        .await
+        .unwrap_err();
+    assert_eq!(rejected.code(), Code::FailedPrecondition);
+    match details(&rejected) {
+        error_details::Detail::StaleToken(stale) => {
+            assert_eq!((stale.presented, stale.current), (t1, t2));
+        }
+        other => panic!("expected StaleToken, got {other:?}"),
+    }
+    assert_eq!(
+        cluster.value("k").await.as_deref(),
+        Some(&b"by-a"[..]),
+        "value unchanged"
+    );
+
+    let c = cluster.grant(30_000).await;
+    let t3 = cluster.acquire("other", c, false).await.unwrap();
+    assert!(t3 > t2, "tokens keep increasing across a leader change");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_hands_its_lock_to_the_next_waiter() {
+    let cluster = TestCluster::start(5, 10_000).await;
+    let silent = cluster.grant(2_000).await;
+    let waiting = cluster.grant(30_000).await;
+    let t1 = cluster.acquire("job", silent, false).await.unwrap();
+
+    // Keep the waiter's lease alive while it waits.
+    let leader = cluster.leader().await;
+    let mut leases = LeaseClient::new(cluster.channel(leader).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let keepalive = tokio::spawn(async move {
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut replies = leases
+            .keep_alive(stream)
+            .await
+            .expect("keepalive stream")
+            .into_inner();
+        while let Ok(Some(reply)) = replies.message().await {
+            assert!(reply.found, "the kept-alive lease must not expire");
+        }
+    });
+    let pinger = tokio::spawn(async move {
+        for _ in 0..100 {
+            if tx
+                .send(LeaseKeepAliveRequest { lease: waiting })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+
+    let start = Instant::now();
+    let t2 = cluster
+        .acquire("job", waiting, true)
+        .await
+        .expect("granted after expiry");
+    let elapsed = start.elapsed();
+    assert!(t2 > t1);
+    eprintln!("lock passed to the waiter {elapsed:?} after the wait started (TTL 2 s)");
+    pinger.abort();
+    keepalive.abort();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_see_every_leader_change_in_order() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let first = cluster.grant(30_000).await;
+    let second = cluster.grant(30_000).await;
+    let leader = cluster.leader().await;
+    let follower = *cluster
+        .servers_ids()
+        .iter()
+        .find(|id| **id != leader)
+        .unwrap();
+    let mut observer = ElectionClient::new(cluster.channel(follower).await);
+    let mut changes = observer
+        .observe(ObserveRequest { name: "svc".into() })
+        .await
+        .expect("observe")
+        .into_inner();
+    let initial = changes.message().await.unwrap().unwrap();
+    assert!(initial.leader.is_none(), "no leader yet");
+
+    let mut elections = ElectionClient::new(cluster.channel(leader).await);
+    let campaign = |lease: u64, value: &str| CampaignRequest {
+        name: "svc".into(),
+        lease,
+        value: value.into(),
+        request: None,
+    };
+    let won = elections
+        .campaign(campaign(first, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let leadership = won.leadership.unwrap();
+    let mut second_client = elections.clone();
+    let waiting = tokio::spawn(async move { second_client.campaign(campaign(second, "b")).await });
+    let seen = changes.message().await.unwrap().unwrap().leader.unwrap();
+    assert_eq!((seen.lease, seen.value.as_slice()), (first, &b"a"[..]));
+
+    let resign = latchkey_proto::v1::ResignRequest {
+        name: "svc".into(),
+        token: leadership.token,
+        request: None,
+    };
+    elections.resign(resign).await.expect("resign");
+    let next = waiting
+        .await
+        .unwrap()
+        .expect("second is elected")
+        .into_inner();
+    let seen = changes.message().await.unwrap().unwrap().leader.unwrap();
+    assert_eq!(seen.lease, second);
+    assert!(next.leadership.unwrap().token > leadership.token);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_ttl_outside_the_bounds_is_rejected_naming_both() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let mut leases = LeaseClient::new(cluster.channel(leader).await);
+    let status = leases
+        .grant(LeaseGrantRequest {
+            ttl_ms: 10,
+            request: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("1000") && status.message().contains("86400000"),
+        "{}",
+        status.message()
+    );
+    cluster.shutdown().await;
+}

@@ -1,0 +1,631 @@
+//! Real-process tests: `latchkey dev` runs five `latchkey serve` processes on
+//! free loopback ports in a temporary directory; the tests drive them with
+//! `latchkey status` and `latchkey kv`, kill the leader with SIGKILL, and
+//! restart the whole cluster from its data.
+//!
+//! Readiness is always polled with a deadline (never a bare sleep), and the
+//! deadlines are generous: the tests check correctness, not speed. A guard
+//! kills `latchkey dev` and every node listed in `cluster.json` when a test
+//! ends, even by a failed assertion, so no process outlives its test.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LATCHKEY: &str = env!("CARGO_BIN_EXE_latchkey");
+/// Five RocksDB-backed debug-build nodes on a small machine: be patient.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(10);
+/// `latchkey dev` gives its nodes 10 s to stop after SIGTERM.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// For commands that should finish promptly (a failed startup, a CLI call).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A running `latchkey dev`; kills it and its nodes when dropped.
+struct DevCluster {
+    child: Option<Child>,
+    dir: PathBuf,
+    output: PathBuf,
+}
+
+/// One node as listed in `cluster.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ManifestNode {
+    id: u64,
+    pid: u32,
+    client_addr: String,
+    peer_addr: String,
+}
+
+/// What `latchkey status --json` showed.
+#[derive(Debug)]
+struct View {
+    /// id → (role, term, leader_id) of every node that answered.
+    nodes: BTreeMap<u64, (String, u64, u64)>,
+}
+
+impl View {
+    fn leaders(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, (role, _, _))| role == "leader")
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn terms(&self) -> Vec<u64> {
+        let mut terms: Vec<u64> = self.nodes.values().map(|(_, term, _)| *term).collect();
+        terms.sort_unstable();
+        terms.dedup();
+        terms
+    }
+
+    /// Every node answered, exactly one leads, all are in its term and follow it.
+    fn settled_leader(&self, expected_nodes: usize) -> Option<u64> {
+        let leaders = self.leaders();
+        let settled = self.nodes.len() == expected_nodes
+            && leaders.len() == 1
+            && self.terms().len() == 1
+            && self
+                .nodes
+                .values()
+                .all(|(_, _, leader)| *leader == leaders[0]);
+        settled.then(|| leaders[0])
+    }
+}
+
+impl DevCluster {
+    fn start(dir: &Path, extra_args: &[&str]) -> DevCluster {
+        std::fs::create_dir_all(dir).expect("create data dir");
+        let output = dir.with_extension(format!("dev-{}.out", unique_suffix()));
+        let log = std::fs::File::create(&output).expect("create dev output file");
+        let mut command = Command::new(LATCHKEY);
+        command
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra_args)
+            .env_remove("LATCHKEY_ENDPOINTS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone file handle"))
+            .stderr(log)
+            // Its own process group, so the guard can signal it as a unit.
+            .process_group(0);
+        // SAFETY: runs in the forked child before exec; prctl is
+        // async-signal-safe and nothing is allocated. If the test is killed
+        // (a runner timeout) before the guard runs, the kernel kills
+        // `latchkey dev`, and its nodes die with it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn latchkey dev");
+        DevCluster {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            output,
+        }
+    }
+
+    fn manifest(&self) -> Option<Vec<ManifestNode>> {
+        let text = std::fs::read_to_string(self.dir.join("cluster.json")).ok()?;
+        parse_manifest(&text)
+    }
+
+    /// Waits until `cluster.json` lists `count` running nodes.
+    fn running_nodes(&mut self, count: usize) -> Vec<ManifestNode> {
+        self.poll(
+            "cluster.json with every pid",
+            STARTUP_DEADLINE,
+            |cluster| match cluster.manifest() {
+                Some(nodes) if nodes.len() == count && nodes.iter().all(|n| n.pid > 0) => Ok(nodes),
+                other => Err(format!("{other:?}")),
+            },
+        )
+    }
+
+    /// Waits until every endpoint answers and they agree on one leader.
+    fn settled_leader(&mut self, endpoints: &[String]) -> u64 {
+        self.poll("a leader every node agrees on", STARTUP_DEADLINE, |_| {
+            let view = status(endpoints)?;
+            view.settled_leader(endpoints.len())
+                .ok_or(format!("{view:?}"))
+        })
+    }
+
+    /// Calls `check` until it succeeds or `deadline` passes; then fails the
+    /// test with the last observation and the cluster's output.
+    fn poll<T>(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        mut check: impl FnMut(&mut DevCluster) -> Result<T, String>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            let last = match check(self) {
+                Ok(value) => return value,
+                Err(observation) => observation,
+            };
+            if start.elapsed() >= deadline {
+                panic!(
+                    "no {what} within {deadline:?}; last saw: {last}\n{}",
+                    self.diagnostics()
+                );
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "latchkey dev exited ({status}) while waiting for {what}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn output_text(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut text = format!("--- latchkey dev output:\n{}", self.output_text());
+        for id in 1..=9 {
+            let log = self.dir.join(format!("node-{id}.log"));
+            if let Ok(content) = std::fs::read_to_string(&log) {
+                let tail: Vec<&str> = content.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                text.push_str(&format!(
+                    "--- tail of {}:\n{}\n",
+                    log.display(),
+                    tail.join("\n")
+                ));
+            }
+        }
+        text
+    }
+
+    /// SIGTERMs `latchkey dev` and waits for it to exit.
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("dev is running");
+        signal(child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for latchkey dev") {
+                return status;
+            }
+            if start.elapsed() >= STOP_DEADLINE {
+                signal(child.id(), libc::SIGKILL);
+                let _ = child.wait();
+                panic!(
+                    "latchkey dev did not exit within {STOP_DEADLINE:?} of SIGTERM\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: killpg has no memory-safety preconditions; the group is
+            // the one `start` created for this child.
+            unsafe {
+                libc::killpg(child.id() as libc::pid_t, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+        // The nodes die with `latchkey dev` (PR_SET_PDEATHSIG); this is the
+        // belt to those braces.
+        for node in self.manifest().unwrap_or_default() {
+            if node.pid > 0 && is_latchkey_process(node.pid) {
+                signal(node.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn parse_manifest(text: &str) -> Option<Vec<ManifestNode>> {
+    let json: Value = serde_json::from_str(text).ok()?;
+    json["nodes"]
+        .as_array()?
+        .iter()
+        .map(|node| {
+            Some(ManifestNode {
+                id: node["id"].as_u64()?,
+                pid: u32::try_from(node["pid"].as_u64()?).ok()?,
+                client_addr: node["client_addr"].as_str()?.to_string(),
+                peer_addr: node["peer_addr"].as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    assert!(pid > 0, "refusing to signal pid 0 (our own process group)");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// Guards against signalling a recycled pid.
+fn is_latchkey_process(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("latchkey"))
+        .unwrap_or(false)
+}
+
+/// Runs a command to completion within `deadline`, killing it if it hangs.
+fn run(command: &mut Command, deadline: Duration) -> Output {
+    let mut child = command
+        .env_remove("LATCHKEY_ENDPOINTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn latchkey");
+    let pid = child.id();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        // stderr drains on its own thread so a chatty child cannot block on
+        // a full pipe while stdout is being read.
+        let stderr_reader = std::thread::spawn(move || {
+            let mut err = Vec::new();
+            if let Some(mut pipe) = stderr {
+                let _ = pipe.read_to_end(&mut err);
+            }
+            err
+        });
+        let mut out = Vec::new();
+        if let Some(mut pipe) = stdout {
+            let _ = pipe.read_to_end(&mut out);
+        }
+        let err = stderr_reader.join().unwrap_or_default();
+        let _ = sender.send((child.wait(), out, err));
+    });
+    match receiver.recv_timeout(deadline) {
+        Ok((status, stdout, stderr)) => Output {
+            status: status.expect("wait for latchkey"),
+            stdout,
+            stderr,
+        },
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("{command:?} did not finish within {deadline:?}");
+        }
+    }
+}
+
+fn latchkey(args: &[&str]) -> Output {
+    run(Command::new(LATCHKEY).args(args), COMMAND_DEADLINE)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `latchkey status --json` against `endpoints`.
+fn status(endpoints: &[String]) -> Result<View, String> {
+    let joined = endpoints.join(",");
+    let output = latchkey(&[
+        "status",
+        "--endpoints",
+        &joined,
+        "--json",
+        "--timeout",
+        "2s",
+    ]);
+    let json: Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("status printed no JSON ({e}): {}", text(&output.stderr)))?;
+    let mut nodes = BTreeMap::new();
+    for node in json["nodes"].as_array().into_iter().flatten() {
+        let field = |name: &str| node[name].as_u64().unwrap_or(0);
+        let role = node["role"].as_str().unwrap_or("?").to_string();
+        nodes.insert(field("id"), (role, field("term"), field("leader_id")));
+    }
+    Ok(View { nodes })
+}
+
+fn kv_put(endpoints: &str, key: &str, value: &str) -> Output {
+    latchkey(&[
+        "kv",
+        "put",
+        key,
+        value,
+        "--endpoints",
+        endpoints,
+        "--timeout",
+        "10s",
+    ])
+}
+
+fn kv_get(endpoints: &str, key: &str) -> Output {
+    latchkey(&[
+        "kv",
+        "get",
+        key,
+        "--endpoints",
+        endpoints,
+        "--timeout",
+        "10s",
+    ])
+}
+
+fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}): stdout {:?}, stderr {:?}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// Every key in `expected` reads back with its value through `endpoints`.
+fn assert_values(endpoints: &str, expected: &BTreeMap<String, String>) {
+    for (key, value) in expected {
+        let output = kv_get(endpoints, key);
+        assert_success(&output, &format!("kv get {key}"));
+        assert_eq!(
+            text(&output.stdout).trim_end_matches('\n'),
+            value,
+            "value of {key}"
+        );
+    }
+}
+
+fn client_endpoints(nodes: &[ManifestNode]) -> Vec<String> {
+    nodes.iter().map(|n| n.client_addr.clone()).collect()
+}
+
+#[test]
+fn dev_cluster_survives_leader_kill_and_restarts_with_every_acknowledged_write() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path().join("cluster");
+    let mut cluster = DevCluster::start(&dir, &["--nodes", "5"]);
+    let nodes = cluster.running_nodes(5);
+    let endpoints = client_endpoints(&nodes);
+    let leader = cluster.settled_leader(&endpoints);
+
+    // Writes through a follower must reach the leader by following its hint.
+    let follower = nodes.iter().find(|n| n.id != leader).expect("a follower");
+    let mut acknowledged = BTreeMap::new();
+    for i in 0..5 {
+        let (key, value) = (format!("key-{i}"), format!("value {i}"));
+        let output = kv_put(&follower.client_addr, &key, &value);
+        assert_success(&output, "kv put through a follower");
+        assert!(
+            text(&output.stdout).starts_with("OK revision "),
+            "{output:?}"
+        );
+        acknowledged.insert(key, value);
+    }
+
+    let old_leader = nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .expect("leader in manifest");
+    signal(old_leader.pid, libc::SIGKILL);
+    let survivors: Vec<String> = endpoints
+        .iter()
+        .filter(|e| **e != old_leader.client_addr)
+        .cloned()
+        .collect();
+    let new_leader = cluster.poll("a new leader after SIGKILL", FAILOVER_DEADLINE, |_| {
+        let view = status(&survivors)?;
+        match view.leaders()[..] {
+            [id] if id != leader && view.nodes.len() == survivors.len() => Ok(id),
+            _ => Err(format!("{view:?}")),
+        }
+    });
+    assert_ne!(new_leader, leader);
+    let exit_line = format!("node {leader} (pid {}) exited: signal 9", old_leader.pid);
+    cluster.poll(
+        "the dev supervisor to report the kill",
+        FAILOVER_DEADLINE,
+        |c| {
+            let output = c.output_text();
+            output.contains(&exit_line).then_some(()).ok_or(output)
+        },
+    );
+
+    // The dead node comes first: the client must skip it.
+    let with_dead_first = format!("{},{}", old_leader.client_addr, survivors.join(","));
+    let output = kv_put(&with_dead_first, "after-failover", "still writable");
+    assert_success(&output, "kv put after the leader was killed");
+    acknowledged.insert("after-failover".into(), "still writable".into());
+    assert_values(&survivors[0], &acknowledged);
+
+    let status = cluster.stop();
+    assert!(
+        status.success(),
+        "latchkey dev exited with {status}\n{}",
+        cluster.diagnostics()
+    );
+    for node in &nodes {
+        assert!(
+            !process_exists(node.pid),
+            "node {} (pid {}) outlived latchkey dev",
+            node.id,
+            node.pid
+        );
+    }
+    let stopped = cluster.manifest().expect("cluster.json after stop");
+    assert!(
+        stopped.iter().all(|n| n.pid == 0),
+        "pids not cleared: {stopped:?}"
+    );
+
+    // Same directory, no flags: the same cluster comes back with its data.
+    let mut restarted = DevCluster::start(&dir, &[]);
+    let again = restarted.running_nodes(5);
+    let addresses = |list: &[ManifestNode]| -> Vec<(u64, String, String)> {
+        list.iter()
+            .map(|n| (n.id, n.client_addr.clone(), n.peer_addr.clone()))
+            .collect()
+    };
+    assert_eq!(
+        addresses(&again),
+        addresses(&nodes),
+        "restart changed ids or addresses"
+    );
+    restarted.settled_leader(&endpoints);
+    assert_values(&endpoints.join(","), &acknowledged);
+    let status = restarted.stop();
+    assert!(
+        status.success(),
+        "restarted latchkey dev exited with {status}"
+    );
+}
+
+/// Asserts a failed startup: non-zero exit, one stderr line containing
+/// `needle`, no panic.
+fn assert_one_line_failure(output: &Output, needle: &str) {
+    let stderr = text(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, got {}: {stderr}",
+        output.status
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "expected one stderr line, got: {stderr:?}"
+    );
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+fn serve(data_dir: &Path, id: &str, client: &str, peer: &str, cluster: &str) -> Output {
+    let data_dir = data_dir.to_str().expect("utf-8 temp path");
+    latchkey(&[
+        "serve",
+        "--id",
+        id,
+        "--data-dir",
+        data_dir,
+        "--listen-client",
+        client,
+        "--listen-peer",
+        peer,
+        "--initial-cluster",
+        cluster,
+    ])
+}
+
+#[test]
+fn serve_with_an_id_missing_from_initial_cluster_exits_with_one_line_error() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let output = serve(
+        &temp.path().join("node"),
+        "9",
+        &format!("127.0.0.1:{client}"),
+        &format!("127.0.0.1:{peer}"),
+        &format!("1=127.0.0.1:{peer}"),
+    );
+    assert_one_line_failure(&output, "--id 9");
+}
+
+#[test]
+fn serve_on_a_port_in_use_exits_with_one_line_error_naming_the_port() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let free = free_port();
+    let cases = [
+        (
+            format!("127.0.0.1:{taken_port}"),
+            format!("127.0.0.1:{free}"),
+        ),
+        (
+            format!("127.0.0.1:{free}"),
+            format!("127.0.0.1:{taken_port}"),
+        ),
+    ];
+    for (case, (client, peer)) in cases.iter().enumerate() {
+        let data_dir = temp.path().join(format!("node-{case}"));
+        let output = serve(&data_dir, "1", client, peer, &format!("1={peer}"));
+        assert_one_line_failure(&output, &taken_port.to_string());
+    }
+    drop(taken);
+}
+
+#[test]
+fn dev_on_a_port_in_use_exits_with_one_line_error_naming_the_port() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = temp.path().join("cluster");
+    let output = latchkey(&[
+        "dev",
+        "--nodes",
+        "1",
+        "--base-port",
+        &port.to_string(),
+        "--data-dir",
+        dir.to_str().expect("utf-8 temp path"),
+    ]);
+    assert_one_line_failure(&output, &format!("port {port}"));
+    assert!(
+        !dir.join("node-1").exists(),
+        "a node was started despite the conflict"
+    );
+    drop(taken);
+}
+
+#[test]
+fn client_commands_with_no_reachable_endpoint_exit_3_with_one_line_error() {
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["kv", "get", "k", "--endpoints", &endpoint],
+        vec!["kv", "put", "k", "v", "--endpoints", &endpoint],
+        vec!["status", "--endpoints", &endpoint],
+    ] {
+        let output = latchkey(&args);
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.starts_with("latchkey: error: "),
+            "{args:?}: {stderr:?}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr:?}");
+    }
+}

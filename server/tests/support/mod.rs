@@ -1,0 +1,172 @@
+//! A cluster of in-process nodes for tests: real loopback gRPC, a RocksDB
+//! per node in a temp dir, free ports.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use latchkey_proto::v1::kv_client::KvClient;
+use latchkey_proto::v1::{GetRequest, PutRequest};
+use latchkey_server::config::{Config, RaftTiming};
+use latchkey_server::node::Role;
+use latchkey_server::server::RunningServer;
+use latchkey_server::types::NodeId;
+use tempfile::TempDir;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+pub struct TestCluster {
+    pub configs: BTreeMap<NodeId, Config>,
+    pub servers: BTreeMap<NodeId, RunningServer>,
+    _dirs: Vec<TempDir>,
+}
+
+impl TestCluster {
+    pub async fn start(nodes: u64, compact_log_after_entries: u64) -> TestCluster {
+        let peers: BTreeMap<NodeId, String> = (1..=nodes)
+            .map(|id| (NodeId(id), format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut configs = BTreeMap::new();
+        let mut dirs = Vec::new();
+        for id in peers.keys() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let config = Config {
+                id: *id,
+                data_dir: dir.path().to_path_buf(),
+                listen_client: client,
+                listen_peer: peers[id].parse().unwrap(),
+                advertise_client: client.to_string(),
+                peers: peers.clone(),
+                timing: RaftTiming::default(),
+                compact_log_after_entries,
+            };
+            configs.insert(*id, config);
+            dirs.push(dir);
+        }
+        let mut cluster = TestCluster {
+            configs,
+            servers: BTreeMap::new(),
+            _dirs: dirs,
+        };
+        for id in 1..=nodes {
+            cluster.restart(NodeId(id)).await;
+        }
+        cluster
+    }
+
+    pub async fn restart(&mut self, id: NodeId) {
+        let server = RunningServer::start(self.configs[&id].clone())
+            .await
+            .expect("node starts");
+        self.servers.insert(id, server);
+    }
+
+    pub async fn stop(&mut self, id: NodeId) {
+        let server = self.servers.remove(&id).expect("node is running");
+        server.shutdown().await.expect("clean shutdown");
+    }
+
+    /// Waits until every running node agrees on one leader in one term.
+    pub async fn leader(&self) -> NodeId {
+        let start = Instant::now();
+        loop {
+            let statuses: Vec<_> = self.servers.values().map(|s| s.node.status()).collect();
+            let leaders: Vec<_> = statuses.iter().filter(|s| s.role == Role::Leader).collect();
+            if let [leader] = leaders.as_slice() {
+                let agreed = statuses
+                    .iter()
+                    .all(|s| s.leader_id == leader.id.0 && s.term == leader.term);
+                if agreed {
+                    return leader.id;
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "no agreed leader: {statuses:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A channel to node `id` whose every call fails after a deadline, so a
+    /// stuck request fails the test instead of hanging it.
+    pub async fn channel(&self, id: NodeId) -> tonic::transport::Channel {
+        let addr = self.servers[&id].client_addr;
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self, id: NodeId) -> KvClient<tonic::transport::Channel> {
+        KvClient::new(self.channel(id).await)
+    }
+
+    pub async fn put(&self, key: &str, value: &str) -> u64 {
+        let start = Instant::now();
+        loop {
+            let leader = self.leader().await;
+            let request = PutRequest {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            };
+            match self.client(leader).await.put(request).await {
+                Ok(response) => return response.into_inner().revision,
+                Err(status) => {
+                    assert!(
+                        start.elapsed() < DEADLINE,
+                        "put {key} keeps failing: {status}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    pub async fn get(&self, id: NodeId, key: &str, serializable: bool) -> Option<String> {
+        let request = GetRequest {
+            key: key.into(),
+            serializable,
+        };
+        let response = self
+            .client(id)
+            .await
+            .get(request)
+            .await
+            .expect("get")
+            .into_inner();
+        response.kv.map(|kv| String::from_utf8(kv.value).unwrap())
+    }
+
+    /// Waits until node `id` has applied everything up to `index`.
+    pub async fn wait_applied(&self, id: NodeId, index: u64) {
+        let start = Instant::now();
+        while self.servers[&id].node.status().applied_index < index {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "node {id} stuck at {:?}",
+                self.servers[&id].node.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn servers_ids(&self) -> Vec<NodeId> {
+        self.servers.keys().copied().collect()
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<_> = self.servers.keys().copied().collect();
+        for id in ids {
+            self.stop(id).await;
+        }
+    }
+}
