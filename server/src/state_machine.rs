@@ -534,11 +534,7 @@ impl Reader {
 
     /// Up to `limit` records whose keys start with `prefix`, and whether
     /// more matched.
-    pub fn range(
-        &self,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<(Vec<KeyRecord>, bool), FatalError> {
+    pub fn range(&self, prefix: &[u8], limit: usize) -> Result<(Vec<KeyRecord>, bool), FatalError> {
         let mut found = Vec::new();
         let mut more = false;
         let mut failure = None;

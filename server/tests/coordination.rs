@@ -272,3 +272,30 @@ async fn lease_ttl_outside_the_bounds_is_rejected_naming_both() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_increasing_across_a_full_cluster_restart() {
+    let mut cluster = TestCluster::start(5, 10_000).await;
+    let lease = cluster.grant(30_000).await;
+    let mut highest = 0;
+    for name in ["a", "b", "c"] {
+        let token = cluster.acquire(name, lease, false).await.unwrap();
+        assert!(token > highest);
+        highest = token;
+    }
+    for id in cluster.servers_ids() {
+        cluster.stop(id).await;
+    }
+    for id in cluster.configs.keys().copied().collect::<Vec<_>>() {
+        cluster.restart(id).await;
+    }
+    // The old lease survived the restart (a new leader restarts its
+    // countdown), so its locks are still held: take a fresh name.
+    let lease = cluster.grant(30_000).await;
+    let token = cluster.acquire("fresh", lease, false).await.unwrap();
+    assert!(
+        token > highest,
+        "first token after restart {token} must exceed {highest}"
+    );
+    cluster.shutdown().await;
+}
