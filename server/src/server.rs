@@ -165,7 +165,11 @@ fn open_engine(config: &Config) -> Result<Engine, StartupError> {
     })?;
     let db_dir = dir.join("db");
     Engine::open(&db_dir).map_err(|e| {
-        StartupError::Storage(format!("cannot open data in {}: {e}", db_dir.display()))
+        let hint = match e {
+            FatalError::Corruption { .. } => "",
+            _ => "; if the data is damaged, restore this member from a healthy one (empty its data dir and let it catch up)",
+        };
+        StartupError::Storage(format!("cannot open data in {}: {e}{hint}", db_dir.display()))
     })
 }
 

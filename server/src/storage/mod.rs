@@ -173,9 +173,12 @@ impl Engine {
     /// Flushes memtables to table files (used on clean shutdown so that a
     /// restart does not need to replay the write-ahead log).
     pub fn flush(&self) -> Result<(), FatalError> {
-        self.db
-            .flush()
-            .map_err(|e| FatalError::storage("flushing memtables", e))
+        for cf in COLUMN_FAMILIES {
+            self.db
+                .flush_cf(self.cf(cf))
+                .map_err(|e| FatalError::storage(format!("flushing {cf}"), e))?;
+        }
+        Ok(())
     }
 
     /// Reads every record of every column family, checking RocksDB's block
