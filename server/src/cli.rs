@@ -5,8 +5,8 @@
 //!   parsing and output helpers the commands share.
 //! - [`connect`]: dialing one endpoint within a deadline, `Cluster.Status`,
 //!   and one-line descriptions of transport errors.
-//! - [`status`]: `latchkey status`, every node's view of the Raft group.
-//! - [`kv`]: `latchkey kv put|get|del|range`.
+//! - [`status`](mod@status): `latchkey status`, every node's view of the Raft group.
+//! - [`kv`](mod@kv): `latchkey kv put|get|del|range`.
 //! - [`route`]: delivering one request to a node that can serve it: endpoint
 //!   order, following leader hints, backing off while no leader is known.
 //!
@@ -17,6 +17,12 @@
 //! problems go to stderr as a single `latchkey: error: …` line, never a
 //! panic or a backtrace. A closed stdout (`latchkey kv range | head -1`) is
 //! not an error.
+//!
+//! Every write carries a request id (a random client id and sequence number
+//! 1, the same on every attempt), so the server applies it at most once and
+//! answers a resend with the first attempt's result. That makes it safe to
+//! resend a write whose outcome is unknown (a broken connection, a lost
+//! leadership) — see [`route`].
 //!
 //! Exit codes, the same for every client command (see `docs/cli.md`):
 //!
@@ -30,13 +36,6 @@
 //!
 //! # Not done yet
 //! - TLS and authentication.
-//! - Writes carry a request id (a random client id, sequence number 1, the
-//!   same on every attempt) for the server's exactly-once table, but they
-//!   are still sent as [`route::Idempotence::Write`]: resent only when they
-//!   certainly were not applied (connection refused, "not the leader").
-//!   When the outcome is unknown the command says so and exits 4. Once the
-//!   server deduplicates KV writes by request id, `kv.rs` switches to
-//!   [`route::Idempotence::DeduplicatedWrite`] and such writes are resent.
 //! - Keys and values are taken from the command line as UTF-8; binary values
 //!   are printed raw by `kv get` but lossily (U+FFFD) in JSON.
 

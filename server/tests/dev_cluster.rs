@@ -415,8 +415,32 @@ fn dev_cluster_survives_leader_kill_and_restarts_with_every_acknowledged_write()
     let nodes = cluster.running_nodes(5);
     let endpoints = client_endpoints(&nodes);
     let leader = cluster.settled_leader(&endpoints);
+    let mut acknowledged = put_through_a_follower(&nodes, leader);
 
-    // Writes through a follower must reach the leader by following its hint.
+    let (old_leader, survivors) = cluster.kill_leader_and_await_successor(&nodes, leader);
+    // The dead node comes first: the client must skip it.
+    let with_dead_first = format!("{},{}", old_leader.client_addr, survivors.join(","));
+    let output = kv_put(&with_dead_first, "after-failover", "still writable");
+    assert_success(&output, "kv put after the leader was killed");
+    acknowledged.insert("after-failover".into(), "still writable".into());
+    assert_values(&survivors[0], &acknowledged);
+    cluster.stop_and_check_every_node_is_gone(&nodes);
+
+    // Same directory, no flags: the same cluster comes back with its data.
+    let mut restarted = DevCluster::start(&dir, &[]);
+    let again = restarted.running_nodes(5);
+    assert_eq!(
+        addresses(&again),
+        addresses(&nodes),
+        "restart changed ids or addresses"
+    );
+    restarted.settled_leader(&endpoints);
+    assert_values(&endpoints.join(","), &acknowledged);
+    restarted.stop_and_check_every_node_is_gone(&again);
+}
+
+/// Writes five keys through a follower, which must redirect to the leader.
+fn put_through_a_follower(nodes: &[ManifestNode], leader: u64) -> BTreeMap<String, String> {
     let follower = nodes.iter().find(|n| n.id != leader).expect("a follower");
     let mut acknowledged = BTreeMap::new();
     for i in 0..5 {
@@ -429,82 +453,73 @@ fn dev_cluster_survives_leader_kill_and_restarts_with_every_acknowledged_write()
         );
         acknowledged.insert(key, value);
     }
+    acknowledged
+}
 
-    let old_leader = nodes
+fn addresses(nodes: &[ManifestNode]) -> Vec<(u64, String, String)> {
+    nodes
         .iter()
-        .find(|n| n.id == leader)
-        .expect("leader in manifest");
-    signal(old_leader.pid, libc::SIGKILL);
-    let survivors: Vec<String> = endpoints
-        .iter()
-        .filter(|e| **e != old_leader.client_addr)
-        .cloned()
-        .collect();
-    let new_leader = cluster.poll("a new leader after SIGKILL", FAILOVER_DEADLINE, |_| {
-        let view = status(&survivors)?;
-        match view.leaders()[..] {
-            [id] if id != leader && view.nodes.len() == survivors.len() => Ok(id),
-            _ => Err(format!("{view:?}")),
-        }
-    });
-    assert_ne!(new_leader, leader);
-    let exit_line = format!("node {leader} (pid {}) exited: signal 9", old_leader.pid);
-    cluster.poll(
-        "the dev supervisor to report the kill",
-        FAILOVER_DEADLINE,
-        |c| {
-            let output = c.output_text();
+        .map(|n| (n.id, n.client_addr.clone(), n.peer_addr.clone()))
+        .collect()
+}
+
+impl DevCluster {
+    /// SIGKILLs the leader, waits for the others to elect another and for
+    /// `latchkey dev` to report the death. Returns the dead node and the
+    /// survivors' endpoints.
+    fn kill_leader_and_await_successor(
+        &mut self,
+        nodes: &[ManifestNode],
+        leader: u64,
+    ) -> (ManifestNode, Vec<String>) {
+        let old_leader = nodes
+            .iter()
+            .find(|n| n.id == leader)
+            .expect("leader in manifest")
+            .clone();
+        signal(old_leader.pid, libc::SIGKILL);
+        let survivors: Vec<String> = client_endpoints(nodes)
+            .into_iter()
+            .filter(|e| *e != old_leader.client_addr)
+            .collect();
+        self.poll("a new leader after SIGKILL", FAILOVER_DEADLINE, |_| {
+            let view = status(&survivors)?;
+            match view.leaders()[..] {
+                [id] if id != leader && view.nodes.len() == survivors.len() => Ok(id),
+                _ => Err(format!("{view:?}")),
+            }
+        });
+        let exit_line = format!("node {leader} (pid {}) exited: signal 9", old_leader.pid);
+        self.poll("the report of the kill", FAILOVER_DEADLINE, |cluster| {
+            let output = cluster.output_text();
             output.contains(&exit_line).then_some(()).ok_or(output)
-        },
-    );
+        });
+        (old_leader, survivors)
+    }
 
-    // The dead node comes first: the client must skip it.
-    let with_dead_first = format!("{},{}", old_leader.client_addr, survivors.join(","));
-    let output = kv_put(&with_dead_first, "after-failover", "still writable");
-    assert_success(&output, "kv put after the leader was killed");
-    acknowledged.insert("after-failover".into(), "still writable".into());
-    assert_values(&survivors[0], &acknowledged);
-
-    let status = cluster.stop();
-    assert!(
-        status.success(),
-        "latchkey dev exited with {status}\n{}",
-        cluster.diagnostics()
-    );
-    for node in &nodes {
+    /// Stops `latchkey dev` and checks it exited 0, took every node with it,
+    /// and cleared their pids in `cluster.json`.
+    fn stop_and_check_every_node_is_gone(&mut self, nodes: &[ManifestNode]) {
+        let status = self.stop();
         assert!(
-            !process_exists(node.pid),
-            "node {} (pid {}) outlived latchkey dev",
-            node.id,
-            node.pid
+            status.success(),
+            "latchkey dev exited with {status}\n{}",
+            self.diagnostics()
+        );
+        for node in nodes {
+            assert!(
+                !process_exists(node.pid),
+                "node {} (pid {}) outlived latchkey dev",
+                node.id,
+                node.pid
+            );
+        }
+        let stopped = self.manifest().expect("cluster.json after stop");
+        assert!(
+            stopped.iter().all(|n| n.pid == 0),
+            "pids not cleared: {stopped:?}"
         );
     }
-    let stopped = cluster.manifest().expect("cluster.json after stop");
-    assert!(
-        stopped.iter().all(|n| n.pid == 0),
-        "pids not cleared: {stopped:?}"
-    );
-
-    // Same directory, no flags: the same cluster comes back with its data.
-    let mut restarted = DevCluster::start(&dir, &[]);
-    let again = restarted.running_nodes(5);
-    let addresses = |list: &[ManifestNode]| -> Vec<(u64, String, String)> {
-        list.iter()
-            .map(|n| (n.id, n.client_addr.clone(), n.peer_addr.clone()))
-            .collect()
-    };
-    assert_eq!(
-        addresses(&again),
-        addresses(&nodes),
-        "restart changed ids or addresses"
-    );
-    restarted.settled_leader(&endpoints);
-    assert_values(&endpoints.join(","), &acknowledged);
-    let status = restarted.stop();
-    assert!(
-        status.success(),
-        "restarted latchkey dev exited with {status}"
-    );
 }
 
 /// Asserts a failed startup: non-zero exit, one stderr line containing

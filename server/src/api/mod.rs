@@ -16,9 +16,9 @@
 //!
 //! # Layout
 //! - this file: shared plumbing, the KV and Cluster services.
-//! - [`lease`]: Grant, Revoke, KeepAlive, TimeToLive, List.
-//! - [`lock`]: Acquire (waiting FIFO), Release, Describe.
-//! - [`election`]: Campaign, Proclaim, Leader, Observe, Resign.
+//! - `lease.rs`: Grant, Revoke, KeepAlive, TimeToLive, List.
+//! - `lock.rs`: Acquire (waiting FIFO), Release, Describe.
+//! - `election.rs`: Campaign, Proclaim, Leader, Observe, Resign.
 
 mod election;
 mod lease;
@@ -190,7 +190,19 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
                 leader_id,
                 leader_client_addr: leader_client_addr.clone(),
             };
-            let mut status = Status::unavailable(error.to_string());
+            let details = latchkey_proto::v1::ErrorDetails {
+                detail: Some(latchkey_proto::v1::error_details::Detail::NotLeader(
+                    latchkey_proto::v1::NotLeader {
+                        leader_id: leader_id.unwrap_or(0),
+                        leader_client_addr: leader_client_addr.clone().unwrap_or_default(),
+                    },
+                )),
+            };
+            let mut status = Status::with_details(
+                tonic::Code::Unavailable,
+                error.to_string(),
+                details.encode_to_vec().into(),
+            );
             if let Some(id) = leader_id {
                 status
                     .metadata_mut()

@@ -92,7 +92,7 @@ async fn put(router: &Router, key: String, value: String, json: bool) -> Result<
         ..PutRequest::default()
     };
     let response: PutResponse = router
-        .call(Idempotence::Write, |mut client| {
+        .call(Idempotence::DeduplicatedWrite, |mut client| {
             let request = request.clone();
             async move { client.put(request).await }
         })
@@ -143,7 +143,7 @@ async fn delete(router: &Router, key: String, json: bool) -> Result<u8, Failure>
         ..DeleteRequest::default()
     };
     let response: DeleteResponse = router
-        .call(Idempotence::Write, |mut client| {
+        .call(Idempotence::DeduplicatedWrite, |mut client| {
             let request = request.clone();
             async move { client.delete(request).await }
         })

@@ -16,11 +16,11 @@
 //! The decisions live in [`Plan`], a pure state machine, so they are tested
 //! without a network; [`Router`] only performs the attempts it asks for.
 //!
-//! Retrying is safe only when the request certainly had no effect: the
-//! connection was refused, or a follower said it is not the leader. If a
-//! connection breaks after a write was sent, or the node lost leadership or
-//! timed out before confirming it, the write may have been applied, and it is
-//! not resent (the API has no request ids yet to deduplicate it); reads are.
+//! A request whose outcome is unknown — the connection broke after it was
+//! sent, or the node lost leadership or timed out before confirming it — is
+//! resent only if that is harmless: reads, and writes carrying a request id
+//! the server deduplicates ([`Idempotence`]). A write without one is resent
+//! only when it certainly had no effect (connection refused, "not the leader").
 
 use std::future::Future;
 use std::time::Duration;
@@ -245,6 +245,8 @@ pub struct Plan<'a> {
     redirects: usize,
     waits: usize,
     last_error: String,
+    /// Whether an attempt was sent and never confirmed either way.
+    sent_unconfirmed: bool,
 }
 
 impl<'a> Plan<'a> {
@@ -261,6 +263,7 @@ impl<'a> Plan<'a> {
             redirects: 0,
             waits: 0,
             last_error: String::new(),
+            sent_unconfirmed: false,
         }
     }
 
@@ -280,6 +283,12 @@ impl<'a> Plan<'a> {
         if !matches!(error, AttemptError::Connect(_)) {
             self.reached_any = true;
             self.connect_failures_in_a_row = 0;
+        }
+        if matches!(
+            error,
+            AttemptError::OutcomeUnknown(_) | AttemptError::TimedOut
+        ) {
+            self.sent_unconfirmed = true;
         }
         match error {
             AttemptError::Connect(message) => self.after_connect_failure(target, message),
@@ -351,8 +360,9 @@ impl<'a> Plan<'a> {
         self.waits += 1;
         if self.waits > MAX_WAITS {
             return Step::GiveUp(Failure::failed(format!(
-                "gave up after {MAX_WAITS} retries ({})",
-                self.last_error
+                "gave up after {MAX_WAITS} retries ({}){}",
+                self.last_error,
+                self.unconfirmed_write_note()
             )));
         }
         self.next_endpoint = (self.next_endpoint + 1) % self.endpoints.len();
@@ -380,10 +390,17 @@ impl<'a> Plan<'a> {
         if !self.last_error.is_empty() {
             message.push_str(&format!(" (last: {})", self.last_error));
         }
-        if self.idempotence == Idempotence::Write && self.reached_any {
-            message.push_str("; the write may or may not have been applied");
-        }
+        message.push_str(self.unconfirmed_write_note());
         Failure::failed(message)
+    }
+
+    /// Warns, when giving up on a write, that an attempt may have landed.
+    fn unconfirmed_write_note(&self) -> &'static str {
+        if self.idempotence != Idempotence::Read && self.sent_unconfirmed {
+            "; the write may or may not have been applied — read the key to find out"
+        } else {
+            ""
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! which is why `latchkey dev` runs on a single-threaded runtime: the main
 //! thread spawns every child and lives until the process exits.
 //!
-//! A child is reaped only by [`next_exit`] or [`stop_all`], both called from
+//! A child is reaped only by [`next_exit`] or [`kill_remaining`], both called from
 //! the one task that owns the [`Node`]s, so a pid is signalled only while
 //! it still belongs to our child.
 
@@ -248,9 +248,11 @@ mod tests {
     #[tokio::test]
     async fn next_exit_reports_the_child_that_exited() {
         let mut nodes = Vec::new();
-        for (id, script) in [(1, "sleep 30"), (2, "exit 3")] {
+        for (id, script) in [(1, "exec sleep 30"), (2, "exit 3")] {
             let child = Command::new("sh")
                 .args(["-c", script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
                 .expect("sh runs");

@@ -139,6 +139,38 @@ fn a_write_whose_connection_broke_is_not_resent() {
 }
 
 #[test]
+fn giving_up_on_a_resent_write_says_it_may_have_been_applied() {
+    let list = endpoints(&["a:1"]);
+    let mut plan = Plan::new(&list, Idempotence::DeduplicatedWrite, TIMEOUT);
+    let mut last = plan.after(
+        "a:1",
+        AttemptError::OutcomeUnknown("leadership lost".into()),
+    );
+    for _ in 0..MAX_WAITS {
+        last = plan.after("a:1", not_leader(None));
+    }
+    match last {
+        Step::GiveUp(failure) => {
+            assert!(
+                failure.message.contains("may or may not"),
+                "{}",
+                failure.message
+            );
+        }
+        step => panic!("expected to give up, got {step:?}"),
+    }
+    assert!(plan.timed_out().message.contains("may or may not"));
+}
+
+#[test]
+fn a_write_refused_by_followers_only_is_known_not_applied() {
+    let list = endpoints(&["a:1"]);
+    let mut plan = Plan::new(&list, Idempotence::DeduplicatedWrite, TIMEOUT);
+    plan.after("a:1", not_leader(None));
+    assert!(!plan.timed_out().message.contains("may or may not"));
+}
+
+#[test]
 fn a_read_whose_connection_broke_is_resent_elsewhere() {
     let list = endpoints(&["a:1", "b:1"]);
     let mut plan = Plan::new(&list, Idempotence::Read, TIMEOUT);
