@@ -1,0 +1,517 @@
+//! The connection to a cluster: endpoints, the leader, retries, request ids.
+//!
+//! # Protocol
+//! Writes must reach the Raft leader; a follower refuses them with
+//! `UNAVAILABLE` and names the leader's client address in the
+//! `latchkey-leader-addr` metadata. The client remembers the last leader it
+//! was pointed at (or that accepted a write) and sends every request there
+//! first; without one it goes round the endpoints it was given.
+//!
+//! `Inner::call` runs one request to completion: it sends an attempt,
+//! sorts a failure with `retry::classify`, follows a leader hint
+//! at once (a few times per call, then with pauses), and otherwise pauses
+//! with jittered doubling backoff and tries the next endpoint. It gives up
+//! with [`Error::Unavailable`] once failures have gone on for the retry
+//! timeout, and with [`Error::Timeout`] when a deadline the caller set
+//! passes. Each attempt is bounded by the call timeout, except for calls
+//! that block by design (waiting for a lock, campaigning), which are bounded
+//! only by the caller's deadline.
+//!
+//! # Exactly once
+//! Every mutating request carries this client's random non-zero
+//! `client_id` and a sequence number taken once per call and reused by all
+//! of its attempts, so a write whose first attempt was applied but not
+//! acknowledged (connection cut, leader change) is not applied again: the
+//! server answers the retry with the first attempt's result. The server
+//! remembers the last 64 sequence numbers of each client.
+//!
+//! Waiting acquires and campaigns are the exception: each attempt takes a
+//! new sequence number. Acquiring is idempotent per lease (a lease that
+//! holds the lock gets its grant back, one that waits stays in place), and
+//! a deduplicated retry would get the first attempt's "queued" answer and
+//! then wait for a grant that may already have happened.
+//!
+//! # Not done yet
+//! - TLS and authentication.
+//! - Reads always go to the leader first; spreading linearizable reads over
+//!   followers is left for later.
+//! - Nothing stops a caller from having more than 64 writes of one
+//!   [`Client`] in flight, beyond which a retry of the oldest can no longer
+//!   be deduplicated (the server then refuses it as too old).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use latchkey_proto::v1::cluster_client::ClusterClient;
+use latchkey_proto::v1::{RequestId, StatusRequest};
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{describe_status, Error};
+use crate::retry::{classify, normalize_endpoint, Backoff, Verdict};
+
+/// Default bound on one attempt of a call that does not block by design.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a call keeps retrying after its first failure.
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default bound on opening one connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// First pause between attempts; doubles per failure.
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(20);
+/// Longest pause between attempts.
+pub(crate) const BACKOFF_LONGEST: Duration = Duration::from_secs(1);
+/// Leader hints followed without a pause in one call.
+const MAX_IMMEDIATE_REDIRECTS: usize = 3;
+/// Attempts of one call, however far away its deadline is.
+const MAX_ATTEMPTS_PER_CALL: usize = 10_000;
+/// Channels kept open: the endpoints given plus leaders the client was
+/// pointed at. Past this, channels to hinted leaders are dropped.
+const MAX_CHANNELS: usize = 64;
+/// HTTP/2 pings on open connections, so that a blocked call or a stream to
+/// a node that vanished fails instead of waiting forever.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Configures and connects a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    options: Options,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) call_timeout: Duration,
+    pub(crate) retry_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// A builder for the cluster behind `endpoints` (`host:port` or
+    /// `http://host:port`; any subset of the members will do).
+    pub fn new<I, S>(endpoints: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            options: Options {
+                call_timeout: DEFAULT_CALL_TIMEOUT,
+                retry_timeout: DEFAULT_RETRY_TIMEOUT,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            },
+        }
+    }
+
+    /// Bound on one attempt of a call (calls that wait for a lock or a
+    /// leadership are bounded only by the deadline their caller gives).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.options.call_timeout = timeout;
+        self
+    }
+
+    /// How long a call keeps retrying after its first failure before it
+    /// returns [`Error::Unavailable`]. Should exceed the cluster's election
+    /// timeout comfortably, so that a leader change is ridden out.
+    pub fn retry_timeout(mut self, timeout: Duration) -> Self {
+        self.options.retry_timeout = timeout;
+        self
+    }
+
+    /// Bound on opening one connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.options.connect_timeout = timeout;
+        self
+    }
+
+    /// Checks the endpoints and contacts the cluster: returns once one
+    /// member answers (and adopts the leader it knows), or fails with
+    /// [`Error::Unavailable`] when none does within the retry timeout.
+    pub async fn connect(self) -> Result<Client, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Config("no endpoints given".into()));
+        }
+        let seeds = self
+            .endpoints
+            .iter()
+            .map(|e| normalize_endpoint(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                router: Router::new(seeds, self.options.connect_timeout),
+                options: self.options,
+                client_id: random_client_id(),
+                last_seq: AtomicU64::new(0),
+            }),
+        };
+        let status = client
+            .inner
+            .call(
+                CallSpec::read(&client.inner.options),
+                |channel| async move { ClusterClient::new(channel).status(StatusRequest {}).await },
+            )
+            .await?;
+        if let Ok(leader) = normalize_endpoint(&status.leader_client_addr) {
+            client.inner.router.set_leader(leader);
+        }
+        Ok(client)
+    }
+}
+
+fn random_client_id() -> u64 {
+    // Zero means "no deduplication" to the server.
+    rand::thread_rng().gen_range(1..=u64::MAX)
+}
+
+/// A connection to a latchkey cluster. Cheap to clone; clones share
+/// connections, the leader they know, and the exactly-once client id.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.inner.client_id)
+            .field("endpoints", &self.inner.router.seeds)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects with default timeouts; see [`ClientBuilder::connect`].
+    pub async fn connect<I, S>(endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder::new(endpoints).connect().await
+    }
+
+    /// A builder, to set timeouts before connecting.
+    pub fn builder<I, S>(endpoints: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder::new(endpoints)
+    }
+
+    /// The id this client's writes are deduplicated under.
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+}
+
+/// How one call is run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallSpec {
+    /// Bound on one attempt; `None` for calls that block by design.
+    pub(crate) attempt_timeout: Option<Duration>,
+    /// When the caller stops waiting altogether.
+    pub(crate) deadline: Option<Instant>,
+    /// Whether a success tells us who leads (writes only reach the leader).
+    pub(crate) is_write: bool,
+}
+
+impl CallSpec {
+    pub(crate) fn read(options: &Options) -> CallSpec {
+        CallSpec {
+            attempt_timeout: Some(options.call_timeout),
+            deadline: None,
+            is_write: false,
+        }
+    }
+
+    pub(crate) fn write(options: &Options) -> CallSpec {
+        CallSpec {
+            is_write: true,
+            ..CallSpec::read(options)
+        }
+    }
+
+    /// A write that waits on the server (an acquire or a campaign) until
+    /// `deadline`, if any.
+    pub(crate) fn blocking_write(deadline: Option<Instant>) -> CallSpec {
+        CallSpec {
+            attempt_timeout: None,
+            deadline,
+            is_write: true,
+        }
+    }
+}
+
+/// State shared by the clones of one [`Client`].
+pub(crate) struct Inner {
+    pub(crate) router: Router,
+    pub(crate) options: Options,
+    client_id: u64,
+    last_seq: AtomicU64,
+}
+
+enum AttemptFailed {
+    Status(tonic::Status),
+    /// The caller's deadline passed.
+    Deadline,
+}
+
+impl Inner {
+    /// A fresh exactly-once id for one mutating call.
+    pub(crate) fn next_request_id(&self) -> RequestId {
+        RequestId {
+            client_id: self.client_id,
+            seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1,
+        }
+    }
+
+    /// Runs `attempt` against the cluster until it succeeds, fails for good,
+    /// or runs out of time; see the module docs.
+    pub(crate) async fn call<T, F, Fut>(&self, spec: CallSpec, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LONGEST);
+        let mut target = self.router.first_target();
+        let mut first_failure: Option<Instant> = None;
+        let mut redirects = 0;
+        for _ in 0..MAX_ATTEMPTS_PER_CALL {
+            let status = match self.attempt(&target, spec, &mut attempt).await {
+                Ok(answer) => {
+                    if spec.is_write {
+                        self.router.set_leader(target);
+                    }
+                    return Ok(answer);
+                }
+                Err(AttemptFailed::Deadline) => return Err(timed_out(first_failure)),
+                Err(AttemptFailed::Status(status)) => status,
+            };
+            let now = Instant::now();
+            let since = *first_failure.get_or_insert(now);
+            let verdict = classify(&status);
+            tracing::debug!(%target, ?verdict, "attempt failed: {}", describe_status(&status));
+            if verdict == Verdict::Fail {
+                return Err(Error::from_status(&status));
+            }
+            if now >= since + self.options.retry_timeout {
+                return Err(unavailable(&status));
+            }
+            let pause = match verdict {
+                Verdict::FollowLeader(leader) => {
+                    let immediate = redirects < MAX_IMMEDIATE_REDIRECTS && leader != target;
+                    redirects += 1;
+                    self.router.set_leader(leader.clone());
+                    target = leader;
+                    if immediate {
+                        continue;
+                    }
+                    backoff.next_pause(&mut rand::thread_rng())
+                }
+                Verdict::TryElsewhere | Verdict::Fail => {
+                    target = self.router.after_failure(&target, &status);
+                    backoff.next_pause(&mut rand::thread_rng())
+                }
+            };
+            let resume = now + pause;
+            if spec.deadline.is_some_and(|deadline| deadline <= resume) {
+                return Err(timed_out(first_failure));
+            }
+            tokio::time::sleep_until(resume).await;
+        }
+        Err(Error::Unavailable {
+            message: format!("gave up after {MAX_ATTEMPTS_PER_CALL} attempts"),
+        })
+    }
+
+    async fn attempt<T, F, Fut>(
+        &self,
+        target: &str,
+        spec: CallSpec,
+        attempt: &mut F,
+    ) -> Result<T, AttemptFailed>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let channel = self.router.channel(target).map_err(|error| {
+            AttemptFailed::Status(tonic::Status::unavailable(error.to_string()))
+        })?;
+        let attempt_deadline = spec.attempt_timeout.map(|t| Instant::now() + t);
+        let until = match (attempt_deadline, spec.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let answer = match until {
+            Some(until) => tokio::time::timeout_at(until, attempt(channel)).await,
+            None => Ok(attempt(channel).await),
+        };
+        match answer {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(AttemptFailed::Status(status)),
+            Err(_) if spec.deadline.is_some_and(|d| Instant::now() >= d) => {
+                Err(AttemptFailed::Deadline)
+            }
+            Err(_) => Err(AttemptFailed::Status(tonic::Status::deadline_exceeded(
+                format!("no answer from {target} within the call timeout"),
+            ))),
+        }
+    }
+}
+
+fn unavailable(status: &tonic::Status) -> Error {
+    Error::Unavailable {
+        message: describe_status(status),
+    }
+}
+
+fn timed_out(first_failure: Option<Instant>) -> Error {
+    let message = match first_failure {
+        Some(_) => "the deadline passed while retrying".to_string(),
+        None => "the deadline passed".to_string(),
+    };
+    Error::Timeout { message }
+}
+
+/// Endpoints, one lazily connected channel per endpoint, and the leader.
+pub(crate) struct Router {
+    seeds: Vec<String>,
+    connect_timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+    cursor: AtomicUsize,
+}
+
+impl Router {
+    fn new(seeds: Vec<String>, connect_timeout: Duration) -> Router {
+        assert!(!seeds.is_empty(), "a router needs at least one endpoint");
+        Router {
+            seeds,
+            connect_timeout,
+            channels: Mutex::new(HashMap::new()),
+            leader: Mutex::new(None),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Where a new call goes first: the known leader, else the next seed.
+    pub(crate) fn first_target(&self) -> String {
+        if let Some(leader) = self.leader.lock().clone() {
+            return leader;
+        }
+        let index = self.cursor.load(Ordering::Relaxed) % self.seeds.len();
+        self.seeds[index].clone()
+    }
+
+    /// Where to go after `failed` could not serve: the next seed that is
+    /// not `failed` (when there is another).
+    fn next_target(&self, failed: &str) -> String {
+        // Bounded: at most one lap of the seeds.
+        for _ in 0..self.seeds.len() {
+            let index = self.cursor.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let candidate = &self.seeds[index % self.seeds.len()];
+            if candidate != failed {
+                return candidate.clone();
+            }
+        }
+        failed.to_string()
+    }
+
+    pub(crate) fn set_leader(&self, leader: String) {
+        *self.leader.lock() = Some(leader);
+    }
+
+    /// Notes that `target` could not serve: it is no longer taken for the
+    /// leader, and a connection that failed is rebuilt on next use.
+    fn failed(&self, target: &str, status: &tonic::Status) {
+        {
+            let mut leader = self.leader.lock();
+            if leader.as_deref() == Some(target) {
+                *leader = None;
+            }
+        }
+        if std::error::Error::source(status).is_some() {
+            self.channels.lock().remove(target);
+        }
+    }
+
+    /// Notes that `target` could not serve and picks where to go next: the
+    /// leader, if one other than `target` is known, else the next seed.
+    pub(crate) fn after_failure(&self, target: &str, status: &tonic::Status) -> String {
+        self.failed(target, status);
+        let next = self.first_target();
+        if next != target {
+            return next;
+        }
+        self.next_target(target)
+    }
+
+    /// The channel to `endpoint`, created (unconnected) on first use.
+    pub(crate) fn channel(&self, endpoint: &str) -> Result<Channel, Error> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        if channels.len() >= MAX_CHANNELS {
+            let seeds = &self.seeds;
+            channels.retain(|key, _| seeds.contains(key));
+        }
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| Error::Config(format!("endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+            .connect_lazy();
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let seeds = vec!["http://a:1".to_string(), "http://b:1".to_string()];
+        Router::new(seeds, DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    #[test]
+    fn known_leader_is_tried_first_until_it_fails() {
+        let router = router();
+        router.set_leader("http://c:1".into());
+        assert_eq!(router.first_target(), "http://c:1");
+        router.failed("http://c:1", &tonic::Status::unavailable("gone"));
+        assert_ne!(router.first_target(), "http://c:1");
+    }
+
+    #[test]
+    fn next_target_skips_the_endpoint_that_failed() {
+        let router = router();
+        for _ in 0..4 {
+            assert_eq!(router.next_target("http://a:1"), "http://b:1");
+        }
+    }
+
+    #[test]
+    fn request_ids_carry_one_client_id_and_increasing_sequence_numbers() {
+        let inner = Inner {
+            router: router(),
+            options: ClientBuilder::new(["a:1"]).options,
+            client_id: random_client_id(),
+            last_seq: AtomicU64::new(0),
+        };
+        let first = inner.next_request_id();
+        let second = inner.next_request_id();
+        assert_ne!(first.client_id, 0);
+        assert_eq!(first.client_id, second.client_id);
+        assert_eq!((first.seq, second.seq), (1, 2));
+    }
+}

@@ -1,0 +1,281 @@
+//! Leader election: a lock whose holder publishes a value.
+//!
+//! [`Election::campaign`] waits until the lease is elected and returns a
+//! [`Leadership`], whose token is the leadership term: fence every write the
+//! leader makes with it, and a deposed leader that has not noticed yet is
+//! refused. Candidates are elected in the order they campaigned. A lease
+//! that already leads gets its leadership back.
+//!
+//! As with locks, leadership lives exactly as long as the lease:
+//! [`Leadership::lost`] is the lease's [`Lease::lost`]. Campaigning stops
+//! with [`Error::LeaseLost`] as soon as the lease is lost locally.
+//!
+//! [`Election::leader`] reads the current leader (linearizable);
+//! [`Election::observe`] streams it and every change (see
+//! the `observe` module).
+//!
+//! # Drop
+//! Dropping a leadership without calling [`Leadership::resign`] resigns in
+//! the background, best effort (when a Tokio runtime is running), fenced by
+//! its token.
+//!
+//! # Not done yet
+//! - A resent campaign can lose its place in the queue to the cancel of the
+//!   attempt it replaces, as a resent waiting acquire can (see the `lock`
+//!   module).
+//! - No `Describe` for elections: the queue of candidates is only visible
+//!   through each lease's time-to-live answer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use latchkey_proto::v1::election_client::ElectionClient;
+use latchkey_proto::v1::{CampaignRequest, Grant, LeaderRequest, ProclaimRequest, ResignRequest};
+use tokio::time::Instant;
+
+use crate::client::{CallSpec, Client, Inner};
+use crate::error::Error;
+use crate::lease::{Lease, LeaseLost, LeaseState};
+use crate::observe::observe;
+use crate::types::{Fence, FenceKind, Fenced, FencingToken, GrantInfo, LeaseId};
+
+/// One named election.
+#[derive(Debug, Clone)]
+pub struct Election {
+    client: Client,
+    name: String,
+}
+
+impl Client {
+    /// The election called `name`.
+    pub fn election(&self, name: impl Into<String>) -> Election {
+        Election {
+            client: self.clone(),
+            name: name.into(),
+        }
+    }
+}
+
+/// This process's term as leader. See the module docs for what dropping it does.
+#[derive(Debug)]
+pub struct Leadership {
+    lease: Lease,
+    name: String,
+    token: FencingToken,
+    resigned: bool,
+}
+
+impl Election {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until `lease` is elected, publishing `value` (for example this
+    /// process's address) as the leader's value.
+    pub async fn campaign(
+        &self,
+        lease: &Lease,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Leadership, Error> {
+        self.campaign_until(lease, value.into(), None).await
+    }
+
+    /// Like [`Election::campaign`], but gives up after `timeout` with
+    /// [`Error::Timeout`], leaving the queue of candidates.
+    pub async fn campaign_with_timeout(
+        &self,
+        lease: &Lease,
+        value: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Leadership, Error> {
+        let deadline = Some(Instant::now() + timeout);
+        self.campaign_until(lease, value.into(), deadline)
+            .await
+            .map_err(|error| match error {
+                Error::Timeout { .. } => Error::Timeout {
+                    message: format!("not elected {:?} within {timeout:?}", self.name),
+                },
+                other => other,
+            })
+    }
+
+    async fn campaign_until(
+        &self,
+        lease: &Lease,
+        value: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Leadership, Error> {
+        lease.check_not_lost()?;
+        let inner = &self.client.inner;
+        let id = lease.id();
+        let campaign = inner.call(CallSpec::blocking_write(deadline), |channel| {
+            // A new request id per attempt: see `crate::client`.
+            let request = CampaignRequest {
+                name: self.name.clone(),
+                lease: id.0,
+                value: value.clone(),
+                request: Some(inner.next_request_id()),
+            };
+            async move { ElectionClient::new(channel).campaign(request).await }
+        });
+        let elected = tokio::select! {
+            elected = campaign => elected.map_err(|e| e.about_lease(id))?,
+            _ = lease.lost() => return Err(Error::LeaseLost { lease: id }),
+        };
+        self.leadership_from(lease, elected.leadership)
+    }
+
+    fn leadership_from(&self, lease: &Lease, grant: Option<Grant>) -> Result<Leadership, Error> {
+        let grant = grant.ok_or_else(|| Error::Rejected {
+            code: tonic::Code::Internal,
+            message: "campaign answered without a leadership".into(),
+        })?;
+        if grant.lease != lease.id().0 {
+            return Err(Error::Rejected {
+                code: tonic::Code::Internal,
+                message: format!(
+                    "the server elected lease {} for {:?}, not {}",
+                    grant.lease,
+                    self.name,
+                    lease.id()
+                ),
+            });
+        }
+        // A leadership that arrives after the local deadline cannot be trusted.
+        lease.check_not_lost()?;
+        Ok(Leadership {
+            lease: lease.clone(),
+            name: self.name.clone(),
+            token: FencingToken(grant.token),
+            resigned: false,
+        })
+    }
+
+    /// The current leader, if any.
+    pub async fn leader(&self) -> Result<Option<GrantInfo>, Error> {
+        let inner = &self.client.inner;
+        let request = LeaderRequest {
+            name: self.name.clone(),
+            serializable: false,
+        };
+        let answer = inner
+            .call(CallSpec::read(&inner.options), |channel| {
+                let request = request.clone();
+                async move { ElectionClient::new(channel).leader(request).await }
+            })
+            .await?;
+        Ok(answer.leader.map(GrantInfo::from))
+    }
+
+    /// The current leader, then every change (`None` when the election has
+    /// no leader). Survives the loss of the node it streams from; see
+    /// the `observe` module for what it guarantees across that.
+    pub fn observe(&self) -> impl Stream<Item = Result<Option<GrantInfo>, Error>> + Send + 'static {
+        observe(self.client.inner.clone(), self.name.clone())
+    }
+}
+
+impl Leadership {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The leadership term's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The lease the leadership is held by.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The lease's state: once it is [`LeaseState::Lost`], so is the leadership.
+    pub fn state(&self) -> LeaseState {
+        self.lease.state()
+    }
+
+    /// Completes when the leadership can no longer be trusted (its lease is lost).
+    pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
+        self.lease.lost()
+    }
+
+    /// Replaces the published value. Fails with [`Error::StaleToken`] if
+    /// this leadership has ended.
+    pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let inner = &self.lease.shared.client.inner;
+        let request = ProclaimRequest {
+            name: self.name.clone(),
+            token: self.token.0,
+            value: value.into(),
+            request: Some(inner.next_request_id()),
+        };
+        inner
+            .call(CallSpec::write(&inner.options), |channel| {
+                let request = request.clone();
+                async move { ElectionClient::new(channel).proclaim(request).await }
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.about_lease(self.lease.id()))
+    }
+
+    /// Gives up leadership; the next candidate is elected with a higher
+    /// token. Fails with [`Error::StaleToken`] if it had already ended.
+    pub async fn resign(mut self) -> Result<(), Error> {
+        self.resigned = true;
+        let inner = self.lease.shared.client.inner.clone();
+        resign(inner, self.name.clone(), self.token, self.lease.id()).await
+    }
+}
+
+async fn resign(
+    inner: Arc<Inner>,
+    name: String,
+    token: FencingToken,
+    lease: LeaseId,
+) -> Result<(), Error> {
+    let request = ResignRequest {
+        name,
+        token: token.0,
+        request: Some(inner.next_request_id()),
+    };
+    inner
+        .call(CallSpec::write(&inner.options), |channel| {
+            let request = request.clone();
+            async move { ElectionClient::new(channel).resign(request).await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.about_lease(lease))
+}
+
+impl Fenced for Leadership {
+    fn fence(&self) -> Fence {
+        Fence {
+            name: self.name.clone(),
+            token: self.token,
+            kind: FenceKind::Election,
+        }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if self.resigned || self.lease.state() == LeaseState::Lost {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.lease.shared.client.inner.clone();
+        let (name, token, lease) = (self.name.clone(), self.token, self.lease.id());
+        runtime.spawn(async move {
+            if let Err(error) = resign(inner, name.clone(), token, lease).await {
+                tracing::debug!("resigning dropped leadership of {name:?} failed: {error}");
+            }
+        });
+    }
+}

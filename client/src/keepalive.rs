@@ -1,0 +1,206 @@
+//! The background task that keeps one lease alive.
+//!
+//! Every keepalive interval (a third of the TTL) it sends one renewal on a
+//! `KeepAlive` stream to the leader and waits for its answer before sending
+//! the next, so each answer is matched to the send time it extends the
+//! deadline from. An acknowledged renewal sent at `t` moves the deadline to
+//! `t + TTL`; it never moves it back.
+//!
+//! A failed renewal (broken stream, no answer in time, not the leader) marks
+//! the lease failing — [`crate::LeaseState::Jeopardy`] — drops the stream,
+//! and retries after a short jittered pause: at the leader a follower named,
+//! or else at the next endpoint. An answer that the lease is not
+//! found ends it. The task returns when the lease ends, when the deadline
+//! passes with no acknowledged renewal, or when it is aborted because the
+//! last lease handle was dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use latchkey_proto::v1::lease_client::LeaseClient;
+use latchkey_proto::v1::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::client::{Inner, BACKOFF_FIRST, BACKOFF_LONGEST};
+use crate::error::describe_status;
+use crate::lease::{keepalive_interval, LeaseLost, LeaseStatus};
+use crate::retry::{classify, Backoff, Verdict};
+use crate::types::LeaseId;
+
+/// Renewals queued on one stream. The task waits for each answer before
+/// sending the next, so one is in flight at a time.
+const KEEPALIVE_QUEUE: usize = 2;
+
+pub(crate) struct Keepalive {
+    pub(crate) client: Arc<Inner>,
+    pub(crate) lease: LeaseId,
+    pub(crate) ttl: Duration,
+    pub(crate) status: Arc<watch::Sender<LeaseStatus>>,
+}
+
+/// An open `KeepAlive` stream to one node.
+struct RenewalStream {
+    requests: mpsc::Sender<LeaseKeepAliveRequest>,
+    responses: tonic::Streaming<LeaseKeepAliveResponse>,
+}
+
+/// The outcome of one acknowledged renewal.
+enum Renewal {
+    /// Renewed: the sent-at time and the TTL the server counts from then.
+    Renewed {
+        sent: Instant,
+        ttl: Duration,
+    },
+    NotFound,
+}
+
+impl Keepalive {
+    pub(crate) async fn run(self) {
+        let interval = keepalive_interval(self.ttl);
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LONGEST);
+        let mut target = self.client.router.first_target();
+        let mut stream: Option<RenewalStream> = None;
+        let mut next_send = self.status.borrow().last_ack_sent + interval;
+        // Bounded: each pass waits until the next renewal or a pause, and
+        // the loop ends once the deadline passes with nothing acknowledged.
+        loop {
+            let deadline = self.status.borrow().deadline;
+            tokio::time::sleep_until(next_send.min(deadline)).await;
+            if Instant::now() >= deadline {
+                self.end(LeaseLost::DeadlinePassed);
+                return;
+            }
+            let renewed = self.renew(&mut stream, &target, interval).await;
+            match renewed {
+                Ok(Renewal::Renewed { sent, ttl }) => {
+                    self.acknowledged(sent, ttl);
+                    backoff.reset(BACKOFF_FIRST);
+                    next_send = sent + interval;
+                }
+                Ok(Renewal::NotFound) => {
+                    self.end(LeaseLost::NotFound);
+                    return;
+                }
+                Err(status) => {
+                    stream = None;
+                    self.status
+                        .send_if_modified(|s| !std::mem::replace(&mut s.failing, true));
+                    let (next, pause) = self.after_failure(&target, &status, &mut backoff);
+                    target = next;
+                    next_send = Instant::now() + pause;
+                }
+            }
+        }
+    }
+
+    /// Sends one renewal on the stream to `target` (opening it if needed)
+    /// and waits for its answer.
+    async fn renew(
+        &self,
+        stream: &mut Option<RenewalStream>,
+        target: &str,
+        interval: Duration,
+    ) -> Result<Renewal, tonic::Status> {
+        let deadline = self.status.borrow().deadline;
+        let bound = self.client.options.call_timeout.min(interval);
+        let until = (Instant::now() + bound).min(deadline);
+        let attempt = async {
+            if stream.is_none() {
+                *stream = Some(self.open(target).await?);
+            }
+            // Set just above.
+            let open = stream.as_mut().expect("stream is open");
+            let sent = Instant::now();
+            let request = LeaseKeepAliveRequest {
+                lease: self.lease.0,
+            };
+            if open.requests.send(request).await.is_err() {
+                return Err(tonic::Status::unavailable("keepalive stream closed"));
+            }
+            match open.responses.message().await? {
+                Some(answer) => Ok(renewal(sent, &answer)),
+                None => Err(tonic::Status::unavailable("keepalive stream ended")),
+            }
+        };
+        match tokio::time::timeout_at(until, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no keepalive answer from {target} within {bound:?}"
+            ))),
+        }
+    }
+
+    async fn open(&self, target: &str) -> Result<RenewalStream, tonic::Status> {
+        let channel = self
+            .client
+            .router
+            .channel(target)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let (requests, queue) = mpsc::channel(KEEPALIVE_QUEUE);
+        let responses = LeaseClient::new(channel)
+            .keep_alive(ReceiverStream::new(queue))
+            .await?
+            .into_inner();
+        Ok(RenewalStream {
+            requests,
+            responses,
+        })
+    }
+
+    fn acknowledged(&self, sent: Instant, ttl: Duration) {
+        self.status.send_modify(|status| {
+            status.deadline = status.deadline.max(sent + ttl);
+            status.last_ack_sent = status.last_ack_sent.max(sent);
+            status.failing = false;
+        });
+    }
+
+    fn end(&self, reason: LeaseLost) {
+        self.status.send_modify(|status| {
+            status.ended.get_or_insert(reason);
+        });
+    }
+
+    /// Where to send the next renewal after a failure, and after what pause.
+    fn after_failure(
+        &self,
+        target: &str,
+        status: &tonic::Status,
+        backoff: &mut Backoff,
+    ) -> (String, Duration) {
+        tracing::debug!(
+            lease = %self.lease,
+            %target,
+            "keepalive failed: {}",
+            describe_status(status)
+        );
+        let router = &self.client.router;
+        match classify(status) {
+            Verdict::FollowLeader(leader) => {
+                // Paused too (briefly at first), so that two nodes naming
+                // each other during an election are not polled in a loop.
+                router.set_leader(leader.clone());
+                (leader, backoff.next_pause(&mut rand::thread_rng()))
+            }
+            Verdict::TryElsewhere | Verdict::Fail => (
+                router.after_failure(target, status),
+                backoff.next_pause(&mut rand::thread_rng()),
+            ),
+        }
+    }
+}
+
+fn renewal(sent: Instant, answer: &LeaseKeepAliveResponse) -> Renewal {
+    if !answer.found {
+        return Renewal::NotFound;
+    }
+    // The server counts `remaining_ms` from when it received the renewal;
+    // counting it from the send time instead can only be earlier.
+    let ttl_ms = answer.remaining_ms.min(answer.ttl_ms);
+    Renewal::Renewed {
+        sent,
+        ttl: Duration::from_millis(ttl_ms),
+    }
+}

@@ -1,0 +1,323 @@
+//! Leases: a server-side grant with a TTL that this client keeps alive, and the
+//! client's own view of whether it still holds it.
+//!
+//! # The local deadline
+//! The lease's deadline is kept on this process's monotonic clock as the
+//! *send* time of the last acknowledged keepalive plus the TTL (the grant
+//! request counts as the first keepalive). The leader received that
+//! keepalive after it was sent and set its own deadline from the receive
+//! time, and a new leader restarts every lease at its full TTL; so the
+//! cluster never expires the lease before the local deadline (Invariant 4,
+//! given clocks that run at about the same rate). When the local deadline
+//! passes, the lease is reported [`LeaseState::Lost`] even if the server
+//! has not yet acted: work fenced by the lease must stop then.
+//!
+//! # States
+//! - [`LeaseState::Held`]: keepalives are being acknowledged.
+//! - [`LeaseState::Jeopardy`]: the last keepalive failed, or a renewal is
+//!   overdue (nothing acknowledged for two keepalive intervals), but the
+//!   deadline has not passed. Work may go on; the lease may yet be saved.
+//! - [`LeaseState::Lost`]: the deadline passed, the server said the lease
+//!   no longer exists, or it was revoked. Final.
+//!
+//! The state is computed when asked, from the deadline and the clock, so
+//! it turns `Lost` on time even if the keepalive task cannot run.
+//!
+//! # Keepalives and drop
+//! A background task (module `keepalive`) renews the lease every third of
+//! its TTL. Clones of a [`Lease`] share it, and so do the lock guards and
+//! leaderships taken under it. When the last of them is dropped the task
+//! stops and the lease is *not* revoked: the cluster expires it (and
+//! releases everything it holds) one TTL after the last keepalive.
+//! [`Lease::revoke`] ends it at once.
+//!
+//! # Not done yet
+//! - No margin for clock drift between client and leader; the TTL must be
+//!   long enough that drift over one TTL does not matter.
+//! - One keepalive stream per lease; leases of one client do not share one.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use latchkey_proto::v1::lease_client::LeaseClient;
+use latchkey_proto::v1::{LeaseGrantRequest, LeaseRevokeRequest};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::client::{CallSpec, Client};
+use crate::error::Error;
+use crate::keepalive::Keepalive;
+use crate::types::LeaseId;
+
+/// How a lease looks from this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Keepalives are acknowledged.
+    Held,
+    /// Keepalives are failing, but the deadline has not passed.
+    Jeopardy,
+    /// The lease is gone, or may be: stop all work done under it.
+    Lost,
+}
+
+/// Why a lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseLost {
+    /// The local deadline passed without an acknowledged keepalive.
+    DeadlinePassed,
+    /// The server said the lease no longer exists (expired or revoked elsewhere).
+    NotFound,
+    /// [`Lease::revoke`] was called.
+    Revoked,
+}
+
+/// What the keepalive task and the lease handle share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseStatus {
+    /// Send time of the last acknowledged keepalive, plus the TTL.
+    pub(crate) deadline: Instant,
+    /// Send time of the last acknowledged keepalive.
+    pub(crate) last_ack_sent: Instant,
+    /// The last keepalive attempt failed.
+    pub(crate) failing: bool,
+    /// Set once, when the lease is known to be over.
+    pub(crate) ended: Option<LeaseLost>,
+}
+
+impl LeaseStatus {
+    /// The state at `now`, for a lease renewed every `interval`.
+    pub(crate) fn state_at(&self, now: Instant, interval: Duration) -> LeaseState {
+        if self.ended.is_some() || now >= self.deadline {
+            return LeaseState::Lost;
+        }
+        if self.failing || now >= self.last_ack_sent + interval * 2 {
+            return LeaseState::Jeopardy;
+        }
+        LeaseState::Held
+    }
+
+    /// Why the lease is lost at `now`, if it is.
+    fn lost_at(&self, now: Instant) -> Option<LeaseLost> {
+        match self.ended {
+            Some(reason) => Some(reason),
+            None if now >= self.deadline => Some(LeaseLost::DeadlinePassed),
+            None => None,
+        }
+    }
+}
+
+/// How often a lease with this TTL is renewed.
+pub(crate) fn keepalive_interval(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
+/// A lease this client keeps alive. Cheap to clone; see the module docs for
+/// what dropping the last clone does.
+#[derive(Clone)]
+pub struct Lease {
+    pub(crate) shared: Arc<LeaseShared>,
+}
+
+pub(crate) struct LeaseShared {
+    pub(crate) client: Client,
+    pub(crate) id: LeaseId,
+    pub(crate) ttl: Duration,
+    status: Arc<watch::Sender<LeaseStatus>>,
+    keepalive: AbortOnDrop,
+}
+
+/// Stops the keepalive task when the last handle goes.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.shared.id)
+            .field("ttl", &self.shared.ttl)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Grants a lease with `ttl` (at least twice the cluster's election
+    /// timeout; the server refuses shorter ones) and starts keeping it alive.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<Lease, Error> {
+        let ttl_ms = u64::try_from(ttl.as_millis())
+            .map_err(|_| Error::Config(format!("lease TTL {ttl:?} is too long")))?;
+        let request = Some(self.inner.next_request_id());
+        // The earliest moment the lease can have started on the server.
+        let sent = Instant::now();
+        let granted = self
+            .inner
+            .call(CallSpec::write(&self.inner.options), |channel| {
+                let request = LeaseGrantRequest { ttl_ms, request };
+                async move { LeaseClient::new(channel).grant(request).await }
+            })
+            .await?;
+        let ttl = Duration::from_millis(granted.ttl_ms);
+        let status = LeaseStatus {
+            deadline: sent + ttl,
+            last_ack_sent: sent,
+            failing: false,
+            ended: None,
+        };
+        let status = Arc::new(watch::Sender::new(status));
+        let id = LeaseId(granted.lease);
+        let task = Keepalive {
+            client: self.inner.clone(),
+            lease: id,
+            ttl,
+            status: status.clone(),
+        };
+        let keepalive = AbortOnDrop(tokio::spawn(task.run()));
+        Ok(Lease {
+            shared: Arc::new(LeaseShared {
+                client: self.clone(),
+                id,
+                ttl,
+                status,
+                keepalive,
+            }),
+        })
+    }
+}
+
+impl Lease {
+    pub fn id(&self) -> LeaseId {
+        self.shared.id
+    }
+
+    /// The TTL the server granted.
+    pub fn ttl(&self) -> Duration {
+        self.shared.ttl
+    }
+
+    /// The state now; see the module docs.
+    pub fn state(&self) -> LeaseState {
+        let status = *self.shared.status.borrow();
+        status.state_at(Instant::now(), keepalive_interval(self.shared.ttl))
+    }
+
+    /// The local deadline: past it, the lease is lost.
+    pub fn deadline(&self) -> Instant {
+        self.shared.status.borrow().deadline
+    }
+
+    /// Completes when the lease is lost, with the reason. Fires at the local
+    /// deadline even if the keepalive task is stuck; does not keep the lease
+    /// alive by itself.
+    pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
+        let mut status = self.shared.status.subscribe();
+        async move {
+            // Bounded: each pass waits for the deadline or for a change,
+            // and a lease is renewed at most once per keepalive interval.
+            loop {
+                let current = *status.borrow_and_update();
+                if let Some(reason) = current.lost_at(Instant::now()) {
+                    return reason;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(current.deadline) => {}
+                    changed = status.changed() => {
+                        if changed.is_err() {
+                            // Every handle is gone, so nothing renews it.
+                            tokio::time::sleep_until(current.deadline).await;
+                            return LeaseLost::DeadlinePassed;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the lease now, releasing every lock and leadership it holds.
+    /// The lease is reported lost *before* the request is sent, since other
+    /// holders may be granted its locks the moment it is applied. A lease
+    /// the server no longer has counts as revoked.
+    pub async fn revoke(&self) -> Result<(), Error> {
+        self.shared.keepalive.0.abort();
+        self.shared.status.send_modify(|status| {
+            status.ended.get_or_insert(LeaseLost::Revoked);
+        });
+        let inner = &self.shared.client.inner;
+        let request = Some(inner.next_request_id());
+        let lease = self.shared.id.0;
+        let revoked = inner
+            .call(CallSpec::write(&inner.options), |channel| {
+                let request = LeaseRevokeRequest { lease, request };
+                async move { LeaseClient::new(channel).revoke(request).await }
+            })
+            .await
+            .map_err(|e| e.about_lease(self.shared.id));
+        match revoked {
+            Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// An error for a request that needs the lease, if it is already lost.
+    pub(crate) fn check_not_lost(&self) -> Result<(), Error> {
+        match self.state() {
+            LeaseState::Lost => Err(Error::LeaseLost { lease: self.id() }),
+            LeaseState::Held | LeaseState::Jeopardy => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(now: Instant, ttl: Duration) -> LeaseStatus {
+        LeaseStatus {
+            deadline: now + ttl,
+            last_ack_sent: now,
+            failing: false,
+            ended: None,
+        }
+    }
+
+    #[test]
+    fn fresh_lease_is_held_then_jeopardy_when_a_renewal_is_overdue_then_lost_at_the_deadline() {
+        let start = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let interval = keepalive_interval(ttl);
+        let status = status(start, ttl);
+        assert_eq!(status.state_at(start, interval), LeaseState::Held);
+        let overdue = start + interval * 2;
+        assert_eq!(status.state_at(overdue, interval), LeaseState::Jeopardy);
+        assert_eq!(status.state_at(start + ttl, interval), LeaseState::Lost);
+        assert_eq!(status.lost_at(start + ttl), Some(LeaseLost::DeadlinePassed));
+    }
+
+    #[test]
+    fn failing_keepalive_puts_a_lease_in_jeopardy_at_once() {
+        let start = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut status = status(start, ttl);
+        status.failing = true;
+        let interval = keepalive_interval(ttl);
+        assert_eq!(status.state_at(start, interval), LeaseState::Jeopardy);
+    }
+
+    #[test]
+    fn ended_lease_is_lost_before_its_deadline() {
+        let start = Instant::now();
+        let mut status = status(start, Duration::from_secs(3));
+        status.ended = Some(LeaseLost::NotFound);
+        assert_eq!(
+            status.state_at(start, Duration::from_secs(1)),
+            LeaseState::Lost
+        );
+        assert_eq!(status.lost_at(start), Some(LeaseLost::NotFound));
+    }
+}
