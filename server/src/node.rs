@@ -439,8 +439,7 @@ impl Node {
         if self.lease_clock.due(now).is_empty() {
             return;
         }
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
+        let request_id = self.take_request_id();
         self.raw.read_index(request_id.to_be_bytes().to_vec());
         self.lease_clock.start_round(request_id, now);
     }
@@ -471,6 +470,13 @@ impl Node {
         }
     }
 
+    /// A fresh id for a proposal or ReadIndex request of this process.
+    fn take_request_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
+    }
+
     fn not_leader(&self) -> RequestError {
         let leader = self.raw.raft.leader_id;
         RequestError::NotLeader {
@@ -484,8 +490,7 @@ impl Node {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
+        let request_id = self.take_request_id();
         let context = ProposalContext {
             node_id: self.id.0,
             boot_id: self.boot_id,
@@ -514,8 +519,7 @@ impl Node {
             let _ = reply.send(Err(self.not_leader()));
             return;
         }
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
+        let request_id = self.take_request_id();
         self.raw.read_index(request_id.to_be_bytes().to_vec());
         self.reads.insert(
             request_id,

@@ -288,11 +288,7 @@ impl Kv for Api {
             return Err(Status::internal("put produced another command's result"));
         };
         Ok(Response::new(PutResponse {
-            header: Some(ResponseHeader {
-                node_id: self.id.0,
-                term: applied.term,
-                revision: applied.index.0,
-            }),
+            header: Some(header_at(self, &applied)),
             revision: put.revision,
         }))
     }
@@ -332,11 +328,7 @@ impl Kv for Api {
             return Err(Status::internal("delete produced another command's result"));
         };
         Ok(Response::new(DeleteResponse {
-            header: Some(ResponseHeader {
-                node_id: self.id.0,
-                term: applied.term,
-                revision: applied.index.0,
-            }),
+            header: Some(header_at(self, &applied)),
             deleted: delete.deleted,
             revision: delete.revision,
         }))
