@@ -65,6 +65,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(20);
 /// Longest pause between attempts.
 pub(crate) const BACKOFF_LONGEST: Duration = Duration::from_secs(1);
+/// Shortest keepalive interval accepted by [`ClientBuilder::keepalive_interval`].
+const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(50);
 /// Leader hints followed without a pause in one call.
 const MAX_IMMEDIATE_REDIRECTS: usize = 3;
 /// Attempts of one call, however far away its deadline is.
@@ -89,6 +91,8 @@ pub(crate) struct Options {
     pub(crate) call_timeout: Duration,
     pub(crate) retry_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    /// Longest time between two renewals of a lease (default: a third of its TTL).
+    pub(crate) keepalive_interval: Option<Duration>,
 }
 
 impl ClientBuilder {
@@ -105,6 +109,7 @@ impl ClientBuilder {
                 call_timeout: DEFAULT_CALL_TIMEOUT,
                 retry_timeout: DEFAULT_RETRY_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                keepalive_interval: None,
             },
         }
     }
@@ -127,6 +132,15 @@ impl ClientBuilder {
     /// Bound on opening one connection.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.options.connect_timeout = timeout;
+        self
+    }
+
+    /// Renews leases at least this often, instead of every third of their
+    /// TTL. Keepalives cost the leader no Raft write, so a short interval
+    /// is cheap; it makes a lease revoked or expired elsewhere show up as
+    /// [`crate::LeaseState::Lost`] within about one interval.
+    pub fn keepalive_interval(mut self, interval: Duration) -> Self {
+        self.options.keepalive_interval = Some(interval.max(MIN_KEEPALIVE_INTERVAL));
         self
     }
 

@@ -27,19 +27,19 @@
 //!   through each lease's time-to-live answer.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use latchkey_proto::v1::election_client::ElectionClient;
-use latchkey_proto::v1::{CampaignRequest, Grant, LeaderRequest, ProclaimRequest, ResignRequest};
+use latchkey_proto::v1::{CampaignRequest, Grant, LeaderRequest, ProclaimRequest};
 use tokio::time::Instant;
 
-use crate::client::{CallSpec, Client, Inner};
+use crate::client::{CallSpec, Client};
 use crate::error::Error;
-use crate::lease::{Lease, LeaseLost, LeaseState};
+use crate::lease::{end_in_background, Lease, LeaseLost, LeaseState};
 use crate::observe::observe;
-use crate::types::{Fence, FenceKind, Fenced, FencingToken, GrantInfo, LeaseId};
+use crate::raw::{end_grant, GrantKind};
+use crate::types::{Fence, FenceKind, Fenced, FencingToken, GrantInfo};
 
 /// One named election.
 #[derive(Debug, Clone)]
@@ -226,30 +226,15 @@ impl Leadership {
     /// token. Fails with [`Error::StaleToken`] if it had already ended.
     pub async fn resign(mut self) -> Result<(), Error> {
         self.resigned = true;
-        let inner = self.lease.shared.client.inner.clone();
-        resign(inner, self.name.clone(), self.token, self.lease.id()).await
-    }
-}
-
-async fn resign(
-    inner: Arc<Inner>,
-    name: String,
-    token: FencingToken,
-    lease: LeaseId,
-) -> Result<(), Error> {
-    let request = ResignRequest {
-        name,
-        token: token.0,
-        request: Some(inner.next_request_id()),
-    };
-    inner
-        .call(CallSpec::write(&inner.options), |channel| {
-            let request = request.clone();
-            async move { ElectionClient::new(channel).resign(request).await }
-        })
+        end_grant(
+            &self.lease.shared.client.inner,
+            GrantKind::Election,
+            &self.name,
+            self.token,
+        )
         .await
-        .map(|_| ())
-        .map_err(|e| e.about_lease(lease))
+        .map_err(|e| e.about_lease(self.lease.id()))
+    }
 }
 
 impl Fenced for Leadership {
@@ -264,18 +249,8 @@ impl Fenced for Leadership {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
-        if self.resigned || self.lease.state() == LeaseState::Lost {
-            return;
+        if !self.resigned {
+            end_in_background(&self.lease, GrantKind::Election, &self.name, self.token);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let inner = self.lease.shared.client.inner.clone();
-        let (name, token, lease) = (self.name.clone(), self.token, self.lease.id());
-        runtime.spawn(async move {
-            if let Err(error) = resign(inner, name.clone(), token, lease).await {
-                tracing::debug!("resigning dropped leadership of {name:?} failed: {error}");
-            }
-        });
     }
 }

@@ -1,6 +1,6 @@
 //! The background task that keeps one lease alive.
 //!
-//! Every keepalive interval (a third of the TTL) it sends one renewal on a
+//! Every keepalive interval (a third of the TTL, or less if configured) it sends one renewal on a
 //! `KeepAlive` stream to the leader and waits for its answer before sending
 //! the next, so each answer is matched to the send time it extends the
 //! deadline from. An acknowledged renewal sent at `t` moves the deadline to
@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Inner, BACKOFF_FIRST, BACKOFF_LONGEST};
 use crate::error::describe_status;
-use crate::lease::{keepalive_interval, LeaseLost, LeaseStatus};
+use crate::lease::{LeaseLost, LeaseStatus};
 use crate::retry::{classify, Backoff, Verdict};
 use crate::types::LeaseId;
 
@@ -36,7 +36,8 @@ const KEEPALIVE_QUEUE: usize = 2;
 pub(crate) struct Keepalive {
     pub(crate) client: Arc<Inner>,
     pub(crate) lease: LeaseId,
-    pub(crate) ttl: Duration,
+    /// Time between renewals.
+    pub(crate) interval: Duration,
     pub(crate) status: Arc<watch::Sender<LeaseStatus>>,
 }
 
@@ -58,7 +59,7 @@ enum Renewal {
 
 impl Keepalive {
     pub(crate) async fn run(self) {
-        let interval = keepalive_interval(self.ttl);
+        let interval = self.interval;
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LONGEST);
         let mut target = self.client.router.first_target();
         let mut stream: Option<RenewalStream> = None;

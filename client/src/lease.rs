@@ -25,7 +25,8 @@
 //!
 //! # Keepalives and drop
 //! A background task (module `keepalive`) renews the lease every third of
-//! its TTL. Clones of a [`Lease`] share it, and so do the lock guards and
+//! its TTL, or more often if [`crate::ClientBuilder::keepalive_interval`]
+//! says so (a revoke or expiry elsewhere is then noticed sooner). Clones of a [`Lease`] share it, and so do the lock guards and
 //! leaderships taken under it. When the last of them is dropped the task
 //! stops and the lease is *not* revoked: the cluster expires it (and
 //! releases everything it holds) one TTL after the last keepalive.
@@ -49,7 +50,8 @@ use tokio::time::Instant;
 use crate::client::{CallSpec, Client};
 use crate::error::Error;
 use crate::keepalive::Keepalive;
-use crate::types::LeaseId;
+use crate::raw::{end_grant, GrantKind};
+use crate::types::{FencingToken, LeaseId};
 
 /// How a lease looks from this client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +110,11 @@ impl LeaseStatus {
     }
 }
 
-/// How often a lease with this TTL is renewed.
-pub(crate) fn keepalive_interval(ttl: Duration) -> Duration {
-    ttl / 3
+/// How often a lease with this TTL is renewed: a third of the TTL, or
+/// `at_most` if that is shorter.
+pub(crate) fn keepalive_interval(ttl: Duration, at_most: Option<Duration>) -> Duration {
+    let third = ttl / 3;
+    at_most.map_or(third, |bound| third.min(bound))
 }
 
 /// A lease this client keeps alive. Cheap to clone; see the module docs for
@@ -124,6 +128,8 @@ pub(crate) struct LeaseShared {
     pub(crate) client: Client,
     pub(crate) id: LeaseId,
     pub(crate) ttl: Duration,
+    /// Time between renewals.
+    interval: Duration,
     status: Arc<watch::Sender<LeaseStatus>>,
     keepalive: AbortOnDrop,
 }
@@ -172,10 +178,11 @@ impl Client {
         };
         let status = Arc::new(watch::Sender::new(status));
         let id = LeaseId(granted.lease);
+        let interval = keepalive_interval(ttl, self.inner.options.keepalive_interval);
         let task = Keepalive {
             client: self.inner.clone(),
             lease: id,
-            ttl,
+            interval,
             status: status.clone(),
         };
         let keepalive = AbortOnDrop(tokio::spawn(task.run()));
@@ -184,6 +191,7 @@ impl Client {
                 client: self.clone(),
                 id,
                 ttl,
+                interval,
                 status,
                 keepalive,
             }),
@@ -204,7 +212,7 @@ impl Lease {
     /// The state now; see the module docs.
     pub fn state(&self) -> LeaseState {
         let status = *self.shared.status.borrow();
-        status.state_at(Instant::now(), keepalive_interval(self.shared.ttl))
+        status.state_at(Instant::now(), self.shared.interval)
     }
 
     /// The local deadline: past it, the lease is lost.
@@ -273,6 +281,26 @@ impl Lease {
     }
 }
 
+/// Releases a lock or resigns a leadership that was dropped without it,
+/// in the background and best effort: only while a Tokio runtime runs, and
+/// not for a lease already lost (its grants are gone or about to be). The
+/// request is fenced by `token`, so it can never end a later grant.
+pub(crate) fn end_in_background(lease: &Lease, kind: GrantKind, name: &str, token: FencingToken) {
+    if lease.state() == LeaseState::Lost {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let inner = lease.shared.client.inner.clone();
+    let name = name.to_string();
+    runtime.spawn(async move {
+        if let Err(error) = end_grant(&inner, kind, &name, token).await {
+            tracing::debug!("ending dropped {kind:?} grant of {name:?} failed: {error}");
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +318,7 @@ mod tests {
     fn fresh_lease_is_held_then_jeopardy_when_a_renewal_is_overdue_then_lost_at_the_deadline() {
         let start = Instant::now();
         let ttl = Duration::from_secs(3);
-        let interval = keepalive_interval(ttl);
+        let interval = keepalive_interval(ttl, None);
         let status = status(start, ttl);
         assert_eq!(status.state_at(start, interval), LeaseState::Held);
         let overdue = start + interval * 2;
@@ -300,12 +328,22 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_interval_is_a_third_of_the_ttl_or_the_configured_bound() {
+        let ttl = Duration::from_secs(9);
+        assert_eq!(keepalive_interval(ttl, None), Duration::from_secs(3));
+        let bound = Some(Duration::from_millis(300));
+        assert_eq!(keepalive_interval(ttl, bound), Duration::from_millis(300));
+        let short = Duration::from_millis(600);
+        assert_eq!(keepalive_interval(short, bound), Duration::from_millis(200));
+    }
+
+    #[test]
     fn failing_keepalive_puts_a_lease_in_jeopardy_at_once() {
         let start = Instant::now();
         let ttl = Duration::from_secs(3);
         let mut status = status(start, ttl);
         status.failing = true;
-        let interval = keepalive_interval(ttl);
+        let interval = keepalive_interval(ttl, None);
         assert_eq!(status.state_at(start, interval), LeaseState::Jeopardy);
     }
 

@@ -38,6 +38,8 @@
 //! - `observe` (private): the leader-change stream that
 //!   survives node loss.
 //! - [`kv`]: the fenced key-value store: `put`, `get`, `delete` builders.
+//! - [`raw`]: calls by lease id and token ([`Client::raw`]) for scripts
+//!   and tools; nothing is kept alive or released for the caller.
 //! - [`fence`]: [`fence::FenceGate`], the same fencing check for stores
 //!   outside latchkey.
 //! - [`error`]: [`Error`], typed from the server's error details.
@@ -53,6 +55,7 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub(crate) mod observe;
+pub mod raw;
 pub(crate) mod retry;
 pub mod types;
 

@@ -34,17 +34,17 @@
 //!   request that queued.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use latchkey_proto::v1::lock_client::LockClient;
-use latchkey_proto::v1::{AcquireRequest, Grant, ReleaseRequest};
+use latchkey_proto::v1::{AcquireRequest, Grant};
 use tokio::time::Instant;
 
-use crate::client::{CallSpec, Inner};
+use crate::client::CallSpec;
 use crate::error::Error;
-use crate::lease::{Lease, LeaseLost, LeaseState};
-use crate::types::{Fence, FenceKind, Fenced, FencingToken, LeaseId, Revision};
+use crate::lease::{end_in_background, Lease, LeaseLost, LeaseState};
+use crate::raw::{end_grant, GrantKind};
+use crate::types::{Fence, FenceKind, Fenced, FencingToken, Revision};
 
 /// A held lock. See the module docs for what dropping it does.
 #[derive(Debug)]
@@ -190,35 +190,15 @@ impl LockGuard {
     /// with [`Error::StaleToken`] if the grant had already ended.
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        release(
-            self.lease.shared.client.inner.clone(),
-            self.name.clone(),
+        end_grant(
+            &self.lease.shared.client.inner,
+            GrantKind::Lock,
+            &self.name,
             self.token,
-            self.lease.id(),
         )
         .await
+        .map_err(|e| e.about_lease(self.lease.id()))
     }
-}
-
-async fn release(
-    inner: Arc<Inner>,
-    name: String,
-    token: FencingToken,
-    lease: LeaseId,
-) -> Result<(), Error> {
-    let request = ReleaseRequest {
-        name,
-        token: token.0,
-        request: Some(inner.next_request_id()),
-    };
-    inner
-        .call(CallSpec::write(&inner.options), |channel| {
-            let request = request.clone();
-            async move { LockClient::new(channel).release(request).await }
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| e.about_lease(lease))
 }
 
 impl Fenced for LockGuard {
@@ -233,18 +213,8 @@ impl Fenced for LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if self.released || self.lease.state() == LeaseState::Lost {
-            return;
+        if !self.released {
+            end_in_background(&self.lease, GrantKind::Lock, &self.name, self.token);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let inner = self.lease.shared.client.inner.clone();
-        let (name, token, lease) = (self.name.clone(), self.token, self.lease.id());
-        runtime.spawn(async move {
-            if let Err(error) = release(inner, name.clone(), token, lease).await {
-                tracing::debug!("releasing dropped lock {name:?} failed: {error}");
-            }
-        });
     }
 }
