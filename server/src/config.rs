@@ -49,6 +49,11 @@ pub struct ServeArgs {
     /// Compact the Raft log once this many applied entries sit before the applied index.
     #[arg(long, env = "LATCHKEY_COMPACT_LOG_AFTER_ENTRIES")]
     pub compact_log_after_entries: Option<u64>,
+    /// Accept fenced writes without checking their tokens. Breaks Invariant
+    /// 3 on purpose: it exists so that fault-injection tests can show what
+    /// fencing prevents. Never use it for anything else.
+    #[arg(long, env = "LATCHKEY_UNSAFE_NO_FENCING", hide = true)]
+    pub unsafe_no_fencing: bool,
 }
 
 /// The same settings as a TOML file (`--config`).
@@ -109,6 +114,8 @@ pub struct Config {
     pub peers: BTreeMap<NodeId, String>,
     pub timing: RaftTiming,
     pub compact_log_after_entries: u64,
+    /// See [`ServeArgs::unsafe_no_fencing`].
+    pub unsafe_no_fencing: bool,
 }
 
 impl Config {
@@ -180,6 +187,7 @@ impl Config {
             peers,
             timing,
             compact_log_after_entries,
+            unsafe_no_fencing: args.unsafe_no_fencing,
         })
     }
 }

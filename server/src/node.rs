@@ -294,7 +294,11 @@ impl Node {
         let fatal = FatalSlot::default();
         let voters: Vec<u64> = config.peers.keys().map(|id| id.0).collect();
         let mut raft_log = RaftLog::open(engine.clone(), &voters, fatal.clone())?;
-        let state_machine = StateMachine::open(engine.clone())?;
+        let mut state_machine = StateMachine::open(engine.clone())?;
+        if config.unsafe_no_fencing {
+            tracing::warn!("fencing tokens are NOT checked (--unsafe-no-fencing): test use only");
+            state_machine.disable_fencing();
+        }
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;
         let raft_config = raft::Config {

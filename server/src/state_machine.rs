@@ -70,6 +70,9 @@ pub struct StateMachine {
     engine: Engine,
     applied: LogPosition,
     coordination: SharedCoordination,
+    /// Fenced writes skip the token check; see
+    /// [`crate::config::ServeArgs::unsafe_no_fencing`].
+    unsafe_no_fencing: bool,
 }
 
 /// What applying one command produced.
@@ -87,7 +90,14 @@ impl StateMachine {
             engine,
             applied,
             coordination,
+            unsafe_no_fencing: false,
         })
+    }
+
+    /// Stops checking fencing tokens (test clusters only; see
+    /// [`crate::config::ServeArgs::unsafe_no_fencing`]).
+    pub fn disable_fencing(&mut self) {
+        self.unsafe_no_fencing = true;
     }
 
     pub fn applied(&self) -> LogPosition {
@@ -252,6 +262,9 @@ impl StateMachine {
             }
         }
         let Some(fence) = fence else { return Ok(()) };
+        if self.unsafe_no_fencing {
+            return Ok(());
+        }
         let token = FencingToken(fence.token);
         let coordination = self.coordination.read();
         let checked = match fence.kind() {

@@ -152,6 +152,7 @@ impl TestCluster {
                 peers: peers.clone(),
                 timing: RaftTiming::default(),
                 compact_log_after_entries: 10_000,
+                unsafe_no_fencing: false,
             };
             configs.insert(*id, config);
             proxies.insert(*id, proxy);

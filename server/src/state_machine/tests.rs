@@ -150,6 +150,23 @@ fn stale_token_write_is_rejected_and_changes_nothing() {
 }
 
 #[test]
+fn with_fencing_disabled_a_stale_write_is_applied() {
+    let mut h = Harness::new();
+    h.machine.disable_fencing();
+    let a = h.lease();
+    let b = h.lease();
+    let t_other = token_of(&h.acquire("other", a));
+    let t_res = token_of(&h.acquire("res", b));
+    h.fenced_put("k", "high", "res", t_res);
+    let late = h.fenced_put("k", "low", "other", t_other);
+    assert!(
+        !matches!(late.result, Some(command_result::Result::Error(_))),
+        "{late:?}"
+    );
+    assert_eq!(h.value("k").unwrap().value, b"low");
+}
+
+#[test]
 fn token_lower_than_the_keys_stored_token_is_rejected() {
     let mut h = Harness::new();
     let a = h.lease();

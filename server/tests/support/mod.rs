@@ -47,6 +47,7 @@ impl TestCluster {
                 peers: peers.clone(),
                 timing: RaftTiming::default(),
                 compact_log_after_entries,
+                unsafe_no_fencing: false,
             };
             configs.insert(*id, config);
             dirs.push(dir);
