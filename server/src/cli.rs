@@ -1,4 +1,5 @@
-//! Client-side commands of the `latchkey` binary: `status` and `kv`.
+//! Client-side commands of the `latchkey` binary: `status`, `kv`, and the
+//! lease, lock and election commands.
 //!
 //! # Layout
 //! - this file: the entry points called by `main.rs`, exit codes, and the
@@ -9,6 +10,13 @@
 //! - [`kv`](mod@kv): `latchkey kv put|get|del|range`.
 //! - [`route`]: delivering one request to a node that can serve it: endpoint
 //!   order, following leader hints, backing off while no leader is known.
+//! - [`session`]: what the lease, lock and election commands share: their
+//!   flags, a `latchkey-client` connection, exit codes of client errors,
+//!   stop requests (signals, end of input).
+//! - [`hold`]: holding a lock or leadership while a command runs.
+//! - [`lock`](mod@lock): `latchkey lock`, `acquire`, `release`.
+//! - [`elect`](mod@elect): `latchkey elect`, `leader`, `observe`, `resign`.
+//! - [`lease`](mod@lease): `latchkey lease grant|keepalive|revoke|ttl|list`.
 //!
 //! # Design
 //! Each command builds its own single-threaded tokio runtime, sends a few
@@ -29,10 +37,15 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success |
-//! | 1 | `kv get`: the key does not exist |
+//! | 1 | the thing looked up does not exist (`kv get`, `leader`, `lease ttl`) |
 //! | 2 | bad invocation (flags, endpoints) |
-//! | 3 | no endpoint could be reached |
-//! | 4 | the request failed (rejected, timed out, no leader, outcome unknown) |
+//! | 3 | no endpoint could be reached, or no leader in time |
+//! | 4 | the request failed (rejected, timed out, outcome unknown) |
+//! | 5 | the lock (or leadership) is held by another lease and was not acquired |
+//! | 6 | a fencing token was refused as stale |
+//! | 7 | the lock (or leadership) was lost while held |
+//!
+//! `lock -- CMD` and `elect -- CMD` otherwise exit with CMD's own code.
 //!
 //! # Not done yet
 //! - TLS and authentication.
@@ -40,8 +53,13 @@
 //!   are printed raw by `kv get` but lossily (U+FFFD) in JSON.
 
 pub mod connect;
+pub mod elect;
+pub mod hold;
 pub mod kv;
+pub mod lease;
+pub mod lock;
 pub mod route;
+pub mod session;
 pub mod status;
 
 use std::error::Error;
@@ -49,7 +67,10 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub use elect::{ElectArgs, LeaderArgs, ResignArgs};
 pub use kv::{KvArgs, KvCommand};
+pub use lease::{LeaseArgs, LeaseCommand};
+pub use lock::{AcquireArgs, LockArgs, ReleaseArgs};
 pub use status::StatusArgs;
 
 /// Success.
@@ -62,6 +83,14 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 /// The request reached the cluster but failed, timed out, or its outcome is unknown.
 pub const EXIT_FAILED: u8 = 4;
+/// The lock or leadership is held by another lease and was not acquired
+/// (`--no-wait`, or `--wait-timeout` ran out).
+pub const EXIT_NOT_ACQUIRED: u8 = 5;
+/// A fencing token was refused as stale: its grant has ended.
+pub const EXIT_STALE_TOKEN: u8 = 6;
+/// The lock or leadership was lost while held (its lease expired, was
+/// revoked, or could not be renewed in time); a running command was stopped.
+pub const EXIT_LOST: u8 = 7;
 
 /// Upper bound on `--endpoints` entries; a cluster has a handful of members.
 pub const MAX_ENDPOINTS: usize = 64;
@@ -69,16 +98,64 @@ pub const MAX_ENDPOINTS: usize = 64;
 /// Longest `--timeout` accepted; anything longer is almost certainly a typo.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Longest lease TTL the server grants.
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// `latchkey status`: prints every endpoint's view of the cluster.
 pub fn status(args: StatusArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let runtime = runtime()?;
-    Ok(finish(runtime.block_on(status::run(args))))
+    run_client(status::run(args))
 }
 
 /// `latchkey kv …`: one request to the replicated key-value store.
 pub fn kv(args: KvArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(kv::run(args))
+}
+
+/// `latchkey lease …`.
+pub fn lease(args: LeaseArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(lease::run(args))
+}
+
+/// `latchkey lock NAME [-- CMD…]`.
+pub fn lock(args: LockArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(lock::lock(args))
+}
+
+/// `latchkey acquire NAME --lease ID`.
+pub fn acquire(args: AcquireArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(lock::acquire(args))
+}
+
+/// `latchkey release NAME --token T`.
+pub fn release(args: ReleaseArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(lock::release(args))
+}
+
+/// `latchkey elect NAME --value V [-- CMD…]`.
+pub fn elect(args: ElectArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::elect(args))
+}
+
+/// `latchkey leader NAME`.
+pub fn leader(args: LeaderArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::leader(args))
+}
+
+/// `latchkey observe NAME`.
+pub fn observe(args: LeaderArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::observe(args))
+}
+
+/// `latchkey resign NAME --token T`.
+pub fn resign(args: ResignArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::resign(args))
+}
+
+fn run_client(
+    command: impl std::future::Future<Output = Result<u8, Failure>>,
+) -> Result<ExitCode, Box<dyn Error>> {
     let runtime = runtime()?;
-    Ok(finish(runtime.block_on(kv::run(args))))
+    Ok(finish(runtime.block_on(command)))
 }
 
 fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -203,6 +280,26 @@ fn check_endpoint(entry: &str) -> Result<String, Failure> {
 /// Parses `--timeout` values: `500ms`, `2s`, `1.5s`, `1m`, or a bare number
 /// of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_up_to(text, MAX_TIMEOUT)
+}
+
+/// Parses `--ttl` values, as [`parse_duration`] but up to 24 hours (`h`
+/// is accepted too).
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match text.trim().strip_suffix('h') {
+        Some(hours) => {
+            let hours: f64 = hours
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a duration (try 10s, 2m or 1h)"))?;
+            parse_duration_up_to(&format!("{}m", hours * 60.0), MAX_TTL)
+                .map_err(|_| format!("{text:?} is out of range (more than 0, at most 24h)"))
+        }
+        None => parse_duration_up_to(text, MAX_TTL),
+    }
+}
+
+fn parse_duration_up_to(text: &str, max: Duration) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit_secs) = if let Some(n) = text.strip_suffix("ms") {
         (n, 0.001)
@@ -218,10 +315,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration (try 500ms, 2s or 1m)"))?;
     let secs = value * unit_secs;
-    if !secs.is_finite() || secs <= 0.0 || secs > MAX_TIMEOUT.as_secs_f64() {
+    if !secs.is_finite() || secs <= 0.0 || secs > max.as_secs_f64() {
         return Err(format!(
             "{text:?} is out of range (more than 0, at most {}s)",
-            MAX_TIMEOUT.as_secs()
+            max.as_secs()
         ));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -312,6 +409,16 @@ mod tests {
     fn zero_negative_huge_and_garbage_durations_are_rejected() {
         for bad in ["0s", "-1s", "2h", "99999", "abc", "", "NaNs"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn ttls_go_up_to_a_day() {
+        assert_eq!(parse_ttl("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        for bad in ["25h", "0s", "xh", "-1h"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -26,6 +26,22 @@ enum Command {
     Status(cli::StatusArgs),
     /// Read and write the replicated key-value store.
     Kv(cli::KvArgs),
+    /// Hold a lock while a command runs (or until Ctrl-C); prints the fencing token.
+    Lock(cli::LockArgs),
+    /// Campaign in an election and lead while a command runs (or until Ctrl-C).
+    Elect(cli::ElectArgs),
+    /// Print an election's leader.
+    Leader(cli::LeaderArgs),
+    /// Print an election's leader and every change, one line each.
+    Observe(cli::LeaderArgs),
+    /// End a leadership by its token.
+    Resign(cli::ResignArgs),
+    /// Grant, renew, revoke, inspect and list leases by id.
+    Lease(cli::LeaseArgs),
+    /// Acquire a lock with an existing lease; prints the fencing token.
+    Acquire(cli::AcquireArgs),
+    /// Release a lock by its token.
+    Release(cli::ReleaseArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +51,14 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Status(args) => cli::status(args),
         Command::Kv(args) => cli::kv(args),
+        Command::Lock(args) => cli::lock(args),
+        Command::Elect(args) => cli::elect(args),
+        Command::Leader(args) => cli::leader(args),
+        Command::Observe(args) => cli::observe(args),
+        Command::Resign(args) => cli::resign(args),
+        Command::Lease(args) => cli::lease(args),
+        Command::Acquire(args) => cli::acquire(args),
+        Command::Release(args) => cli::release(args),
     };
     match result {
         Ok(code) => code,

@@ -8,7 +8,8 @@ use latchkey_proto::v1::lease_client::LeaseClient;
 use latchkey_proto::v1::lock_client::LockClient;
 use latchkey_proto::v1::{
     error_details, AcquireRequest, CampaignRequest, ErrorDetails, Fence, GetRequest,
-    LeaseGrantRequest, LeaseKeepAliveRequest, ObserveRequest, PutRequest, ReleaseRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, ObserveRequest, PutRequest,
+    ReleaseRequest,
 };
 use prost::Message as _;
 use tonic::Code;
@@ -234,6 +235,29 @@ async fn observers_see_every_leader_change_in_order() {
     let waiting = tokio::spawn(async move { second_client.campaign(campaign(second, "b")).await });
     let seen = changes.message().await.unwrap().unwrap().leader.unwrap();
     assert_eq!((seen.lease, seen.value.as_slice()), (first, &b"a"[..]));
+    // Resigning before the second campaign is queued would show a moment
+    // with no leader in between, which is a real change but not this test's.
+    let mut leases = LeaseClient::new(cluster.channel(leader).await);
+    let queued_by = Instant::now() + support::DEADLINE;
+    // Bounded by the deadline.
+    loop {
+        let ttl = leases
+            .time_to_live(LeaseTimeToLiveRequest {
+                lease: second,
+                serializable: false,
+            })
+            .await
+            .expect("time to live")
+            .into_inner();
+        if ttl.waiting.iter().any(|name| name == "svc") {
+            break;
+        }
+        assert!(
+            Instant::now() < queued_by,
+            "the second campaign never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let resign = latchkey_proto::v1::ResignRequest {
         name: "svc".into(),

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use latchkey_proto::v1::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestId,
+    fence, DeleteRequest, DeleteResponse, Fence, GetRequest, GetResponse, KeyValue, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestId,
 };
 use serde::Serialize;
 
@@ -38,7 +38,12 @@ pub struct KvArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum KvCommand {
     /// Write VALUE under KEY; prints the revision of the write.
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        fence: FenceArgs,
+    },
     /// Print the value of KEY (exit code 1 if it does not exist).
     Get {
         key: String,
@@ -49,7 +54,11 @@ pub enum KvCommand {
     },
     /// Delete KEY (deleting a missing key succeeds and says so).
     #[command(alias = "delete")]
-    Del { key: String },
+    Del {
+        key: String,
+        #[command(flatten)]
+        fence: FenceArgs,
+    },
     /// List keys starting with PREFIX (every key when omitted), in key order.
     Range {
         prefix: Option<String>,
@@ -62,13 +71,54 @@ pub enum KvCommand {
     },
 }
 
+/// `--lock NAME --token T` or `--election NAME --token T`: a fenced write,
+/// applied only while T is the current grant of that lock or leadership and
+/// not lower than the token already stored on the key (exit code 6
+/// otherwise).
+#[derive(clap::Args, Debug, Default)]
+pub struct FenceArgs {
+    /// Fence the write with this lock's grant (needs --token).
+    #[arg(long, requires = "token", conflicts_with = "election")]
+    pub lock: Option<String>,
+    /// Fence the write with this election's leadership (needs --token).
+    #[arg(long, requires = "token")]
+    pub election: Option<String>,
+    /// The fencing token of the grant (from `lock`, `acquire` or `elect`).
+    #[arg(long)]
+    pub token: Option<u64>,
+}
+
+impl FenceArgs {
+    fn into_fence(self) -> Result<Option<Fence>, Failure> {
+        let (name, kind) = match (self.lock, self.election) {
+            (Some(name), None) => (name, fence::Kind::Lock),
+            (None, Some(name)) => (name, fence::Kind::Election),
+            (None, None) if self.token.is_some() => {
+                return Err(Failure::usage(
+                    "--token needs --lock NAME or --election NAME to say whose token it is",
+                ))
+            }
+            _ => return Ok(None),
+        };
+        // clap enforces `requires = "token"`.
+        let token = self.token.unwrap_or_default();
+        Ok(Some(Fence {
+            name,
+            token,
+            kind: kind as i32,
+        }))
+    }
+}
+
 pub(crate) async fn run(args: KvArgs) -> Result<u8, Failure> {
     let router = Router::new(parse_endpoints(&args.endpoints)?, args.timeout);
     let json = args.json;
     match args.command {
-        KvCommand::Put { key, value } => put(&router, key, value, json).await,
+        KvCommand::Put { key, value, fence } => {
+            put(&router, key, value, fence.into_fence()?, json).await
+        }
         KvCommand::Get { key, serializable } => get(&router, key, serializable, json).await,
-        KvCommand::Del { key } => delete(&router, key, json).await,
+        KvCommand::Del { key, fence } => delete(&router, key, fence.into_fence()?, json).await,
         KvCommand::Range {
             prefix,
             limit,
@@ -84,11 +134,18 @@ pub(crate) async fn run(args: KvArgs) -> Result<u8, Failure> {
     }
 }
 
-async fn put(router: &Router, key: String, value: String, json: bool) -> Result<u8, Failure> {
+async fn put(
+    router: &Router,
+    key: String,
+    value: String,
+    fence: Option<Fence>,
+    json: bool,
+) -> Result<u8, Failure> {
     let request = PutRequest {
         key: key.clone().into_bytes(),
         value: value.into_bytes(),
         request: Some(request_id()),
+        fence,
         ..PutRequest::default()
     };
     let response: PutResponse = router
@@ -136,10 +193,16 @@ async fn get(router: &Router, key: String, serializable: bool, json: bool) -> Re
     Ok(EXIT_OK)
 }
 
-async fn delete(router: &Router, key: String, json: bool) -> Result<u8, Failure> {
+async fn delete(
+    router: &Router,
+    key: String,
+    fence: Option<Fence>,
+    json: bool,
+) -> Result<u8, Failure> {
     let request = DeleteRequest {
         key: key.clone().into_bytes(),
         request: Some(request_id()),
+        fence,
         ..DeleteRequest::default()
     };
     let response: DeleteResponse = router

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::connect::{connect, describe_status};
-use super::{format_duration, Failure};
+use super::{format_duration, Failure, EXIT_STALE_TOKEN};
 
 /// Leader hints followed per request before giving up.
 pub const MAX_REDIRECTS: usize = 5;
@@ -76,8 +76,9 @@ pub enum AttemptError {
     /// The request was sent but its fate is unknown: the connection broke,
     /// or the node lost leadership or timed out before confirming it.
     OutcomeUnknown(String),
-    /// The node answered with an error that retrying will not change.
-    Rejected(String),
+    /// The node answered with an error that retrying will not change; the
+    /// failure carries the exit code for it.
+    Rejected(Failure),
     /// The overall deadline passed while waiting for the answer.
     TimedOut,
 }
@@ -187,8 +188,27 @@ pub fn classify(status: &tonic::Status) -> AttemptError {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
             AttemptError::OutcomeUnknown(describe_status(status))
         }
-        _ => AttemptError::Rejected(describe_status(status)),
+        _ if is_stale_token(status) => AttemptError::Rejected(Failure {
+            code: EXIT_STALE_TOKEN,
+            message: format!(
+                "{}; the grant has ended: acquire again for a new token",
+                describe_status(status)
+            ),
+        }),
+        _ => AttemptError::Rejected(Failure::failed(describe_status(status))),
     }
+}
+
+fn is_stale_token(status: &tonic::Status) -> bool {
+    if status.details().is_empty() {
+        return false;
+    }
+    matches!(
+        ErrorDetails::decode(status.details())
+            .ok()
+            .and_then(|d| d.detail),
+        Some(error_details::Detail::StaleToken(_))
+    )
 }
 
 fn is_not_leader(status: &tonic::Status) -> bool {
@@ -294,7 +314,7 @@ impl<'a> Plan<'a> {
             AttemptError::Connect(message) => self.after_connect_failure(target, message),
             AttemptError::NotLeader { leader_addr } => self.after_not_leader(target, leader_addr),
             AttemptError::OutcomeUnknown(message) => self.after_outcome_unknown(target, message),
-            AttemptError::Rejected(message) => Step::GiveUp(Failure::failed(message)),
+            AttemptError::Rejected(failure) => Step::GiveUp(failure),
             AttemptError::TimedOut => Step::GiveUp(self.timed_out()),
         }
     }

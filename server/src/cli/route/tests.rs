@@ -8,7 +8,7 @@ use std::sync::Arc;
 use latchkey_proto::v1::kv_server::{Kv, KvServer};
 use latchkey_proto::v1::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse,
+    RangeResponse, StaleToken,
 };
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -186,8 +186,34 @@ fn a_read_whose_connection_broke_is_resent_elsewhere() {
 fn a_rejected_request_is_not_retried() {
     let list = endpoints(&["a:1", "b:1"]);
     let mut plan = Plan::new(&list, Idempotence::Read, TIMEOUT);
-    let step = plan.after("a:1", AttemptError::Rejected("key is empty".into()));
+    let step = plan.after(
+        "a:1",
+        AttemptError::Rejected(Failure::failed("key is empty")),
+    );
     assert_eq!(step, Step::GiveUp(Failure::failed("key is empty")));
+}
+
+#[test]
+fn a_stale_token_refusal_gets_its_own_exit_code() {
+    let details = ErrorDetails {
+        detail: Some(error_details::Detail::StaleToken(StaleToken {
+            name: "res".into(),
+            presented: 3,
+            current: 4,
+        })),
+    };
+    let status = Status::with_details(
+        tonic::Code::FailedPrecondition,
+        "stale fencing token 3 for \"res\"",
+        details.encode_to_vec().into(),
+    );
+    match classify(&status) {
+        AttemptError::Rejected(failure) => {
+            assert_eq!(failure.code, crate::cli::EXIT_STALE_TOKEN);
+            assert!(failure.message.contains("stale"), "{}", failure.message);
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
 }
 
 #[test]

@@ -1,0 +1,189 @@
+//! What the lease, lock and election commands share: their common flags, a
+//! connected [`Client`], the exit code of each client error, and waiting for
+//! the user to ask for a stop.
+//!
+//! These commands go through the client crate (`latchkey-client`), so they
+//! follow the leader, retry and deduplicate exactly as applications do.
+
+use std::time::Duration;
+
+use latchkey_client::{Client, Error, LeaseLost};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+use super::{parse_duration, parse_endpoints, Failure};
+use super::{EXIT_FAILED, EXIT_LOST, EXIT_NOT_ACQUIRED, EXIT_STALE_TOKEN, EXIT_UNREACHABLE};
+
+/// Flags every lease, lock and election command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Client endpoints, comma-separated HOST:PORT; tried in order, the leader is found from there.
+    #[arg(long, env = "LATCHKEY_ENDPOINTS", value_delimiter = ',', global = true)]
+    pub endpoints: Vec<String>,
+    /// Print one JSON object per result.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long one request keeps retrying through leader changes and
+    /// unreachable nodes before the command gives up (500ms, 5s, …).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    pub timeout: Duration,
+}
+
+/// How often a held lease is renewed. Renewals cost the leader no Raft
+/// write, and a short interval means a lease revoked or expired elsewhere
+/// is noticed within about this long.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(300);
+
+/// Longest bound on one attempt of a request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to the cluster behind `--endpoints`.
+pub async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
+    let endpoints = parse_endpoints(&args.endpoints)?;
+    Client::builder(endpoints)
+        .retry_timeout(args.timeout)
+        .call_timeout(args.timeout.min(CALL_TIMEOUT))
+        .connect_timeout(args.timeout.min(Duration::from_secs(1)))
+        .keepalive_interval(KEEPALIVE_INTERVAL)
+        .connect()
+        .await
+        .map_err(failure)
+}
+
+/// The exit code and message for a client error; see `docs/cli.md`.
+pub fn failure(error: Error) -> Failure {
+    let code = match &error {
+        Error::LockHeld { .. } => EXIT_NOT_ACQUIRED,
+        Error::StaleToken { .. } => EXIT_STALE_TOKEN,
+        Error::Unavailable { .. } => EXIT_UNREACHABLE,
+        Error::Config(_) => super::EXIT_USAGE,
+        Error::LeaseNotFound { .. }
+        | Error::LeaseLost { .. }
+        | Error::InvalidArgument { .. }
+        | Error::RevisionMismatch { .. }
+        | Error::Timeout { .. }
+        | Error::Rejected { .. } => EXIT_FAILED,
+    };
+    let hint = match &error {
+        Error::LockHeld { .. } => "; wait for it (drop --no-wait) or try later",
+        Error::StaleToken { .. } => "; the grant has ended: acquire again for a new token",
+        Error::Unavailable { .. } => {
+            "; check --endpoints and `latchkey status` (the write may or may not have been applied)"
+        }
+        Error::LeaseNotFound { .. } | Error::LeaseLost { .. } => {
+            "; grant a new lease (`latchkey lease grant`)"
+        }
+        _ => "",
+    };
+    Failure {
+        code,
+        message: format!("{error}{hint}"),
+    }
+}
+
+/// The failure for a wait that the user bounded with `--wait-timeout`.
+pub fn not_acquired(what: &str, name: &str, timeout: Duration) -> Failure {
+    Failure {
+        code: EXIT_NOT_ACQUIRED,
+        message: format!(
+            "{what} {name:?} was not granted within {}; it is held by another lease",
+            super::format_duration(timeout)
+        ),
+    }
+}
+
+/// Why a lease was lost, in words.
+pub fn describe_lost(reason: LeaseLost) -> &'static str {
+    match reason {
+        LeaseLost::DeadlinePassed => "its lease could not be renewed before its deadline",
+        LeaseLost::NotFound => "its lease expired or was revoked",
+        LeaseLost::Revoked => "its lease was revoked",
+    }
+}
+
+/// The failure for a grant that ended while it was held.
+pub fn lost(what: &str, name: &str, why: &str) -> Failure {
+    Failure {
+        code: EXIT_LOST,
+        message: format!("lost {what} {name:?}: {why}"),
+    }
+}
+
+/// Why a command that holds something was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    Interrupt,
+    Terminate,
+    Hangup,
+    /// Standard input reached its end.
+    InputClosed,
+}
+
+/// Completes when the user asks the command to stop: SIGINT (Ctrl-C),
+/// SIGTERM, SIGHUP, or — when `watch_stdin` — the end of standard input.
+pub struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    input_closed: Option<oneshot::Receiver<()>>,
+}
+
+impl StopSignals {
+    /// Installs the handlers; from now on these signals no longer kill the
+    /// process by default.
+    pub fn install(watch_stdin: bool) -> Result<StopSignals, Failure> {
+        let install = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|err| Failure::failed(format!("cannot install a signal handler: {err}")))
+        };
+        Ok(StopSignals {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+            hangup: install(SignalKind::hangup())?,
+            input_closed: watch_stdin.then(stdin_closed),
+        })
+    }
+
+    /// Waits for the next stop request.
+    pub async fn next(&mut self) -> StopRequest {
+        let input = async {
+            match self.input_closed.as_mut() {
+                // A dropped sender means the reader thread hit an error,
+                // which is also the end of input.
+                Some(closed) => {
+                    let _ = closed.await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = self.interrupt.recv() => StopRequest::Interrupt,
+            _ = self.terminate.recv() => StopRequest::Terminate,
+            _ = self.hangup.recv() => StopRequest::Hangup,
+            () = input => StopRequest::InputClosed,
+        }
+    }
+}
+
+/// Reads and discards standard input on a thread of its own (a blocking
+/// read would hold up the runtime's shutdown) and reports its end.
+fn stdin_closed() -> oneshot::Receiver<()> {
+    let (closed, receiver) = oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buffer = [0u8; 1024];
+        let mut stdin = std::io::stdin().lock();
+        // Bounded by the input: each pass consumes bytes, and the loop ends
+        // at the end of input or on an error.
+        loop {
+            match stdin.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let _ = closed.send(());
+    });
+    receiver
+}
