@@ -125,6 +125,12 @@ impl FenceGate {
     /// gate for the whole write so that no other fenced write to any
     /// resource of this gate interleaves. The highest token advances only if
     /// the write succeeds.
+    ///
+    /// `write` must not call back into this gate (`highest`, `restore`,
+    /// another fenced write): the gate is not re-entrant and would
+    /// deadlock. To persist the token with the data, as a store that must
+    /// stay fenced across restarts should, write `token` itself: once
+    /// `write` runs, it is the highest admitted.
     pub fn write_fenced<T, E>(
         &self,
         resource: &str,
