@@ -20,9 +20,6 @@
 //! its token.
 //!
 //! # Not done yet
-//! - A resent campaign can lose its place in the queue to the cancel of the
-//!   attempt it replaces, as a resent waiting acquire can (see the `lock`
-//!   module).
 //! - No `Describe` for elections: the queue of candidates is only visible
 //!   through each lease's time-to-live answer.
 

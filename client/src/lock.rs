@@ -23,15 +23,17 @@
 //! release is fenced by the guard's token, so it can never release a later
 //! holder's grant.
 //!
+//! # Resent waits
+//! A waiting acquire whose connection broke is resent. The node it waited
+//! on proposes to take the first wait out of the queue; that cancel names
+//! the log index of the first attempt, and the server ignores it once the
+//! resent acquire has been applied, so the resent one keeps the lease's
+//! place. If the cancel lands first, the resent acquire queues again at
+//! the back.
+//!
 //! # Not done yet
 //! - A lock released by someone else with this guard's token is not noticed
 //!   until the next fenced write fails.
-//! - A waiting acquire whose connection broke while the node it waited on
-//!   stays up is resent; that node meanwhile proposes to take the first
-//!   wait out of the queue, and if that lands after the resent acquire the
-//!   lease is no longer queued and the resent acquire waits until its
-//!   deadline. Closing this needs the server to tie the cancel to the
-//!   request that queued.
 
 use std::future::Future;
 use std::time::Duration;

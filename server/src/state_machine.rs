@@ -208,6 +208,7 @@ impl StateMachine {
                 kind: kind_of(c.kind),
                 name: c.name,
                 lease: LeaseId(c.lease),
+                attempt: (c.attempt != 0).then_some(LogIndex(c.attempt)),
             },
             Some(command::Command::Proclaim(c)) => Op::Proclaim {
                 name: c.name,

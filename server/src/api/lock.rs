@@ -6,7 +6,10 @@
 //! lagged, it re-reads the state instead. If the caller goes away (deadline,
 //! disconnect) while queued, a `CancelWait` is proposed so the lease leaves
 //! the queue; a grant that won that race stays with the lease until it is
-//! released or the lease ends.
+//! released or the lease ends. The cancel names the log index of the
+//! acquire that gave up, and is ignored if a later waiting acquire of the
+//! same lease (a client's resend after a broken connection) has been
+//! applied since: that one still waits.
 
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
@@ -92,6 +95,8 @@ struct CancelOnDrop {
     kind: Kind,
     name: String,
     lease: LeaseId,
+    /// The log index the waiting acquire was applied at.
+    attempt: u64,
     armed: bool,
 }
 
@@ -105,6 +110,7 @@ impl Drop for CancelOnDrop {
             kind: grant_kind(self.kind),
             name: std::mem::take(&mut self.name),
             lease: self.lease.0,
+            attempt: self.attempt,
         };
         tokio::spawn(async move {
             if let Err(e) = api
@@ -161,6 +167,7 @@ impl Api {
             kind,
             name: name.clone(),
             lease,
+            attempt: applied.index.0,
             armed: true,
         };
         loop {

@@ -16,7 +16,7 @@
 //! integers and byte strings prefixed by their `u32` length:
 //! - lease: `ttl_ms: u64`
 //! - grant: `lease: u64, token: u64, granted_index: u64, value: bytes`
-//! - waiter: `lease: u64, value: bytes`
+//! - waiter: `lease: u64, value: bytes, attempt: u64`
 //! - session: `last_activity_index: u64, count: u32`, then `count` times
 //!   `seq: u64, result: bytes`, ascending by seq
 //! - next token: `token: u64`
@@ -113,6 +113,7 @@ pub(super) fn encode_waiter(waiter: &Waiter) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
     put_u64(&mut out, waiter.lease.0);
     put_bytes(&mut out, &waiter.value);
+    put_u64(&mut out, waiter.attempt.0);
     out
 }
 
@@ -156,6 +157,7 @@ pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, String> {
                 lease: LeaseId(reader.u64()?),
                 value: reader.bytes()?,
                 enqueued_index,
+                attempt: LogIndex(reader.u64()?),
             },
         }
     } else if let Some(rest) = key.strip_prefix(SESSION_PREFIX) {

@@ -52,6 +52,13 @@ impl Coordination {
             });
         }
         if let Some(position) = lock.waiters.iter().position(|w| w.lease == lease) {
+            // A resent wait: it supersedes the attempt that queued the lease,
+            // whose cancel must no longer take the lease out of the queue.
+            let lock = self.locks.get_mut(&key).expect("the lock was just found");
+            let waiter = &mut lock.waiters[position];
+            waiter.attempt = index;
+            let enqueued_index = waiter.enqueued_index;
+            fx.touched.insert(Record::Waiter(key, enqueued_index));
             return Ok(Outcome::Queued { position });
         }
         let queue_has_room = lock.waiters.len() < MAX_WAITERS_PER_LOCK;
@@ -99,6 +106,7 @@ impl Coordination {
             lease,
             value,
             enqueued_index: index,
+            attempt: index,
         });
         holdings.waiting.insert(key.clone());
         let position = lock.waiters.len() - 1;
@@ -123,6 +131,7 @@ impl Coordination {
         &mut self,
         key: LockKey,
         lease: LeaseId,
+        attempt: Option<LogIndex>,
         fx: &mut Effects,
     ) -> Result<Outcome, CoordinationError> {
         validate_name(&key.name)?;
@@ -137,7 +146,9 @@ impl Coordination {
             });
         };
         let held = (lock.holder.lease == lease).then(|| lock.holder.clone());
-        let Some(position) = lock.waiters.iter().position(|w| w.lease == lease) else {
+        let current_attempt = |w: &Waiter| attempt.is_none_or(|a| a == w.attempt);
+        let position = lock.waiters.iter().position(|w| w.lease == lease);
+        let Some(position) = position.filter(|p| current_attempt(&lock.waiters[*p])) else {
             return Ok(Outcome::WaitCancelled {
                 was_waiting: false,
                 held,

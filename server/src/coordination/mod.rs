@@ -227,9 +227,12 @@ impl Coordination {
             Op::Release { kind, name, token } => {
                 self.release(index, &LockKey::new(kind, name), token, fx)
             }
-            Op::CancelWait { kind, name, lease } => {
-                self.cancel_wait(LockKey::new(kind, name), lease, fx)
-            }
+            Op::CancelWait {
+                kind,
+                name,
+                lease,
+                attempt,
+            } => self.cancel_wait(LockKey::new(kind, name), lease, attempt, fx),
             Op::Proclaim { name, token, value } => {
                 self.proclaim(LockKey::new(Kind::Election, name), token, value, fx)
             }

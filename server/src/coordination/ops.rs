@@ -1,6 +1,7 @@
 //! What goes into [`super::Coordination::apply`] and what comes out.
 
 use super::types::{FencingToken, Grant, Kind, LeaseId};
+use crate::types::LogIndex;
 
 /// One replicated coordination command, applied at one Raft index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,11 +28,14 @@ pub enum Op {
         name: String,
         token: FencingToken,
     },
-    /// Leaves the queue of a lock or election.
+    /// Leaves the queue of a lock or election, if the waiting acquire at
+    /// index `attempt` is still the latest one for the lease (`None`: in
+    /// any case).
     CancelWait {
         kind: Kind,
         name: String,
         lease: LeaseId,
+        attempt: Option<LogIndex>,
     },
     /// Replaces the published value of an election's current leader.
     Proclaim {

@@ -272,10 +272,19 @@ fn queueing_again_keeps_the_original_place() {
     h.lock(Kind::Lock, "db", a);
     assert_eq!(h.wait(Kind::Lock, "db", b), 0);
     assert_eq!(h.wait(Kind::Lock, "db", c), 1);
-    let before = h.state.clone();
     assert_eq!(h.wait(Kind::Lock, "db", b), 0);
-    assert_eq!(h.state, before);
     assert_eq!(h.queue(Kind::Lock, "db"), vec![b, c]);
+    // Only the attempt of b's waiter moved on, to the resent wait.
+    let lock = h.state.describe(Kind::Lock, "db").expect("held");
+    let attempts: Vec<(LogIndex, LogIndex)> = lock
+        .waiters
+        .iter()
+        .map(|w| (w.enqueued_index, w.attempt))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![(LogIndex(5), h.index), (LogIndex(6), LogIndex(6))]
+    );
 }
 
 #[test]
@@ -476,6 +485,7 @@ fn unknown_lease_is_refused_by_revoke_acquire_and_cancel() {
         kind: Kind::Lock,
         name: "db".into(),
         lease,
+        attempt: None,
     };
     assert_refused(&mut h, cancel, not_found);
 }
@@ -491,6 +501,7 @@ fn cancelled_waiter_is_skipped_when_the_lock_is_released() {
         kind: Kind::Lock,
         name: "db".into(),
         lease: b,
+        attempt: None,
     };
     let applied = h.apply(cancel.clone());
     let cancelled = Outcome::WaitCancelled {
@@ -516,6 +527,49 @@ fn cancelled_waiter_is_skipped_when_the_lock_is_released() {
 }
 
 #[test]
+fn a_cancel_from_an_attempt_that_was_resent_leaves_the_resent_wait_queued() {
+    let mut h = Harness::new();
+    let (a, b, c) = (h.grant_lease(), h.grant_lease(), h.grant_lease());
+    let first = h.lock(Kind::Lock, "db", a);
+    h.wait(Kind::Lock, "db", b);
+    let first_attempt = h.index;
+    h.wait(Kind::Lock, "db", c);
+    // b's connection broke; its client resent the wait, which was applied
+    // before the first attempt's cancel.
+    assert_eq!(h.wait(Kind::Lock, "db", b), 0, "a resend keeps its place");
+    let cancel = |attempt| Op::CancelWait {
+        kind: Kind::Lock,
+        name: "db".into(),
+        lease: b,
+        attempt: Some(attempt),
+    };
+    let stale = h.apply(cancel(first_attempt));
+    let nothing = Outcome::WaitCancelled {
+        was_waiting: false,
+        held: None,
+    };
+    assert_eq!(stale.result, Ok(nothing));
+    assert!(stale.changes.is_empty());
+    let next = next_of(&h.release(Kind::Lock, "db", first.token));
+    assert_eq!(next.map(|g| g.lease), Some(b), "b still waited first");
+
+    // A cancel of the latest attempt does take a waiter out.
+    h.wait(Kind::Lock, "db", a);
+    let latest = h.index;
+    let cancelled = h.apply(Op::CancelWait {
+        kind: Kind::Lock,
+        name: "db".into(),
+        lease: a,
+        attempt: Some(latest),
+    });
+    let done = Outcome::WaitCancelled {
+        was_waiting: true,
+        held: None,
+    };
+    assert_eq!(cancelled.result, Ok(done));
+}
+
+#[test]
 fn cancelling_after_the_grant_won_the_race_returns_the_grant() {
     let mut h = Harness::new();
     let (a, b) = (h.grant_lease(), h.grant_lease());
@@ -526,6 +580,7 @@ fn cancelling_after_the_grant_won_the_race_returns_the_grant() {
         kind: Kind::Lock,
         name: "db".into(),
         lease: b,
+        attempt: None,
     });
     let expected = Outcome::WaitCancelled {
         was_waiting: false,

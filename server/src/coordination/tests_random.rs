@@ -121,7 +121,14 @@ fn random_op(rng: &mut StdRng, h: &Harness, seen: &Observer) -> Op {
             name,
             token: pick_token(rng, h, &key, seen),
         },
-        83..=90 => Op::CancelWait { kind, name, lease },
+        83..=90 => Op::CancelWait {
+            kind,
+            name,
+            lease,
+            attempt: rng
+                .gen_bool(0.5)
+                .then(|| LogIndex(rng.gen_range(1..=h.index.0.max(1)))),
+        },
         _ => Op::Proclaim {
             token: pick_token(rng, h, &LockKey::new(Kind::Election, name.clone()), seen),
             name,

@@ -133,6 +133,11 @@ pub struct Waiter {
     /// The index of the entry that queued it; unique per lock and increasing
     /// along the queue, so it also orders the stored waiter records.
     pub enqueued_index: LogIndex,
+    /// The index of the latest waiting acquire that found this lease queued
+    /// (or queued it). A `CancelWait` naming an older attempt is ignored:
+    /// the caller that gave up was replaced by a resent request that still
+    /// waits.
+    pub attempt: LogIndex,
 }
 
 /// A held lock or election. A lock that nobody holds has no record: when its
