@@ -478,7 +478,9 @@ fn stale(name: &str, presented: u64, current: u64) -> CommandResult {
     error_result(Code::FailedPrecondition, message, Some(details))
 }
 
-fn coordination_error(name: &str, error: CoordinationError) -> CommandResult {
+/// The recorded result of a refused coordination op: a gRPC code, a
+/// message and typed details. Also used for refusals found before proposing.
+pub(crate) fn coordination_error(name: &str, error: CoordinationError) -> CommandResult {
     let message = error.to_string();
     match error {
         CoordinationError::InvalidArgument { field, reason } => {

@@ -298,6 +298,59 @@ async fn lease_ttl_outside_the_bounds_is_rejected_naming_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_and_values_are_refused_with_the_field_in_typed_details() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let lease = cluster.grant(30_000).await;
+    let mut locks = LockClient::new(cluster.channel(leader).await);
+    let empty_name = locks
+        .acquire(AcquireRequest {
+            name: String::new(),
+            lease,
+            wait: false,
+            request: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(empty_name.code(), Code::InvalidArgument);
+    match details(&empty_name) {
+        error_details::Detail::InvalidField(field) => assert_eq!(field.field, "name"),
+        other => panic!("expected InvalidField, got {other:?}"),
+    }
+    let mut kv = cluster.client(leader).await;
+    let bad_fence = kv
+        .put(PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            fence: Some(Fence {
+                name: String::new(),
+                token: 1,
+                kind: 0,
+            }),
+            ..PutRequest::default()
+        })
+        .await
+        .unwrap_err();
+    match details(&bad_fence) {
+        error_details::Detail::InvalidField(field) => assert_eq!(field.field, "fence.name"),
+        other => panic!("expected InvalidField, got {other:?}"),
+    }
+    let empty_key = kv
+        .put(PutRequest {
+            key: Vec::new(),
+            value: b"v".to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .unwrap_err();
+    match details(&empty_key) {
+        error_details::Detail::InvalidField(field) => assert_eq!(field.field, "key"),
+        other => panic!("expected InvalidField, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keep_increasing_across_a_full_cluster_restart() {
     let mut cluster = TestCluster::start(5, 10_000).await;
     let lease = cluster.grant(30_000).await;

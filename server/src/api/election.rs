@@ -56,8 +56,7 @@ impl Election for Api {
             request,
         } = request.into_inner();
         self.check_name(&name)?;
-        validate_value(Kind::Election, &value)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_value(Kind::Election, &value).map_err(|e| super::refusal(&name, e))?;
         let proclaim = Proclaim { name, token, value };
         let (applied, _) = self
             .propose_once(command::Command::Proclaim(proclaim), request)

@@ -17,11 +17,12 @@ use tonic::{Request, Response, Status};
 use latchkey_proto::state::v1::{command, command_result, Acquire, CancelWait, GrantKind, Release};
 use latchkey_proto::v1::lock_server::Lock;
 use latchkey_proto::v1::{
-    AcquireRequest, AcquireResponse, DescribeRequest, DescribeResponse, Grant, ReleaseRequest,
-    ReleaseResponse, RequestId,
+    error_details, AcquireRequest, AcquireResponse, DescribeRequest, DescribeResponse,
+    ErrorDetails, Grant, ReleaseRequest, ReleaseResponse, RequestId,
 };
+use prost::Message as _;
 
-use super::{header_at, Api};
+use super::{header_at, refusal, Api};
 use crate::coordination::{validate_name, validate_value, Event, Kind, LeaseId};
 use crate::error::RequestError;
 use crate::state_machine::grant_proto;
@@ -125,7 +126,7 @@ impl Drop for CancelOnDrop {
 
 impl Api {
     pub(super) fn check_name(&self, name: &str) -> Result<(), Status> {
-        validate_name(name).map_err(|e| Status::invalid_argument(e.to_string()))
+        validate_name(name).map_err(|e| refusal(name, e))
     }
 
     /// Acquire or campaign: returns the grant, waiting for it if asked.
@@ -139,7 +140,7 @@ impl Api {
         request: Option<RequestId>,
     ) -> Result<(latchkey_proto::v1::ResponseHeader, Grant), Status> {
         self.check_name(&name)?;
-        validate_value(kind, &value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_value(kind, &value).map_err(|e| refusal(&name, e))?;
         let mut events = self.node.subscribe();
         let acquire = Acquire {
             kind: grant_kind(kind),
@@ -221,9 +222,16 @@ impl Api {
 }
 
 fn lease_gone(lease: LeaseId) -> Status {
-    Status::not_found(format!(
-        "lease {lease} ended (expired or revoked) while waiting"
-    ))
+    let details = ErrorDetails {
+        detail: Some(error_details::Detail::LeaseNotFound(
+            latchkey_proto::v1::LeaseNotFound { lease: lease.0 },
+        )),
+    };
+    Status::with_details(
+        tonic::Code::NotFound,
+        format!("lease {lease} ended (expired or revoked) while waiting"),
+        details.encode_to_vec().into(),
+    )
 }
 
 fn match_grant(

@@ -40,6 +40,7 @@ use latchkey_proto::v1::{
 };
 use prost::Message as _;
 
+use crate::coordination::CoordinationError;
 use crate::error::{FatalError, RequestError};
 use crate::node::{Applied, NodeHandle, Role};
 use crate::state_machine::{Reader, MAX_KEY_BYTES, MAX_RANGE_KEYS, MAX_VALUE_BYTES};
@@ -163,6 +164,15 @@ impl Api {
     }
 }
 
+/// A refusal found before proposing (a bad name or value), with the same
+/// code and typed details as the refusal apply would record.
+pub(super) fn refusal(name: &str, error: CoordinationError) -> Status {
+    match crate::state_machine::coordination_error(name, error).result {
+        Some(command_result::Result::Error(error)) => command_status(error),
+        _ => Status::internal("a refusal produced no error"),
+    }
+}
+
 /// Maps a refusal recorded by apply to its gRPC status with typed details.
 pub fn command_status(error: CommandError) -> Status {
     let code = tonic::Code::from_i32(error.code);
@@ -217,7 +227,21 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
             Status::unavailable(error.to_string())
         }
         RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
-        RequestError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
+        RequestError::InvalidArgument { field, ref reason } => {
+            let details = latchkey_proto::v1::ErrorDetails {
+                detail: Some(latchkey_proto::v1::error_details::Detail::InvalidField(
+                    latchkey_proto::v1::InvalidField {
+                        field: field.to_string(),
+                        reason: reason.clone(),
+                    },
+                )),
+            };
+            Status::with_details(
+                tonic::Code::InvalidArgument,
+                error.to_string(),
+                details.encode_to_vec().into(),
+            )
+        }
     }
 }
 
@@ -272,8 +296,16 @@ impl Kv for Api {
             .and_then(|()| check_value(&value))
             .map_err(|e| self.status(e))?;
         if let Some(fence) = &fence {
-            crate::coordination::validate_name(&fence.name)
-                .map_err(|e| Status::invalid_argument(format!("fence: {e}")))?;
+            crate::coordination::validate_name(&fence.name).map_err(|e| match e {
+                CoordinationError::InvalidArgument { reason, .. } => refusal(
+                    &fence.name,
+                    CoordinationError::InvalidArgument {
+                        field: "fence.name",
+                        reason,
+                    },
+                ),
+                other => refusal(&fence.name, other),
+            })?;
         }
         let put = Put {
             key,
