@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
@@ -32,6 +32,8 @@ pub struct RunningServer {
     pub peer_addr: SocketAddr,
     pub node: NodeHandle,
     stop: Option<oneshot::Sender<()>>,
+    /// Ends the client streams already accepted; see `Api`.
+    stopping: watch::Sender<bool>,
     node_task: JoinHandle<Result<(), FatalError>>,
     servers: Vec<JoinHandle<()>>,
 }
@@ -52,6 +54,7 @@ impl RunningServer {
             let _ = stopped.await;
         });
         let reader = Reader::new(engine, handle.coordination());
+        let (stopping, stopping_rx) = watch::channel(false);
         let min_lease_ttl_ms = 2 * config.timing.election_timeout_ms();
         let api = Api::new(
             config.id,
@@ -59,6 +62,7 @@ impl RunningServer {
             reader,
             directory.clone(),
             min_lease_ttl_ms,
+            stopping_rx,
         );
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
         let peer_addr = peer_listener.local_addr().map_err(listen_error)?;
@@ -84,6 +88,7 @@ impl RunningServer {
             peer_addr,
             node: handle,
             stop: Some(stop),
+            stopping,
             node_task,
             servers,
         })
@@ -94,11 +99,15 @@ impl RunningServer {
         join_node(&mut self.node_task).await
     }
 
-    /// Stops serving and waits for the node to flush and stop.
+    /// Stops serving and waits for the node to flush and stop. Streams
+    /// already open (Observe, KeepAlive) and waiting acquires end with
+    /// `UNAVAILABLE`; the connections themselves stay open until the
+    /// runtime or the process ends.
     pub async fn shutdown(mut self) -> Result<(), FatalError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        self.stopping.send_replace(true);
         let result = join_node(&mut self.node_task).await;
         for server in self.servers.drain(..) {
             server.abort();

@@ -298,6 +298,60 @@ async fn lease_ttl_outside_the_bounds_is_rejected_naming_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_node_ends_its_open_observe_and_keepalive_streams() {
+    let mut cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let lease = cluster.grant(30_000).await;
+    let channel = cluster.channel(leader).await;
+    let mut changes = ElectionClient::new(channel.clone())
+        .observe(ObserveRequest { name: "svc".into() })
+        .await
+        .expect("observe")
+        .into_inner();
+    changes
+        .message()
+        .await
+        .expect("first answer")
+        .expect("initial state");
+    let (renewals, queue) = tokio::sync::mpsc::channel(1);
+    renewals
+        .send(LeaseKeepAliveRequest { lease })
+        .await
+        .expect("queue a renewal");
+    let mut answers = LeaseClient::new(channel)
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(queue))
+        .await
+        .expect("keepalive")
+        .into_inner();
+    answers
+        .message()
+        .await
+        .expect("renewed")
+        .expect("an answer");
+
+    cluster.stop(leader).await;
+    let observe_end = tokio::time::timeout(support::DEADLINE, changes.message())
+        .await
+        .expect("the observe stream ends instead of hanging");
+    assert!(
+        matches!(&observe_end, Err(s) if s.code() == Code::Unavailable)
+            || matches!(observe_end, Ok(None)),
+        "{observe_end:?}"
+    );
+    let keepalive_end = tokio::time::timeout(support::DEADLINE, answers.message())
+        .await
+        .expect("the keepalive stream ends instead of hanging");
+    assert!(
+        matches!(&keepalive_end, Err(s) if s.code() == Code::Unavailable)
+            || matches!(keepalive_end, Ok(None)),
+        "{keepalive_end:?}"
+    );
+    drop(renewals);
+    cluster.restart(leader).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_names_and_values_are_refused_with_the_field_in_typed_details() {
     let cluster = TestCluster::start(3, 10_000).await;
     let leader = cluster.leader().await;

@@ -6,7 +6,7 @@
 //! the address the node advertises as its client address (so leader hints
 //! lead through it too). Stopping a node severs every connection through
 //! its proxy, as the exit of a real process would; an in-process node that
-//! stops leaves the connections it already accepted open.
+//! stops ends its streams but leaves the connections themselves open.
 
 #![allow(dead_code)]
 

@@ -93,8 +93,17 @@ impl Election for Api {
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
+            let stopping = api.stopping();
+            tokio::pin!(stopping);
             loop {
-                let next = match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    () = &mut stopping => {
+                        let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
+                        return;
+                    }
+                };
+                let next = match received {
                     Ok(applied) => applied.events.iter().rev().find_map(|event| match event {
                         Event::LeaderChanged { name: n, .. } if *n == name => {
                             Some(api.current_leader(&name))

@@ -83,7 +83,21 @@ impl Lease for Api {
         let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let api = self.clone();
         tokio::spawn(async move {
-            while let Ok(Some(LeaseKeepAliveRequest { lease })) = incoming.message().await {
+            let stopping = api.stopping();
+            tokio::pin!(stopping);
+            // Bounded by the stream: it ends when the client closes it, on a
+            // failed renewal, or when the server stops.
+            loop {
+                let message = tokio::select! {
+                    message = incoming.message() => message,
+                    () = &mut stopping => {
+                        let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
+                        return;
+                    }
+                };
+                let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
+                    return;
+                };
                 let answer = api.keep_alive_once(LeaseId(lease)).await;
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {

@@ -171,8 +171,14 @@ impl Api {
             attempt: applied.index.0,
             armed: true,
         };
+        let stopping = self.stopping();
+        tokio::pin!(stopping);
         loop {
-            let found = match events.recv().await {
+            let received = tokio::select! {
+                received = events.recv() => received,
+                () = &mut stopping => return Err(self.status(RequestError::ShuttingDown)),
+            };
+            let found = match received {
                 Ok(applied) => match_grant(&applied.events, kind, &name, lease),
                 Err(RecvError::Lagged(_)) => self.current_grant(kind, &name, lease),
                 Err(RecvError::Closed) => Err(self.status(RequestError::ShuttingDown)),

@@ -24,6 +24,9 @@ mod election;
 mod lease;
 mod lock;
 
+use std::future::Future;
+
+use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -64,6 +67,10 @@ pub struct Api {
     /// Shortest lease TTL granted: twice the election timeout, so that a
     /// leader change alone never outlasts a lease.
     min_lease_ttl_ms: u64,
+    /// Turns true when the server stops: long-lived streams (Observe,
+    /// KeepAlive) then end with `UNAVAILABLE`, so their clients move to
+    /// another node instead of waiting on a node that no longer serves.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Api {
@@ -73,6 +80,7 @@ impl Api {
         reader: Reader,
         directory: PeerDirectory,
         min_lease_ttl_ms: u64,
+        stopping: watch::Receiver<bool>,
     ) -> Api {
         Api {
             id,
@@ -80,6 +88,16 @@ impl Api {
             reader,
             directory,
             min_lease_ttl_ms,
+            stopping,
+        }
+    }
+
+    /// Completes once the server is stopping.
+    pub(super) fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.clone();
+        async move {
+            // An error means the server is gone altogether: stopping too.
+            let _ = stopping.wait_for(|stopping| *stopping).await;
         }
     }
 
