@@ -105,10 +105,7 @@ impl Held {
                 tokio::time::sleep(GRANT_CHECK_INTERVAL).await;
                 if let Ok(current) = self.current_token(client).await {
                     if current != self.token() {
-                        return format!(
-                            "it was ended elsewhere (token {} is no longer current)",
-                            self.token()
-                        );
+                        return self.why_ended(client).await;
                     }
                 }
             }
@@ -116,6 +113,18 @@ impl Held {
         tokio::select! {
             reason = lease_lost => describe_lost(reason).to_string(),
             why = ended_elsewhere => why,
+        }
+    }
+
+    /// Why a grant that is no longer current ended: with its lease (a
+    /// revoke or expiry the keepalives have not reported yet), or on its own.
+    async fn why_ended(&self, client: &Client) -> String {
+        match client.raw().lease_info(self.lease().id()).await {
+            Ok(None) => describe_lost(latchkey_client::LeaseLost::NotFound).to_string(),
+            _ => format!(
+                "it was released elsewhere (token {} is no longer current)",
+                self.token()
+            ),
         }
     }
 
