@@ -6,7 +6,9 @@
 //! lagged, it re-reads the state instead. If the caller goes away (deadline,
 //! disconnect) while queued, a `CancelWait` is proposed so the lease leaves
 //! the queue; a grant that won that race stays with the lease until it is
-//! released or the lease ends. The cancel names the log index of the
+//! released or the lease ends. A node that stops leading ends its waits
+//! with `UNAVAILABLE`, so callers resend to the new leader, where their
+//! leases are still queued. The cancel names the log index of the
 //! acquire that gave up, and is ignored if a later waiting acquire of the
 //! same lease (a client's resend after a broken connection) has been
 //! applied since: that one still waits.
@@ -25,6 +27,7 @@ use prost::Message as _;
 use super::{header_at, refusal, Api};
 use crate::coordination::{validate_name, validate_value, Event, Kind, LeaseId};
 use crate::error::RequestError;
+use crate::node::Role;
 use crate::state_machine::grant_proto;
 
 #[tonic::async_trait]
@@ -173,10 +176,19 @@ impl Api {
         };
         let stopping = self.stopping();
         tokio::pin!(stopping);
+        // A deposed leader (partitioned away, stepped down) stops serving the
+        // wait at once, so the caller resends to the new leader, where the
+        // lease is still queued, instead of waiting out its deadline here.
+        let mut status = self.node.watch_status();
+        let deposed = async move {
+            let _ = status.wait_for(|status| status.role != Role::Leader).await;
+        };
+        tokio::pin!(deposed);
         loop {
             let received = tokio::select! {
                 received = events.recv() => received,
                 () = &mut stopping => return Err(self.status(RequestError::ShuttingDown)),
+                () = &mut deposed => return Err(self.status(RequestError::LeadershipLost)),
             };
             let found = match received {
                 Ok(applied) => match_grant(&applied.events, kind, &name, lease),
