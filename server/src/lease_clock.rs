@@ -17,6 +17,13 @@
 //! earlier leader's decision can land after a keepalive this leader
 //! acknowledged. (Clock rates are assumed to agree within the drift the
 //! client's margin allows; see docs/semantics.md.)
+//!
+//! A lease past its deadline is never renewed ([`LeaseClock::keep_alive`]
+//! answers `NotFound`): an `ExpireLeases` entry naming it may already be
+//! proposed, and a renewal acknowledged now would be undone when that entry
+//! applies. Every lease in a proposed expiry has a deadline at or before the
+//! proposal, so this closes that race. (Found by the deterministic
+//! simulator, seed 15.)
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -114,6 +121,8 @@ impl LeaseClock {
             return KeepAlive::NotReady;
         }
         match self.deadlines.get_mut(&lease) {
+            // Doomed: an expiry naming it may be in flight (see module docs).
+            Some(deadline) if deadline.at <= now => KeepAlive::NotFound,
             Some(deadline) => {
                 deadline.at = now + deadline.ttl;
                 KeepAlive::Renewed {
@@ -226,6 +235,24 @@ mod tests {
         clock.keep_alive(start + Duration::from_millis(900), lease);
         assert!(clock.due(start + Duration::from_millis(1500)).is_empty());
         assert_eq!(clock.due(start + Duration::from_millis(1900)), vec![lease]);
+    }
+
+    #[test]
+    fn keepalive_after_the_deadline_does_not_revive_the_lease() {
+        let (state, lease) = state_with_lease(1000);
+        let mut clock = LeaseClock::default();
+        let start = Instant::now();
+        clock.lead(start, 1, &state);
+        clock.applied(1);
+        let late = start + Duration::from_millis(1000);
+        // The round is proposed; its entry has not applied yet.
+        assert_eq!(clock.due(late), vec![lease]);
+        clock.start_round(7, late);
+        assert!(clock.finish_round(7));
+        assert_eq!(clock.expired(late), vec![lease]);
+        let keepalive = late + Duration::from_millis(5);
+        assert_eq!(clock.keep_alive(keepalive, lease), KeepAlive::NotFound);
+        assert_eq!(clock.expired(keepalive), vec![lease], "still doomed");
     }
 
     #[test]
