@@ -24,6 +24,18 @@
 //! the leader confirmed with a quorum, and waits until the local applied
 //! index reaches it (see [`NodeHandle::read_index`]).
 //!
+//! # Seams for the deterministic simulator
+//!
+//! [`Node::run`] is the production loop: a tokio `select!` between a ticker
+//! and the inbox. A driver that owns the schedule itself (the simulator in
+//! `server/tests/simulation.rs`) instead calls [`Node::tick`] and
+//! [`Node::handle_inbox`], which run exactly the same code as one iteration
+//! of that loop. [`NodeOptions`] replaces what would otherwise come from the
+//! environment: the clock ([`Clock`]), the boot id, the election timeout
+//! range (raft-rs draws it from `rand::thread_rng`, which cannot be seeded)
+//! and an observer of applied entries. [`Node::new`] uses the production
+//! defaults.
+//!
 //! Not done yet: membership changes are applied if committed, but nothing
 //! proposes them; entries are read from RocksDB synchronously on the loop.
 
@@ -50,6 +62,10 @@ use crate::state_machine::{SharedCoordination, StateMachine};
 use crate::storage::raft_log::FatalSlot;
 use crate::storage::{Batch, Engine, LogPosition, RaftLog};
 use crate::types::{LogIndex, NodeId};
+
+mod options;
+
+pub use options::{ApplyObserver, Clock, MonotonicClock, NodeOptions};
 
 /// Capacity of the node's inbox; senders wait when it is full.
 pub const INBOX_CAPACITY: usize = 4096;
@@ -282,6 +298,8 @@ pub struct Node {
     lease_clock: LeaseClock,
     tick_interval: Duration,
     compact_log_after_entries: u64,
+    clock: Box<dyn Clock>,
+    apply_observer: Option<ApplyObserver>,
 }
 
 impl Node {
@@ -290,6 +308,16 @@ impl Node {
         config: &Config,
         engine: Engine,
         transport: Box<dyn Transport>,
+    ) -> Result<(Node, NodeHandle), FatalError> {
+        Node::with_options(config, engine, transport, NodeOptions::default())
+    }
+
+    /// [`Node::new`] with the environment made explicit (see [`NodeOptions`]).
+    pub fn with_options(
+        config: &Config,
+        engine: Engine,
+        transport: Box<dyn Transport>,
+        options: NodeOptions,
     ) -> Result<(Node, NodeHandle), FatalError> {
         let fatal = FatalSlot::default();
         let voters: Vec<u64> = config.peers.keys().map(|id| id.0).collect();
@@ -301,10 +329,14 @@ impl Node {
         }
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;
+        // (0, 0) is raft-rs's default range.
+        let (min_election_tick, max_election_tick) = options.election_tick_range.unwrap_or((0, 0));
         let raft_config = raft::Config {
             id: config.id.0,
             election_tick: config.timing.election_ticks,
             heartbeat_tick: config.timing.heartbeat_ticks,
+            min_election_tick,
+            max_election_tick,
             applied: applied.index,
             pre_vote: true,
             check_quorum: true,
@@ -315,7 +347,9 @@ impl Node {
         raft_config
             .validate()
             .map_err(|e| FatalError::Raft(format!("invalid raft configuration: {e}")))?;
-        let logger = crate::logging::raft_logger(config.id.0);
+        let logger = options
+            .raft_logger
+            .unwrap_or_else(|| crate::logging::raft_logger(config.id.0));
         let raw = RawNode::new(&raft_config, raft_log, &logger)
             .map_err(|e| FatalError::Raft(format!("cannot start raft: {e}")))?;
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
@@ -324,7 +358,7 @@ impl Node {
         let coordination = state_machine.coordination();
         let mut node = Node {
             id: config.id,
-            boot_id: rand::random(),
+            boot_id: options.boot_id,
             raw,
             state_machine,
             transport,
@@ -339,6 +373,8 @@ impl Node {
             lease_clock: LeaseClock::default(),
             tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
             compact_log_after_entries: config.compact_log_after_entries,
+            clock: options.clock,
+            apply_observer: options.apply_observer,
         };
         node.publish_status(true);
         let handle = NodeHandle {
@@ -372,29 +408,56 @@ impl Node {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
-                    self.raw.tick();
-                    self.expire_reads();
-                    self.start_expiry_round();
-                }
+                _ = ticker.tick() => self.on_tick(),
                 message = self.inbox.recv() => {
                     // The node holds a handle to itself (via the transport),
                     // so the inbox never closes while the loop runs.
                     let Some(message) = message else { return Ok(()) };
                     self.handle(message);
-                    for _ in 1..MAX_INBOX_BATCH {
-                        match self.inbox.try_recv() {
-                            Ok(message) => self.handle(message),
-                            Err(_) => break,
-                        }
-                    }
+                    self.drain_inbox(MAX_INBOX_BATCH - 1);
                 }
             }
-            self.on_ready()?;
-            self.check_fatal()?;
-            self.publish_status(true);
-            self.maybe_compact()?;
+            self.after_input()?;
         }
+    }
+
+    /// One tick, for a driver that owns the schedule (the simulator): the
+    /// same work as the ticker branch of one iteration of [`Node::run`].
+    pub fn tick(&mut self) -> Result<(), FatalError> {
+        self.on_tick();
+        self.after_input()
+    }
+
+    /// Handles up to [`MAX_INBOX_BATCH`] queued messages without waiting,
+    /// then the Ready: the same work as the inbox branch of one iteration
+    /// of [`Node::run`].
+    pub fn handle_inbox(&mut self) -> Result<(), FatalError> {
+        self.drain_inbox(MAX_INBOX_BATCH);
+        self.after_input()
+    }
+
+    fn on_tick(&mut self) {
+        self.raw.tick();
+        self.expire_reads();
+        self.start_expiry_round();
+    }
+
+    fn drain_inbox(&mut self, most: usize) {
+        for _ in 0..most {
+            match self.inbox.try_recv() {
+                Ok(message) => self.handle(message),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Everything after the loop's input: the Ready, fatal errors, the
+    /// status, compaction.
+    fn after_input(&mut self) -> Result<(), FatalError> {
+        self.on_ready()?;
+        self.check_fatal()?;
+        self.publish_status(true);
+        self.maybe_compact()
     }
 
     fn check_fatal(&self) -> Result<(), FatalError> {
@@ -425,21 +488,21 @@ impl Node {
             }
             NodeMsg::KeepAlive { lease, reply } => {
                 let answer = if self.raw.raft.state == StateRole::Leader {
-                    Ok(self.lease_clock.keep_alive(Instant::now(), lease))
+                    Ok(self.lease_clock.keep_alive(self.clock.now(), lease))
                 } else {
                     Err(self.not_leader())
                 };
                 let _ = reply.send(answer);
             }
             NodeMsg::LeaseRemaining { lease, reply } => {
-                let _ = reply.send(self.lease_clock.remaining(Instant::now(), lease));
+                let _ = reply.send(self.lease_clock.remaining(self.clock.now(), lease));
             }
         }
     }
 
     /// Starts confirming leadership before expiring overdue leases.
     fn start_expiry_round(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         if self.lease_clock.due(now).is_empty() {
             return;
         }
@@ -450,7 +513,7 @@ impl Node {
 
     /// Leadership is confirmed: expire what is still overdue.
     fn finish_expiry_round(&mut self) {
-        let expired = self.lease_clock.expired(Instant::now());
+        let expired = self.lease_clock.expired(self.clock.now());
         if expired.is_empty() || self.raw.raft.state != StateRole::Leader {
             return;
         }
@@ -529,13 +592,13 @@ impl Node {
             request_id,
             PendingRead {
                 reply,
-                since: Instant::now(),
+                since: self.clock.now(),
             },
         );
     }
 
     fn expire_reads(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let expired: Vec<u64> = self
             .reads
             .iter()
@@ -589,7 +652,7 @@ impl Node {
                 let ready_index = self.raw.raft.raft_log.last_index();
                 let state = self.state_machine.coordination();
                 self.lease_clock
-                    .lead(Instant::now(), ready_index, &state.read());
+                    .lead(self.clock.now(), ready_index, &state.read());
             } else {
                 self.lease_clock.follow();
             }
@@ -658,11 +721,14 @@ impl Node {
             };
             self.state_machine.set_applied(&mut batch, position);
             self.raw.store().engine().write(batch, false)?;
+            if let Some(observer) = &mut self.apply_observer {
+                observer(&entry, result.as_ref());
+            }
             self.lease_clock.applied(entry.index);
             if let Some(result) = result {
                 if let Some(command_result::Result::LeaseGranted(granted)) = &result.result {
                     self.lease_clock.granted(
-                        Instant::now(),
+                        self.clock.now(),
                         LeaseId(granted.lease),
                         granted.ttl_ms,
                     );
