@@ -32,14 +32,15 @@
 //! stop the keepalives: the guard holds a clone of the lease.)
 
 use std::process::ExitCode;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use latchkey_client::{Client, Error, FencingToken, Lease};
 use tokio::sync::oneshot;
 
-/// The environment variable that lists the cluster's client endpoints.
-const ENDPOINTS_VAR: &str = "LATCHKEY_ENDPOINTS";
+mod common;
+
+use common::{describe_token, endpoints_from_env, ensure, log, BoxError};
+
 const LOCK: &str = "counter-demo";
 const VALUE_KEY: &str = "counter-demo/value";
 const WORKERS: usize = 3;
@@ -51,8 +52,6 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 const PAUSE: Duration = Duration::from_secs(4);
 /// How long the example waits for any one thing before it gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -286,48 +285,10 @@ fn parse_counter(value: &[u8]) -> Result<u64, BoxError> {
         .map_err(|error| format!("{VALUE_KEY} holds {text:?}, not a number: {error}").into())
 }
 
-fn endpoints_from_env() -> Result<Vec<String>, BoxError> {
-    let value = std::env::var(ENDPOINTS_VAR).map_err(|_| {
-        format!(
-            "{ENDPOINTS_VAR} is not set; start a cluster with `latchkey dev` and export the \
-             line it prints, e.g. {ENDPOINTS_VAR}=127.0.0.1:41001,127.0.0.1:41003"
-        )
-    })?;
-    let endpoints: Vec<String> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|endpoint| !endpoint.is_empty())
-        .map(String::from)
-        .collect();
-    if endpoints.is_empty() {
-        return Err(format!("{ENDPOINTS_VAR} lists no endpoints").into());
-    }
-    Ok(endpoints)
-}
-
-fn ensure(holds: bool, claim: impl Into<String>) -> Result<(), BoxError> {
-    if holds {
-        Ok(())
-    } else {
-        Err(claim.into().into())
-    }
-}
-
-fn describe_token(token: Option<FencingToken>) -> String {
-    token.map_or_else(|| "none".to_string(), |token| token.to_string())
-}
-
 /// The lock's current grant as a `StaleToken` refusal reports it.
 fn describe_current(current: Option<FencingToken>) -> String {
     current.map_or_else(
         || "none, the lock is free".to_string(),
         |token| format!("token {token}"),
     )
-}
-
-/// Prints one line, stamped with the time since the example started.
-fn log(who: &str, what: impl std::fmt::Display) {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let elapsed = START.get_or_init(Instant::now).elapsed();
-    println!("[{:>5.2}s] {who:<9} {what}", elapsed.as_secs_f64());
 }

@@ -41,8 +41,10 @@ use latchkey_client::fence::{FenceGate, FenceRejected, FencedWriteError};
 use latchkey_client::{Client, FencingToken};
 use parking_lot::Mutex;
 
-/// The environment variable that lists the cluster's client endpoints.
-const ENDPOINTS_VAR: &str = "LATCHKEY_ENDPOINTS";
+mod common;
+
+use common::{describe_token, endpoints_from_env, ensure, BoxError};
+
 /// The latchkey lock that guards the store, and the gate's resource name.
 const LOCK: &str = "file-store-demo";
 const KEY: &str = "report";
@@ -51,8 +53,6 @@ const KEY: &str = "report";
 const LEASE_TTL: Duration = Duration::from_secs(2);
 /// How long the example waits for a lock before it gives up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -287,35 +287,4 @@ fn replace_file(path: &Path, contents: &str) -> io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
-}
-
-fn endpoints_from_env() -> Result<Vec<String>, BoxError> {
-    let value = std::env::var(ENDPOINTS_VAR).map_err(|_| {
-        format!(
-            "{ENDPOINTS_VAR} is not set; start a cluster with `latchkey dev` and export the \
-             line it prints, e.g. {ENDPOINTS_VAR}=127.0.0.1:41001,127.0.0.1:41003"
-        )
-    })?;
-    let endpoints: Vec<String> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|endpoint| !endpoint.is_empty())
-        .map(String::from)
-        .collect();
-    if endpoints.is_empty() {
-        return Err(format!("{ENDPOINTS_VAR} lists no endpoints").into());
-    }
-    Ok(endpoints)
-}
-
-fn ensure(holds: bool, claim: impl Into<String>) -> Result<(), BoxError> {
-    if holds {
-        Ok(())
-    } else {
-        Err(claim.into().into())
-    }
-}
-
-fn describe_token(token: Option<FencingToken>) -> String {
-    token.map_or_else(|| "none".to_string(), |token| token.to_string())
 }

@@ -37,7 +37,6 @@
 
 use std::pin::pin;
 use std::process::ExitCode;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -46,8 +45,10 @@ use latchkey_client::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-/// The environment variable that lists the cluster's client endpoints.
-const ENDPOINTS_VAR: &str = "LATCHKEY_ENDPOINTS";
+mod common;
+
+use common::{describe_token, endpoints_from_env, ensure, log, BoxError};
+
 const ELECTION: &str = "leader-demo";
 const OWNER_KEY: &str = "leader-demo/owner";
 const WORKERS: [&str; 3] = ["worker-1", "worker-2", "worker-3"];
@@ -60,8 +61,6 @@ const PAUSE_BETWEEN_WRITES: Duration = Duration::from_millis(150);
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on worker and observer messages not yet read by `main`.
 const EVENT_QUEUE: usize = 64;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -457,42 +456,4 @@ async fn fenced_write(
         reason = leadership.lost() => Err(format!("lost the leadership: {reason:?}").into()),
         written = client.put(OWNER_KEY, name).fence(leadership) => Ok(written?),
     }
-}
-
-fn endpoints_from_env() -> Result<Vec<String>, BoxError> {
-    let value = std::env::var(ENDPOINTS_VAR).map_err(|_| {
-        format!(
-            "{ENDPOINTS_VAR} is not set; start a cluster with `latchkey dev` and export the \
-             line it prints, e.g. {ENDPOINTS_VAR}=127.0.0.1:41001,127.0.0.1:41003"
-        )
-    })?;
-    let endpoints: Vec<String> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|endpoint| !endpoint.is_empty())
-        .map(String::from)
-        .collect();
-    if endpoints.is_empty() {
-        return Err(format!("{ENDPOINTS_VAR} lists no endpoints").into());
-    }
-    Ok(endpoints)
-}
-
-fn ensure(holds: bool, claim: impl Into<String>) -> Result<(), BoxError> {
-    if holds {
-        Ok(())
-    } else {
-        Err(claim.into().into())
-    }
-}
-
-fn describe_token(token: Option<FencingToken>) -> String {
-    token.map_or_else(|| "none".to_string(), |token| token.to_string())
-}
-
-/// Prints one line, stamped with the time since the example started.
-fn log(who: &str, what: impl std::fmt::Display) {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let elapsed = START.get_or_init(Instant::now).elapsed();
-    println!("[{:>5.2}s] {who:<9} {what}", elapsed.as_secs_f64());
 }
