@@ -4,16 +4,14 @@
 //! leadership the way `lock` holds a lock (see [`super::hold`]). `leader`
 //! and `observe` read who leads; `resign` ends a leadership by its token.
 
-use std::time::Duration;
-
 use futures::StreamExt;
 use latchkey_client::{Error, FencingToken, GrantInfo};
 use serde::Serialize;
 
-use super::hold::{hold, run_command, Held};
-use super::lock::{print_ended, DEFAULT_KILL_AFTER, DEFAULT_TTL};
+use super::hold::{Held, HoldArgs};
+use super::lock::print_ended;
 use super::session::{connect, failure, not_acquired, ClientArgs, StopSignals};
-use super::{parse_duration, parse_ttl, print_error, write_json, write_stdout, Failure};
+use super::{print_error, write_json, write_stdout, Failure};
 use super::{EXIT_NOT_FOUND, EXIT_OK};
 
 /// Flags of `latchkey elect`.
@@ -26,18 +24,8 @@ pub struct ElectArgs {
     /// The value to publish while leading (for example this process's address).
     #[arg(long)]
     pub value: String,
-    /// TTL of the lease that holds the leadership; renewed while it is held.
-    #[arg(long, default_value = DEFAULT_TTL, value_parser = parse_ttl)]
-    pub ttl: Duration,
-    /// Give up campaigning after this long (exit code 5); campaigns until elected if omitted.
-    #[arg(long, value_parser = parse_duration)]
-    pub wait_timeout: Option<Duration>,
-    /// Time between SIGTERM and SIGKILL when the command must be stopped.
-    #[arg(long, default_value = DEFAULT_KILL_AFTER, value_parser = parse_duration)]
-    pub kill_after: Duration,
-    /// The command to run while leading (after `--`).
-    #[arg(last = true)]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub hold: HoldArgs,
 }
 
 /// Flags of `latchkey leader` and `latchkey observe`.
@@ -94,9 +82,9 @@ impl LeaderOutput {
 
 pub(crate) async fn elect(args: ElectArgs) -> Result<u8, Failure> {
     let client = connect(&args.client).await?;
-    let lease = client.grant_lease(args.ttl).await.map_err(failure)?;
+    let lease = client.grant_lease(args.hold.ttl).await.map_err(failure)?;
     let election = client.election(args.name.clone());
-    let campaign = match args.wait_timeout {
+    let campaign = match args.hold.wait_timeout {
         Some(timeout) => {
             election
                 .campaign_with_timeout(&lease, args.value.clone(), timeout)
@@ -108,7 +96,7 @@ pub(crate) async fn elect(args: ElectArgs) -> Result<u8, Failure> {
         Ok(leadership) => leadership,
         Err(error) => {
             let _ = lease.revoke().await;
-            return Err(match (error, args.wait_timeout) {
+            return Err(match (error, args.hold.wait_timeout) {
                 (Error::Timeout { .. }, Some(timeout)) => {
                     not_acquired("leadership of", &args.name, timeout)
                 }
@@ -120,11 +108,7 @@ pub(crate) async fn elect(args: ElectArgs) -> Result<u8, Failure> {
         leadership,
         value: args.value,
     };
-    if args.command.is_empty() {
-        hold(held, &client, args.client.json).await
-    } else {
-        run_command(held, &client, &args.command, args.kill_after).await
-    }
+    args.hold.hold(held, &client, args.client.json).await
 }
 
 pub(crate) async fn leader(args: LeaderArgs) -> Result<u8, Failure> {

@@ -36,7 +36,40 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use super::session::{describe_lost, lost, StopSignals};
-use super::{print_error, write_json, write_stdout, Failure, EXIT_OK};
+use super::{parse_duration, parse_ttl, print_error, write_json, write_stdout, Failure, EXIT_OK};
+
+/// Default TTL of the lease `lock` and `elect` grant for themselves.
+pub const DEFAULT_TTL: &str = "10s";
+/// Default time a command gets between SIGTERM and SIGKILL.
+pub const DEFAULT_KILL_AFTER: &str = "10s";
+
+/// Flags `lock` and `elect` share: the lease, the wait, and the command.
+#[derive(clap::Args, Debug)]
+pub struct HoldArgs {
+    /// TTL of the lease that holds the lock or leadership; renewed while it is held.
+    #[arg(long, default_value = DEFAULT_TTL, value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Give up waiting after this long (exit code 5); waits until granted if omitted.
+    #[arg(long, value_parser = parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when the command must be stopped.
+    #[arg(long, default_value = DEFAULT_KILL_AFTER, value_parser = parse_duration)]
+    pub kill_after: Duration,
+    /// The command to run while holding it (after `--`).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl HoldArgs {
+    /// Holds `held` while the command runs, or until told to stop.
+    pub async fn hold(&self, held: Held, client: &Client, json: bool) -> Result<u8, Failure> {
+        if self.command.is_empty() {
+            hold(held, client, json).await
+        } else {
+            run_command(held, client, &self.command, self.kill_after).await
+        }
+    }
+}
 
 /// A lock or a leadership being held.
 pub enum Held {

@@ -10,14 +10,9 @@ use std::time::Duration;
 use latchkey_client::{Error, FencingToken, GrantInfo, LeaseId};
 use serde::Serialize;
 
-use super::hold::{hold, run_command, Held};
+use super::hold::{Held, HoldArgs};
 use super::session::{connect, failure, not_acquired, ClientArgs};
-use super::{parse_duration, parse_ttl, write_json, write_stdout, Failure, EXIT_OK};
-
-/// Default TTL of the lease `lock` and `elect` grant for themselves.
-pub const DEFAULT_TTL: &str = "10s";
-/// Default time a command gets between SIGTERM and SIGKILL.
-pub const DEFAULT_KILL_AFTER: &str = "10s";
+use super::{parse_duration, write_json, write_stdout, Failure, EXIT_OK};
 
 /// Flags of `latchkey lock`.
 #[derive(clap::Args, Debug)]
@@ -26,21 +21,11 @@ pub struct LockArgs {
     pub client: ClientArgs,
     /// The lock's name.
     pub name: String,
-    /// TTL of the lease that holds the lock; it is renewed while the command runs.
-    #[arg(long, default_value = DEFAULT_TTL, value_parser = parse_ttl)]
-    pub ttl: Duration,
-    /// Give up waiting for the lock after this long (exit code 5); waits forever if omitted.
-    #[arg(long, value_parser = parse_duration)]
-    pub wait_timeout: Option<Duration>,
     /// Fail at once (exit code 5) if another lease holds the lock.
     #[arg(long, conflicts_with = "wait_timeout")]
     pub no_wait: bool,
-    /// Time between SIGTERM and SIGKILL when the command must be stopped.
-    #[arg(long, default_value = DEFAULT_KILL_AFTER, value_parser = parse_duration)]
-    pub kill_after: Duration,
-    /// The command to run while holding the lock (after `--`).
-    #[arg(last = true)]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub hold: HoldArgs,
 }
 
 /// Flags of `latchkey acquire`.
@@ -92,10 +77,10 @@ pub struct EndOutput {
 
 pub(crate) async fn lock(args: LockArgs) -> Result<u8, Failure> {
     let client = connect(&args.client).await?;
-    let lease = client.grant_lease(args.ttl).await.map_err(failure)?;
+    let lease = client.grant_lease(args.hold.ttl).await.map_err(failure)?;
     let acquired = if args.no_wait {
         lease.try_lock(&args.name).await
-    } else if let Some(timeout) = args.wait_timeout {
+    } else if let Some(timeout) = args.hold.wait_timeout {
         lease.lock_with_timeout(&args.name, timeout).await
     } else {
         lease.lock(&args.name).await
@@ -105,18 +90,15 @@ pub(crate) async fn lock(args: LockArgs) -> Result<u8, Failure> {
         Err(error) => {
             // Nothing is held; do not leave the lease to expire on its own.
             let _ = lease.revoke().await;
-            return Err(match (error, args.wait_timeout) {
+            return Err(match (error, args.hold.wait_timeout) {
                 (Error::Timeout { .. }, Some(timeout)) => not_acquired("lock", &args.name, timeout),
                 (error, _) => failure(error),
             });
         }
     };
-    let held = Held::Lock(guard);
-    if args.command.is_empty() {
-        hold(held, &client, args.client.json).await
-    } else {
-        run_command(held, &client, &args.command, args.kill_after).await
-    }
+    args.hold
+        .hold(Held::Lock(guard), &client, args.client.json)
+        .await
 }
 
 pub(crate) async fn acquire(args: AcquireArgs) -> Result<u8, Failure> {
