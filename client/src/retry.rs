@@ -22,6 +22,8 @@ use std::time::Duration;
 use rand::Rng;
 use tonic::Code;
 
+use latchkey_proto::v1::error_details;
+
 use crate::error::{decode_details, Error};
 
 /// Metadata key carrying the leader's client address on a "not the leader" answer.
@@ -47,9 +49,16 @@ pub(crate) fn classify(status: &tonic::Status) -> Verdict {
     if std::error::Error::source(status).is_some() {
         return Verdict::TryElsewhere;
     }
-    if decode_details(status).is_some() {
-        // Typed details are a refusal recorded by the state machine.
-        return Verdict::Fail;
+    match decode_details(status) {
+        // "Not the leader" with no leader known (an election is running):
+        // nothing was proposed, so wait and try again.
+        Some(error_details::Detail::NotLeader(not_leader)) => {
+            return normalize_endpoint(&not_leader.leader_client_addr)
+                .map_or(Verdict::TryElsewhere, Verdict::FollowLeader);
+        }
+        // Other typed details are a refusal recorded by the state machine.
+        Some(_) => return Verdict::Fail,
+        None => {}
     }
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::DataLoss => {
@@ -120,7 +129,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use latchkey_proto::v1::{error_details, ErrorDetails, StaleToken};
+    use latchkey_proto::v1::{ErrorDetails, NotLeader, StaleToken};
     use prost::Message as _;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -145,6 +154,28 @@ mod tests {
         assert_eq!(classify(&status), Verdict::TryElsewhere);
         let status = tonic::Status::deadline_exceeded("no quorum");
         assert_eq!(classify(&status), Verdict::TryElsewhere);
+    }
+
+    #[test]
+    fn not_leader_details_without_a_leader_try_elsewhere_and_with_one_follow_it() {
+        let not_leader = |addr: &str| {
+            let details = ErrorDetails {
+                detail: Some(error_details::Detail::NotLeader(NotLeader {
+                    leader_id: 0,
+                    leader_client_addr: addr.into(),
+                })),
+            };
+            tonic::Status::with_details(
+                Code::Unavailable,
+                "node is not the leader",
+                details.encode_to_vec().into(),
+            )
+        };
+        assert_eq!(classify(&not_leader("")), Verdict::TryElsewhere);
+        assert_eq!(
+            classify(&not_leader("127.0.0.1:7003")),
+            Verdict::FollowLeader("http://127.0.0.1:7003".into())
+        );
     }
 
     #[test]
