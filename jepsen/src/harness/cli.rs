@@ -14,12 +14,13 @@ use super::run::{self, RunOptions};
 use crate::check::Validity;
 
 /// Workloads `--workload` accepts.
-pub const WORKLOADS: [&str; 2] = ["lock-fenced", "register"];
+pub const WORKLOADS: [&str; 4] = ["lock-fenced", "register", "election", "lease"];
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
-    /// `lock-fenced` (a fenced counter under one lock) or `register`
-    /// (read/write/cas on a few keys).
+    /// `lock-fenced` (a fenced counter under one lock), `register`
+    /// (read/write/cas on a few keys), `election` (campaign, proclaim,
+    /// resign, observe) or `lease` (grant, keepalive, revoke, expiry).
     #[arg(long, default_value = "lock-fenced")]
     pub workload: String,
     /// Comma-separated faults: partition, kill, pause, clock; or `none`.
@@ -44,7 +45,7 @@ pub struct TestArgs {
     /// catch what fencing prevents.
     #[arg(long)]
     pub unsafe_no_fencing: bool,
-    /// Lease TTL of the lock workers (`2s`, `1500ms`, plain seconds).
+    /// Lease TTL of the lock, election and lease workers (`2s`, `1500ms`, plain seconds).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub ttl: Duration,
     /// Cluster size.

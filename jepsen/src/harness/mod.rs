@@ -22,7 +22,6 @@
 //! See docs/jepsen.md for how to run it and read the results.
 //!
 //! # Not done yet
-//! - The `election` and `lease` workloads.
 //! - Clock skew changes need a node restart (libfaketime reads `FAKETIME`
 //!   once), so a skew never hits a running leader mid-term.
 //! - Partitions cut node-to-node traffic only; client traffic always flows.

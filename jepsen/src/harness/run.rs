@@ -43,6 +43,8 @@ const FIRST_LEADER_WAIT: Duration = Duration::from_secs(30);
 /// Names the lock workload uses.
 const LOCK_NAME: &str = "jepsen-lock";
 const COUNTER_KEY: &str = "jepsen-counter";
+/// The election of the election workload.
+const ELECTION_NAME: &str = "jepsen-election";
 /// Keys of the register workload.
 const REGISTER_KEYS: usize = 5;
 /// Client timeouts of workers and final reads.
@@ -263,10 +265,11 @@ impl Phase<'_> {
     /// One linearizable read of every key the workload wrote, each by a
     /// fresh process, after the faults are healed.
     async fn final_reads(&self, endpoints: &[String], workers: &WorkerPool) {
-        let keys: Vec<String> = if self.options.workload == "lock-fenced" {
-            vec![COUNTER_KEY.to_string()]
-        } else {
-            register_keys()
+        let keys: Vec<String> = match self.options.workload.as_str() {
+            "lock-fenced" => vec![COUNTER_KEY.to_string()],
+            "register" => register_keys(),
+            // Elections and leases write no keys.
+            _ => Vec::new(),
         };
         let client = Client::builder(endpoints.to_vec())
             .call_timeout(CALL_TIMEOUT)
@@ -330,11 +333,24 @@ fn worker_specs(
             lock: LOCK_NAME.into(),
             counter_key: COUNTER_KEY.into(),
             register_keys: register_keys(),
+            election: ELECTION_NAME.into(),
+            observer: options.workload == "election" && is_observer(slot, options.concurrency),
             call_timeout_ms: CALL_TIMEOUT.as_millis() as u64,
             retry_timeout_ms: RETRY_TIMEOUT.as_millis() as u64,
             run_start_monotonic_ns,
         })
         .collect()
+}
+
+/// Election observers: slot 0, and slot 1 too from five workers on; a
+/// single worker campaigns rather than watch an election nobody runs.
+fn is_observer(slot: u64, concurrency: u64) -> bool {
+    let observers = match concurrency {
+        0 | 1 => 0,
+        2..=4 => 1,
+        _ => 2,
+    };
+    slot < observers
 }
 
 /// SIGINT and SIGTERM.
@@ -473,5 +489,20 @@ mod tests {
     fn utc_stamps_match_known_dates() {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(1_764_290_112), "20251128T003512Z");
+    }
+
+    #[test]
+    fn elections_keep_candidates_and_have_one_or_two_observers() {
+        let observers = |concurrency| {
+            (0..concurrency)
+                .filter(|&slot| is_observer(slot, concurrency))
+                .count()
+        };
+        assert_eq!(observers(1), 0);
+        assert_eq!(observers(2), 1);
+        assert_eq!(observers(4), 1);
+        assert_eq!(observers(5), 2);
+        assert_eq!(observers(10), 2);
+        assert!(is_observer(0, 5) && is_observer(1, 5) && !is_observer(2, 5));
     }
 }

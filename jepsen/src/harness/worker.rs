@@ -26,6 +26,11 @@
 //!   compare-and-set on the value. `fail` means only that the value read
 //!   was not `from`; when the revision moved, it reads again (a bounded
 //!   number of times), and any other error makes the cas `info`.
+//! - `election` (module `election`): candidates `campaign` with a lease
+//!   (reused until lost), `proclaim`, `resign`; observer slots record
+//!   `observe` events.
+//! - `lease` (module `lease`): `grant`, `keepalive`, `revoke` by lease id,
+//!   and expiry.
 //!
 //! Outcome of an error: a refusal the server decided (stale token, held
 //! lock, revision mismatch, lease not found) is `fail`; a timeout, an
@@ -49,6 +54,9 @@ use tokio::sync::mpsc;
 use super::recorder::monotonic_ns;
 use crate::history::OpType;
 
+mod election;
+mod lease;
+
 /// How long a worker waits in the lock queue before giving up (`info`).
 const ACQUIRE_WAIT: Duration = Duration::from_secs(5);
 /// Read-then-conditional-write rounds of one `cas` before it gives up.
@@ -67,6 +75,12 @@ pub struct WorkerSpec {
     pub lock: String,
     pub counter_key: String,
     pub register_keys: Vec<String>,
+    /// The election of workload `election`.
+    #[serde(default)]
+    pub election: String,
+    /// Workload `election`: this slot observes instead of campaigning.
+    #[serde(default)]
+    pub observer: bool,
     pub call_timeout_ms: u64,
     pub retry_timeout_ms: u64,
     /// The history's time zero as CLOCK_MONOTONIC nanoseconds.
@@ -90,7 +104,7 @@ pub enum FromWorker {
         error: Option<String>,
         raft_index: Option<u64>,
     },
-    /// A standalone `info` event (`hold-lost`).
+    /// A standalone `info` event (`hold-lost`, `observe`).
     Event {
         f: String,
         key: Option<String>,
@@ -295,6 +309,8 @@ async fn run(spec: WorkerSpec) -> Result<(), String> {
     let result = match spec.workload.as_str() {
         "lock-fenced" => lock_fenced(&spec, &client, &mut link, &mut rng).await,
         "register" => register(&spec, &client, &mut link, &mut rng).await,
+        "election" => election::election(&spec, &client, &mut link, &mut rng).await,
+        "lease" => lease::lease(&spec, &client, &mut link, &mut rng).await,
         other => return Err(format!("unknown workload {other:?}")),
     };
     let Err(Finished) = result;
