@@ -28,8 +28,26 @@ pub struct TestCluster {
     _dirs: Vec<TempDir>,
 }
 
+/// Attempts at starting a cluster: a port picked free can be taken by
+/// another test before the node binds it.
+const START_ATTEMPTS: usize = 5;
+
 impl TestCluster {
+    /// Starts `nodes` nodes on fresh free ports, picking new ports if one
+    /// was taken meanwhile.
     pub async fn start(nodes: u64, compact_log_after_entries: u64) -> TestCluster {
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            match TestCluster::try_start(nodes, compact_log_after_entries).await {
+                Ok(cluster) => return cluster,
+                Err(error) if error.contains("in use") => last_error = error,
+                Err(error) => panic!("node starts: {error}"),
+            }
+        }
+        panic!("no free ports after {START_ATTEMPTS} attempts: {last_error}");
+    }
+
+    async fn try_start(nodes: u64, compact_log_after_entries: u64) -> Result<TestCluster, String> {
         let peers: BTreeMap<NodeId, String> = (1..=nodes)
             .map(|id| (NodeId(id), format!("127.0.0.1:{}", free_port())))
             .collect();
@@ -58,9 +76,18 @@ impl TestCluster {
             _dirs: dirs,
         };
         for id in 1..=nodes {
-            cluster.restart(NodeId(id)).await;
+            let config = cluster.configs[&NodeId(id)].clone();
+            match RunningServer::start(config).await {
+                Ok(server) => {
+                    cluster.servers.insert(NodeId(id), server);
+                }
+                Err(error) => {
+                    cluster.shutdown().await;
+                    return Err(error.to_string());
+                }
+            }
         }
-        cluster
+        Ok(cluster)
     }
 
     pub async fn restart(&mut self, id: NodeId) {
