@@ -24,20 +24,6 @@
 //! applies. Every lease in a proposed expiry has a deadline at or before the
 //! proposal, so this closes that race. (Found by the deterministic
 //! simulator, seed 15.)
-//!
-//! A leader renews only while a quorum confirmed its leadership recently:
-//! it runs a ReadIndex round whenever none is in flight (one per tick at
-//! most), and a keepalive is renewed only within the
-//! confirmation window (a little under one election timeout) of the start
-//! of the latest confirmed round. The members that confirmed it heard from
-//! it at or after that start, and with `check_quorum` they refuse to vote
-//! for anyone else for an election timeout after; any new majority
-//! contains one of them, so no new leader — whose full-TTL restart of the
-//! lease is what a renewal must not outlast — exists before the window
-//! ends. Without this, a leader cut off from its peers but not from its
-//! clients could renew for up to two election timeouts (raft-rs checks
-//! quorum once per election timeout) while the others elect a successor
-//! after one.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -64,13 +50,8 @@ pub struct LeaseClock {
     ready_index: u64,
     ready: bool,
     deadlines: BTreeMap<LeaseId, Deadline>,
-    /// The round in flight: its ReadIndex request id and when it started.
+    /// The expiry round in flight: its ReadIndex request id and when it started.
     round: Option<(u64, Instant)>,
-    /// Start of the latest round a quorum confirmed.
-    confirmed_at: Option<Instant>,
-    /// How long after a confirmed round's start renewals are allowed;
-    /// `None` (only in unit tests of other rules): renewals need no round.
-    confirm_window: Option<Duration>,
 }
 
 /// The answer to a keepalive.
@@ -85,22 +66,12 @@ pub enum KeepAlive {
 }
 
 impl LeaseClock {
-    /// A clock that renews leases only within `confirm_window` of the start
-    /// of a round a quorum confirmed (see the module docs).
-    pub fn new(confirm_window: Duration) -> LeaseClock {
-        LeaseClock {
-            confirm_window: Some(confirm_window),
-            ..LeaseClock::default()
-        }
-    }
-
     /// Starts leading: every lease gets its full TTL from `now`.
     pub fn lead(&mut self, now: Instant, ready_index: u64, state: &Coordination) {
         self.leading = true;
         self.ready = false;
         self.ready_index = ready_index;
         self.round = None;
-        self.confirmed_at = None;
         self.deadlines = state
             .leases()
             .map(|lease| {
@@ -112,10 +83,7 @@ impl LeaseClock {
 
     /// Stops leading: deadlines are meaningless on a follower.
     pub fn follow(&mut self) {
-        *self = LeaseClock {
-            confirm_window: self.confirm_window,
-            ..LeaseClock::default()
-        };
+        *self = LeaseClock::default();
     }
 
     pub fn leading(&self) -> bool {
@@ -152,11 +120,9 @@ impl LeaseClock {
         if !self.ready() {
             return KeepAlive::NotReady;
         }
-        let confirmed = self.confirmed(now);
         match self.deadlines.get_mut(&lease) {
             // Doomed: an expiry naming it may be in flight (see module docs).
             Some(deadline) if deadline.at <= now => KeepAlive::NotFound,
-            Some(_) if !confirmed => KeepAlive::NotReady,
             Some(deadline) => {
                 deadline.at = now + deadline.ttl;
                 KeepAlive::Renewed {
@@ -174,36 +140,16 @@ impl LeaseClock {
             .map(|deadline| deadline.at.saturating_duration_since(now))
     }
 
-    /// Whether a quorum confirmed this leader recently enough to renew.
-    fn confirmed(&self, now: Instant) -> bool {
-        match self.confirm_window {
-            None => true,
-            Some(window) => self.confirmed_at.is_some_and(|at| now < at + window),
-        }
-    }
-
-    /// Whether a new round should start now: this node leads and is ready,
-    /// and has no round in flight (one abandoned after
-    /// [`EXPIRY_ROUND_TIMEOUT`] does not count). Rounds run even without
-    /// leases, so that the first keepalive of a new lease finds leadership
-    /// already confirmed.
-    pub fn round_wanted(&mut self, now: Instant) -> bool {
+    /// Leases whose deadline has passed, when a new expiry round may start.
+    pub fn due(&mut self, now: Instant) -> Vec<LeaseId> {
         if !self.ready() {
-            return false;
+            return Vec::new();
         }
         if let Some((_, started)) = self.round {
             if now.duration_since(started) < EXPIRY_ROUND_TIMEOUT {
-                return false;
+                return Vec::new();
             }
             self.round = None;
-        }
-        true
-    }
-
-    /// Leases whose deadline has passed, when a new expiry round may start.
-    pub fn due(&mut self, now: Instant) -> Vec<LeaseId> {
-        if !self.round_wanted(now) {
-            return Vec::new();
         }
         self.expired(now)
     }
@@ -224,17 +170,13 @@ impl LeaseClock {
         self.round = Some((id, now));
     }
 
-    /// Whether `id` is the ReadIndex request of the round in flight; ends
-    /// the round, whose start a quorum has now confirmed.
+    /// Whether `id` is the ReadIndex request of the round in flight; ends the round.
     pub fn finish_round(&mut self, id: u64) -> bool {
-        match self.round {
-            Some((round, started)) if round == id => {
-                self.round = None;
-                self.confirmed_at = Some(self.confirmed_at.map_or(started, |at| at.max(started)));
-                true
-            }
-            _ => false,
+        if self.round.is_some_and(|(round, _)| round == id) {
+            self.round = None;
+            return true;
         }
+        false
     }
 }
 
@@ -311,49 +253,6 @@ mod tests {
         let keepalive = late + Duration::from_millis(5);
         assert_eq!(clock.keep_alive(keepalive, lease), KeepAlive::NotFound);
         assert_eq!(clock.expired(keepalive), vec![lease], "still doomed");
-    }
-
-    #[test]
-    fn renewals_need_a_recent_round_confirmed_by_a_quorum() {
-        let (state, lease) = state_with_lease(10_000);
-        let window = Duration::from_millis(400);
-        let mut clock = LeaseClock::new(window);
-        let start = Instant::now();
-        clock.lead(start, 1, &state);
-        clock.applied(1);
-        assert_eq!(
-            clock.keep_alive(start, lease),
-            KeepAlive::NotReady,
-            "no round yet"
-        );
-        assert!(clock.round_wanted(start));
-        clock.start_round(3, start);
-        assert!(!clock.round_wanted(start), "one round at a time");
-        let confirmed = start + Duration::from_millis(5);
-        assert!(clock.finish_round(3));
-        assert!(matches!(
-            clock.keep_alive(confirmed, lease),
-            KeepAlive::Renewed { .. }
-        ));
-        let stale = start + window;
-        assert_eq!(
-            clock.keep_alive(stale, lease),
-            KeepAlive::NotReady,
-            "the window ended"
-        );
-        assert_eq!(
-            clock.keep_alive(stale, LeaseId(999)),
-            KeepAlive::NotFound,
-            "an unknown lease is still reported gone"
-        );
-        clock.follow();
-        clock.lead(stale, 2, &state);
-        clock.applied(2);
-        assert_eq!(
-            clock.keep_alive(stale, lease),
-            KeepAlive::NotReady,
-            "a new term confirms anew"
-        );
     }
 
     #[test]

@@ -88,17 +88,6 @@ pub trait Transport: Send + 'static {
     fn send(&mut self, messages: Vec<Message>);
 }
 
-/// How long after a quorum confirmed leadership the leader may renew
-/// leases: the election timeout less two ticks, for the phase difference
-/// between the nodes' tick timers.
-fn confirm_window(config: &Config) -> Duration {
-    let tick = config.timing.tick_interval_ms;
-    let ticks = (config.timing.election_ticks as u64)
-        .saturating_sub(2)
-        .max(1);
-    Duration::from_millis(tick * ticks)
-}
-
 /// The role of a node, as published in its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
@@ -381,7 +370,7 @@ impl Node {
             proposals: HashMap::new(),
             reads: HashMap::new(),
             role: Role::Follower,
-            lease_clock: LeaseClock::new(confirm_window(config)),
+            lease_clock: LeaseClock::default(),
             tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
             compact_log_after_entries: config.compact_log_after_entries,
             clock: options.clock,
@@ -511,12 +500,10 @@ impl Node {
         }
     }
 
-    /// Starts a round that confirms leadership with a quorum, whenever none
-    /// is in flight and there are leases: renewals need a recent one, and
-    /// expiring overdue leases waits for one (see `lease_clock`).
+    /// Starts confirming leadership before expiring overdue leases.
     fn start_expiry_round(&mut self) {
         let now = self.clock.now();
-        if !self.lease_clock.round_wanted(now) {
+        if self.lease_clock.due(now).is_empty() {
             return;
         }
         let request_id = self.take_request_id();

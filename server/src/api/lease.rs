@@ -197,7 +197,7 @@ impl Api {
                 ..LeaseKeepAliveResponse::default()
             }),
             KeepAlive::NotReady => Err(Status::unavailable(
-                "the leader has not yet confirmed its leadership with a quorum; retry shortly",
+                "the leader has not yet applied an entry of its term; retry shortly",
             )),
         }
     }
