@@ -6,9 +6,11 @@
 //! refused. Candidates are elected in the order they campaigned. A lease
 //! that already leads gets its leadership back.
 //!
-//! As with locks, leadership lives exactly as long as the lease:
-//! [`Leadership::lost`] is the lease's [`Lease::lost`]. Campaigning stops
-//! with [`Error::LeaseLost`] as soon as the lease is lost locally.
+//! As with locks, leadership lives as long as the lease, unless it is
+//! resigned elsewhere with its token: [`Leadership::lost`] completes when
+//! the lease is lost, or when a renewal shows the leadership has ended
+//! ([`LeaseLost::GrantEnded`]). Campaigning stops with [`Error::LeaseLost`]
+//! as soon as the lease is lost locally.
 //!
 //! [`Election::leader`] reads the current leader (linearizable);
 //! [`Election::observe`] streams it and every change (see
@@ -61,6 +63,8 @@ pub struct Leadership {
     lease: Lease,
     name: String,
     token: FencingToken,
+    /// When the grant reached this client: renewals sent after it list it.
+    granted_at: Instant,
     resigned: bool,
 }
 
@@ -107,16 +111,17 @@ impl Election {
         lease.check_not_lost()?;
         let inner = &self.client.inner;
         let id = lease.id();
-        let campaign = inner.call(CallSpec::blocking_write(deadline), |channel| {
-            // A new request id per attempt: see `crate::client`.
-            let request = CampaignRequest {
-                name: self.name.clone(),
-                lease: id.0,
-                value: value.clone(),
-                request: Some(inner.next_request_id()),
-            };
-            async move { ElectionClient::new(channel).campaign(request).await }
-        });
+        let campaign =
+            inner.call_write(CallSpec::blocking_write(deadline), |channel, request_id| {
+                // A new request id per attempt: see `crate::client`.
+                let request = CampaignRequest {
+                    name: self.name.clone(),
+                    lease: id.0,
+                    value: value.clone(),
+                    request: request_id,
+                };
+                async move { ElectionClient::new(channel).campaign(request).await }
+            });
         let elected = tokio::select! {
             elected = campaign => elected.map_err(|e| e.about_lease(id))?,
             _ = lease.lost() => return Err(Error::LeaseLost { lease: id }),
@@ -146,6 +151,7 @@ impl Election {
             lease: lease.clone(),
             name: self.name.clone(),
             token: FencingToken(grant.token),
+            granted_at: Instant::now(),
             resigned: false,
         })
     }
@@ -191,12 +197,16 @@ impl Leadership {
 
     /// The lease's state: once it is [`LeaseState::Lost`], so is the leadership.
     pub fn state(&self) -> LeaseState {
+        let ended = self.lease.grant_ended(self.token, self.granted_at);
+        if ended {
+            return LeaseState::Lost;
+        }
         self.lease.state()
     }
 
     /// Completes when the leadership can no longer be trusted (its lease is lost).
     pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
-        self.lease.lost()
+        self.lease.lost_or(Some((self.token, self.granted_at)))
     }
 
     /// Replaces the published value. Fails with [`Error::StaleToken`] if
@@ -207,11 +217,12 @@ impl Leadership {
             name: self.name.clone(),
             token: self.token.0,
             value: value.into(),
-            request: Some(inner.next_request_id()),
+            request: None,
         };
         inner
-            .call(CallSpec::write(&inner.options), |channel| {
-                let request = request.clone();
+            .call_write(CallSpec::write(&inner.options), |channel, id| {
+                let mut request = request.clone();
+                request.request = id;
                 async move { ElectionClient::new(channel).proclaim(request).await }
             })
             .await

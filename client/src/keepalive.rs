@@ -4,7 +4,9 @@
 //! `KeepAlive` stream to the leader and waits for its answer before sending
 //! the next, so each answer is matched to the send time it extends the
 //! deadline from. An acknowledged renewal sent at `t` moves the deadline to
-//! `t + TTL`; it never moves it back.
+//! `t + TTL × (1 − drift) − margin` (see `crate::lease`); it never moves it
+//! back. The answer also lists the lease's grants, which the lock guards
+//! and leaderships watch.
 //!
 //! A failed renewal (broken stream, no answer in time, not the leader) marks
 //! the lease failing — [`crate::LeaseState::Jeopardy`] — drops the stream,
@@ -14,6 +16,7 @@
 //! passes with no acknowledged renewal, or when it is aborted because the
 //! last lease handle was dropped.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Inner, BACKOFF_FIRST, BACKOFF_LONGEST};
 use crate::error::describe_status;
-use crate::lease::{LeaseLost, LeaseStatus};
+use crate::lease::{HeldGrants, LeaseLost, LeaseStatus};
 use crate::retry::{classify, Backoff, Verdict};
 use crate::types::LeaseId;
 
@@ -53,6 +56,8 @@ enum Renewal {
     Renewed {
         sent: Instant,
         ttl: Duration,
+        /// Tokens of the grants the lease holds.
+        grants: BTreeSet<u64>,
     },
     NotFound,
 }
@@ -75,8 +80,8 @@ impl Keepalive {
             }
             let renewed = self.renew(&mut stream, &target, interval).await;
             match renewed {
-                Ok(Renewal::Renewed { sent, ttl }) => {
-                    self.acknowledged(sent, ttl);
+                Ok(Renewal::Renewed { sent, ttl, grants }) => {
+                    self.acknowledged(sent, ttl, grants);
                     backoff.reset(BACKOFF_FIRST);
                     next_send = sent + interval;
                 }
@@ -121,7 +126,10 @@ impl Keepalive {
                 return Err(tonic::Status::unavailable("keepalive stream closed"));
             }
             match open.responses.message().await? {
-                Some(answer) => Ok(renewal(sent, &answer)),
+                Some(answer) => {
+                    self.client.cluster_drift(answer.max_clock_drift_ppm);
+                    Ok(renewal(sent, answer))
+                }
                 None => Err(tonic::Status::unavailable("keepalive stream ended")),
             }
         };
@@ -150,11 +158,18 @@ impl Keepalive {
         })
     }
 
-    fn acknowledged(&self, sent: Instant, ttl: Duration) {
+    fn acknowledged(&self, sent: Instant, ttl: Duration, grants: BTreeSet<u64>) {
+        let trusted = self.client.trusted_for(ttl);
         self.status.send_modify(|status| {
-            status.deadline = status.deadline.max(sent + ttl);
+            status.deadline = status.deadline.max(sent + trusted);
             status.last_ack_sent = status.last_ack_sent.max(sent);
             status.failing = false;
+            if status.held.as_of_sent.is_none_or(|as_of| as_of < sent) {
+                status.held = HeldGrants {
+                    as_of_sent: Some(sent),
+                    tokens: Arc::new(grants),
+                };
+            }
         });
     }
 
@@ -193,7 +208,7 @@ impl Keepalive {
     }
 }
 
-fn renewal(sent: Instant, answer: &LeaseKeepAliveResponse) -> Renewal {
+fn renewal(sent: Instant, answer: LeaseKeepAliveResponse) -> Renewal {
     if !answer.found {
         return Renewal::NotFound;
     }
@@ -203,5 +218,6 @@ fn renewal(sent: Instant, answer: &LeaseKeepAliveResponse) -> Renewal {
     Renewal::Renewed {
         sent,
         ttl: Duration::from_millis(ttl_ms),
+        grants: answer.grants.iter().map(|fence| fence.token).collect(),
     }
 }

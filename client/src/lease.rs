@@ -3,14 +3,27 @@
 //!
 //! # The local deadline
 //! The lease's deadline is kept on this process's monotonic clock as the
-//! *send* time of the last acknowledged keepalive plus the TTL (the grant
-//! request counts as the first keepalive). The leader received that
-//! keepalive after it was sent and set its own deadline from the receive
-//! time, and a new leader restarts every lease at its full TTL; so the
-//! cluster never expires the lease before the local deadline (Invariant 4,
-//! given clocks that run at about the same rate). When the local deadline
-//! passes, the lease is reported [`LeaseState::Lost`] even if the server
-//! has not yet acted: work fenced by the lease must stop then.
+//! *send* time of the last acknowledged keepalive plus `TTL × (1 − drift) −
+//! margin` (the grant request counts as the first keepalive). `drift` is
+//! the bound on clock-rate differences (the larger of this client's and the
+//! cluster's, which comes with every grant and renewal) and `margin` is
+//! [`crate::ClientBuilder::lease_safety_margin`]. The leader received that
+//! keepalive after it was sent, and renewed it only once a quorum confirmed
+//! that no other leader could have taken over since; it then expires the
+//! lease no earlier than `TTL × (1 + drift)` on its own clock after
+//! receiving it, and a new leader restarts every lease at its full TTL. So
+//! as long as every clock stays within the drift bound, the cluster never
+//! expires the lease before the local deadline (Invariant 4,
+//! `docs/semantics.md`). When the local deadline passes, the lease is
+//! reported [`LeaseState::Lost`] even if the server has not yet acted: work
+//! fenced by the lease must stop then.
+//!
+//! # Grants ended elsewhere
+//! Every renewal lists the tokens of the grants the lease holds. A lock or
+//! leadership whose token is missing from the answer to a keepalive sent
+//! after it was granted has ended while the lease lives — released or
+//! resigned by someone else with its token — and its guard's `lost()`
+//! completes with [`LeaseLost::GrantEnded`].
 //!
 //! # States
 //! - [`LeaseState::Held`]: keepalives are being acknowledged.
@@ -33,10 +46,9 @@
 //! [`Lease::revoke`] ends it at once.
 //!
 //! # Not done yet
-//! - No margin for clock drift between client and leader; the TTL must be
-//!   long enough that drift over one TTL does not matter.
 //! - One keepalive stream per lease; leases of one client do not share one.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,10 +85,13 @@ pub enum LeaseLost {
     NotFound,
     /// [`Lease::revoke`] was called.
     Revoked,
+    /// The lease lives, but this grant (a lock or a leadership) ended: it
+    /// was released or resigned elsewhere with its token.
+    GrantEnded,
 }
 
 /// What the keepalive task and the lease handle share.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct LeaseStatus {
     /// Send time of the last acknowledged keepalive, plus the TTL.
     pub(crate) deadline: Instant,
@@ -86,6 +101,31 @@ pub(crate) struct LeaseStatus {
     pub(crate) failing: bool,
     /// Set once, when the lease is known to be over.
     pub(crate) ended: Option<LeaseLost>,
+    /// The grants the lease held, as of the latest answered renewal.
+    pub(crate) held: HeldGrants,
+}
+
+/// The tokens a renewal said the lease holds, and when that renewal was sent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeldGrants {
+    /// Send time of the renewal that listed them; `None` before the first.
+    pub(crate) as_of_sent: Option<Instant>,
+    pub(crate) tokens: Arc<BTreeSet<u64>>,
+}
+
+impl HeldGrants {
+    /// Whether a renewal sent after `since` showed that `token` had ended.
+    fn ended(&self, token: FencingToken, since: Instant) -> bool {
+        self.as_of_sent.is_some_and(|sent| sent > since) && !self.tokens.contains(&token.0)
+    }
+}
+
+/// How long a lease with `ttl` is trusted after a keepalive was sent:
+/// `ttl × (1 − drift) − margin`, with `drift_ppm` in parts per million.
+pub(crate) fn trusted_for(ttl: Duration, drift_ppm: u64, margin: Duration) -> Duration {
+    let kept_ppm = 1_000_000u64.saturating_sub(drift_ppm);
+    let nanos = ttl.as_nanos() * u128::from(kept_ppm) / 1_000_000;
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).saturating_sub(margin)
 }
 
 impl LeaseStatus {
@@ -159,22 +199,23 @@ impl Client {
     pub async fn grant_lease(&self, ttl: Duration) -> Result<Lease, Error> {
         let ttl_ms = u64::try_from(ttl.as_millis())
             .map_err(|_| Error::Config(format!("lease TTL {ttl:?} is too long")))?;
-        let request = Some(self.inner.next_request_id());
         // The earliest moment the lease can have started on the server.
         let sent = Instant::now();
         let granted = self
             .inner
-            .call(CallSpec::write(&self.inner.options), |channel| {
+            .call_write(CallSpec::write(&self.inner.options), |channel, request| {
                 let request = LeaseGrantRequest { ttl_ms, request };
                 async move { LeaseClient::new(channel).grant(request).await }
             })
             .await?;
+        self.inner.cluster_drift(granted.max_clock_drift_ppm);
         let ttl = Duration::from_millis(granted.ttl_ms);
         let status = LeaseStatus {
-            deadline: sent + ttl,
+            deadline: sent + self.inner.trusted_for(ttl),
             last_ack_sent: sent,
             failing: false,
             ended: None,
+            held: HeldGrants::default(),
         };
         let status = Arc::new(watch::Sender::new(status));
         let id = LeaseId(granted.lease);
@@ -211,7 +252,7 @@ impl Lease {
 
     /// The state now; see the module docs.
     pub fn state(&self) -> LeaseState {
-        let status = *self.shared.status.borrow();
+        let status = self.shared.status.borrow();
         status.state_at(Instant::now(), self.shared.interval)
     }
 
@@ -224,14 +265,26 @@ impl Lease {
     /// deadline even if the keepalive task is stuck; does not keep the lease
     /// alive by itself.
     pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
+        self.lost_or(None)
+    }
+
+    /// Completes when the lease is lost, or when a renewal sent after
+    /// `grant.1` shows that grant `grant.0` has ended.
+    pub(crate) fn lost_or(
+        &self,
+        grant: Option<(FencingToken, Instant)>,
+    ) -> impl Future<Output = LeaseLost> + Send + 'static {
         let mut status = self.shared.status.subscribe();
         async move {
             // Bounded: each pass waits for the deadline or for a change,
             // and a lease is renewed at most once per keepalive interval.
             loop {
-                let current = *status.borrow_and_update();
+                let current = status.borrow_and_update().clone();
                 if let Some(reason) = current.lost_at(Instant::now()) {
                     return reason;
+                }
+                if grant.is_some_and(|(token, since)| current.held.ended(token, since)) {
+                    return LeaseLost::GrantEnded;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep_until(current.deadline) => {}
@@ -257,10 +310,9 @@ impl Lease {
             status.ended.get_or_insert(LeaseLost::Revoked);
         });
         let inner = &self.shared.client.inner;
-        let request = Some(inner.next_request_id());
         let lease = self.shared.id.0;
         let revoked = inner
-            .call(CallSpec::write(&inner.options), |channel| {
+            .call_write(CallSpec::write(&inner.options), |channel, request| {
                 let request = LeaseRevokeRequest { lease, request };
                 async move { LeaseClient::new(channel).revoke(request).await }
             })
@@ -270,6 +322,11 @@ impl Lease {
             Ok(_) | Err(Error::LeaseNotFound { .. }) => Ok(()),
             Err(error) => Err(error),
         }
+    }
+
+    /// Whether a renewal sent after `since` showed grant `token` has ended.
+    pub(crate) fn grant_ended(&self, token: FencingToken, since: Instant) -> bool {
+        self.shared.status.borrow().held.ended(token, since)
     }
 
     /// An error for a request that needs the lease, if it is already lost.
@@ -311,7 +368,46 @@ mod tests {
             last_ack_sent: now,
             failing: false,
             ended: None,
+            held: HeldGrants::default(),
         }
+    }
+
+    #[test]
+    fn a_lease_is_trusted_for_its_ttl_less_the_drift_and_the_margin() {
+        let ttl = Duration::from_secs(10);
+        let trusted = trusted_for(ttl, 10_000, Duration::from_millis(100));
+        assert_eq!(trusted, Duration::from_millis(9_800));
+        assert_eq!(trusted_for(ttl, 0, Duration::ZERO), ttl);
+        assert_eq!(
+            trusted_for(
+                Duration::from_millis(50),
+                10_000,
+                Duration::from_millis(100)
+            ),
+            Duration::ZERO,
+            "never negative"
+        );
+    }
+
+    #[test]
+    fn a_grant_ends_only_by_a_renewal_sent_after_it_that_does_not_list_it() {
+        let granted = Instant::now();
+        let token = FencingToken(7);
+        let before = HeldGrants {
+            as_of_sent: Some(granted - Duration::from_millis(1)),
+            tokens: Arc::new(BTreeSet::new()),
+        };
+        assert!(!before.ended(token, granted), "sent before the grant");
+        let listed = HeldGrants {
+            as_of_sent: Some(granted + Duration::from_millis(1)),
+            tokens: Arc::new(BTreeSet::from([7])),
+        };
+        assert!(!listed.ended(token, granted));
+        let missing = HeldGrants {
+            as_of_sent: Some(granted + Duration::from_millis(1)),
+            tokens: Arc::new(BTreeSet::from([8])),
+        };
+        assert!(missing.ended(token, granted));
     }
 
     #[test]

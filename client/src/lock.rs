@@ -8,10 +8,12 @@
 //! lock gets its grant back.
 //!
 //! The guard knows its fencing token and when it can no longer trust the
-//! lock: the lock lives exactly as long as the lease, so
-//! [`LockGuard::lost`] is the lease's [`Lease::lost`]. Fence every write
-//! made under the lock with the guard (`client.put(k, v).fence(&guard)`),
-//! so that a holder that kept working past its lease is refused.
+//! lock: [`LockGuard::lost`] completes when the lease is lost, or when a
+//! renewal of the lease shows that the lock was released elsewhere with
+//! this guard's token ([`LeaseLost::GrantEnded`], within about one
+//! keepalive interval). Fence every write made under the lock with the
+//! guard (`client.put(k, v).fence(&guard)`), so that a holder that kept
+//! working past its lease is refused.
 //!
 //! Waiting stops with [`Error::LeaseLost`] as soon as the lease is lost
 //! locally, and a grant that arrives for a lease already lost locally is
@@ -30,10 +32,6 @@
 //! resent acquire has been applied, so the resent one keeps the lease's
 //! place. If the cancel lands first, the resent acquire queues again at
 //! the back.
-//!
-//! # Not done yet
-//! - A lock released by someone else with this guard's token is not noticed
-//!   until the next fenced write fails.
 
 use std::future::Future;
 use std::time::Duration;
@@ -55,6 +53,8 @@ pub struct LockGuard {
     name: String,
     token: FencingToken,
     revision: Revision,
+    /// When the grant reached this client: renewals sent after it list it.
+    granted_at: Instant,
     released: bool,
 }
 
@@ -91,11 +91,12 @@ impl Lease {
             name: name.to_string(),
             lease: self.id().0,
             wait: false,
-            request: Some(inner.next_request_id()),
+            request: None,
         };
         let grant = inner
-            .call(CallSpec::write(&inner.options), |channel| {
-                let request = request.clone();
+            .call_write(CallSpec::write(&inner.options), |channel, id| {
+                let mut request = request.clone();
+                request.request = id;
                 async move { LockClient::new(channel).acquire(request).await }
             })
             .await
@@ -111,13 +112,13 @@ impl Lease {
         self.check_not_lost()?;
         let inner = &self.shared.client.inner;
         let lease = self.id();
-        let acquire = inner.call(CallSpec::blocking_write(deadline), |channel| {
+        let acquire = inner.call_write(CallSpec::blocking_write(deadline), |channel, id| {
             // A new request id per attempt: see `crate::client`.
             let request = AcquireRequest {
                 name: name.to_string(),
                 lease: lease.0,
                 wait: true,
-                request: Some(inner.next_request_id()),
+                request: id,
             };
             async move { LockClient::new(channel).acquire(request).await }
         });
@@ -152,6 +153,7 @@ impl Lease {
             name: grant.name,
             token: FencingToken(grant.token),
             revision: Revision(grant.revision),
+            granted_at: Instant::now(),
             released: false,
         })
     }
@@ -178,14 +180,19 @@ impl LockGuard {
         &self.lease
     }
 
-    /// The lease's state: once it is [`LeaseState::Lost`], so is the lock.
+    /// The lease's state, or [`LeaseState::Lost`] once a renewal showed
+    /// the lock was released elsewhere.
     pub fn state(&self) -> LeaseState {
+        if self.lease.grant_ended(self.token, self.granted_at) {
+            return LeaseState::Lost;
+        }
         self.lease.state()
     }
 
-    /// Completes when the lock can no longer be trusted (its lease is lost).
+    /// Completes when the lock can no longer be trusted: its lease is lost,
+    /// or it was released elsewhere with this guard's token.
     pub fn lost(&self) -> impl Future<Output = LeaseLost> + Send + 'static {
-        self.lease.lost()
+        self.lease.lost_or(Some((self.token, self.granted_at)))
     }
 
     /// Releases the lock; the next waiter gets it with a higher token. Fails

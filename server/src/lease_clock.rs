@@ -1,40 +1,96 @@
 //! The leader's lease clock: when each lease runs out, on this node's
-//! monotonic clock.
+//! monotonic clock, and which renewals a quorum has confirmed.
 //!
 //! Only the leader keeps deadlines; a keepalive renews one in memory, with
 //! no Raft write. Expiry is decided here but takes effect only through a
-//! committed `ExpireLeases` entry, proposed after a ReadIndex round has
-//! confirmed that this node is still the leader (a deposed or paused leader
+//! committed `ExpireLeases` entry, proposed after a confirmation round has
+//! shown that this node is still the leader (a deposed or paused leader
 //! cannot revoke leases).
 //!
-//! Why a client can trust its own deadline (Invariant 4): the client
-//! computes `send time of its last acknowledged keepalive + TTL`. The leader
-//! received that keepalive after it was sent and set its deadline to
-//! `receive time + TTL`, which is later. A new leader restarts every lease
-//! at its full TTL when it takes over, and answers keepalives only after it
-//! has applied an entry of its own term ([`LeaseClock::ready`]): by then
-//! every expiry proposed by an earlier leader has been applied, so no
-//! earlier leader's decision can land after a keepalive this leader
-//! acknowledged. (Clock rates are assumed to agree within the drift the
-//! client's margin allows; see docs/semantics.md.)
+//! # Confirmation rounds
+//! A round is a ReadIndex request of the node's own: raft-rs broadcasts a
+//! heartbeat carrying it and reports it confirmed once a quorum answered a
+//! heartbeat sent after the request was made. Rounds are numbered in the
+//! order they start; confirming one confirms every earlier one too.
 //!
-//! A lease past its deadline is never renewed ([`LeaseClock::keep_alive`]
-//! answers `NotFound`): an `ExpireLeases` entry naming it may already be
-//! proposed, and a renewal acknowledged now would be undone when that entry
-//! applies. Every lease in a proposed expiry has a deadline at or before the
-//! proposal, so this closes that race. (Found by the deterministic
-//! simulator, seed 15.)
+//! A keepalive is **answered only after a round that started after it
+//! arrived is confirmed** ([`LeaseClock::keep_alive`] queues it;
+//! [`LeaseClock::finish_round`] answers it). Why this closes the gap that a
+//! leader cut off from its peers (but not from its clients) used to leave:
+//! a successor is elected only with the votes of a majority, and every
+//! majority shares a member with the quorum that confirmed the round. That
+//! member answered the round's heartbeat while it still followed this
+//! leader's term, and votes in a later term only after that. So any
+//! successor took over *after the round started*, hence after the keepalive
+//! arrived, hence after the client sent it. The successor restarts every
+//! lease at its full TTL from when it takes over, which is then later than
+//! the client's own starting point (its send time). No election timeout,
+//! vote lease, tick phase or follower restart enters the argument. A
+//! keepalive that no round confirms within [`CONFIRM_TIMEOUT`] is answered
+//! "not confirmed" and the client tries elsewhere.
+//!
+//! # Clock drift
+//! Clocks may run at rates that differ from real time by at most the
+//! configured drift `ρ` ([`LeaseClock::new`]'s `max_clock_drift_ppm`). A
+//! deadline here is `start + TTL × (1 + ρ)` on this node's clock, which is
+//! at least `TTL` of real time; the client counts `TTL × (1 − ρ) − margin`
+//! from its send time on its own clock, which is at most `TTL` of real
+//! time. See `docs/semantics.md`, Invariant 4, for the whole argument.
+//!
+//! # A new leader, and leases past their deadline
+//! A new leader restarts every lease at its full TTL when it takes over,
+//! and answers keepalives only after it has applied an entry of its own term
+//! ([`LeaseClock::ready`]): by then every expiry proposed by an earlier
+//! leader has been applied, so no earlier leader's decision can land after a
+//! keepalive this leader acknowledged.
+//!
+//! A lease past its deadline is never renewed (the answer is `NotFound`):
+//! an `ExpireLeases` entry naming it may already be proposed, and a renewal
+//! acknowledged now would be undone when that entry applies. Every lease in
+//! a proposed expiry has a deadline at or before the proposal, so this
+//! closes that race. (Found by the deterministic simulator, seed 15.)
+//!
+//! # Not done yet
+//! - The number of keepalives waiting for a round is bounded only by the
+//!   node's inbox and the keepalive streams feeding it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::coordination::{Coordination, LeaseId};
 
 /// Most leases expired by one entry.
 pub const MAX_EXPIRED_PER_ENTRY: usize = 1000;
-/// An expiry round whose ReadIndex or proposal gets no answer in this time
-/// is abandoned and retried.
+/// A round that gets no answer in this time is abandoned, and an expiry
+/// proposal that has not applied in this time may be proposed again.
 pub const EXPIRY_ROUND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A keepalive that no round confirms in this time is answered
+/// [`KeepAlive::Unconfirmed`]: this node has probably lost its leadership.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most confirmation rounds in flight at once.
+pub const MAX_ROUNDS_IN_FLIGHT: usize = 8;
+/// Parts per million: the unit of the drift bound.
+const PPM: u64 = 1_000_000;
+
+/// How the clock renews and how far clocks may drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseClockSettings {
+    /// Largest difference between any clock's rate and real time, in parts
+    /// per million.
+    pub max_clock_drift_ppm: u64,
+    /// Renew at once, without waiting for a confirmation round. Breaks
+    /// Invariant 4 on purpose, for tests that must show the rounds matter.
+    pub unsafe_unconfirmed_renewals: bool,
+}
+
+impl Default for LeaseClockSettings {
+    fn default() -> Self {
+        LeaseClockSettings {
+            max_clock_drift_ppm: crate::config::DEFAULT_MAX_CLOCK_DRIFT_PPM,
+            unsafe_unconfirmed_renewals: false,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Deadline {
@@ -42,16 +98,24 @@ struct Deadline {
     ttl: Duration,
 }
 
-/// Lease deadlines while this node leads; empty otherwise.
-#[derive(Debug, Default)]
-pub struct LeaseClock {
-    leading: bool,
-    /// The index of this leader's first entry; keepalives wait until it is applied.
-    ready_index: u64,
-    ready: bool,
-    deadlines: BTreeMap<LeaseId, Deadline>,
-    /// The expiry round in flight: its ReadIndex request id and when it started.
-    round: Option<(u64, Instant)>,
+/// A confirmation round in flight.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    /// The ReadIndex request id.
+    id: u64,
+    /// The order in which rounds started, counted from 0 in each term.
+    number: u64,
+    started: Instant,
+}
+
+/// A keepalive waiting for a round that started after it arrived.
+#[derive(Debug)]
+struct Waiting<R> {
+    lease: LeaseId,
+    received: Instant,
+    /// The first round number that may confirm it.
+    round_needed: u64,
+    reply: R,
 }
 
 /// The answer to a keepalive.
@@ -63,27 +127,101 @@ pub enum KeepAlive {
     NotFound,
     /// This node leads but has not yet applied an entry of its term.
     NotReady,
+    /// No quorum confirmed this leader in time after the keepalive arrived.
+    Unconfirmed,
 }
 
-impl LeaseClock {
+/// A keepalive answered by a confirmed round.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answered<R> {
+    pub lease: LeaseId,
+    pub reply: R,
+    pub answer: KeepAlive,
+}
+
+/// What a confirmed round decided.
+#[derive(Debug)]
+pub struct Confirmed<R> {
+    /// Keepalives the round covered, with their answers.
+    pub answers: Vec<Answered<R>>,
+    /// Leases past their deadline and not yet proposed for expiry.
+    pub expire: Vec<LeaseId>,
+}
+
+/// Lease deadlines while this node leads; empty otherwise. `R` is the
+/// caller's handle for answering a keepalive later.
+#[derive(Debug)]
+pub struct LeaseClock<R> {
+    settings: LeaseClockSettings,
+    leading: bool,
+    /// The index of this leader's first entry; keepalives wait until it is applied.
+    ready_index: u64,
+    ready: bool,
+    deadlines: BTreeMap<LeaseId, Deadline>,
+    /// Rounds in flight, oldest first.
+    rounds: VecDeque<Round>,
+    /// Rounds started in this term; the next round's number.
+    rounds_started: u64,
+    waiting: VecDeque<Waiting<R>>,
+    /// Leases named in an expiry proposal that has not applied yet.
+    expiring: BTreeMap<LeaseId, Instant>,
+}
+
+impl<R> LeaseClock<R> {
+    pub fn new(settings: LeaseClockSettings) -> LeaseClock<R> {
+        LeaseClock {
+            settings,
+            leading: false,
+            ready_index: 0,
+            ready: false,
+            deadlines: BTreeMap::new(),
+            rounds: VecDeque::new(),
+            rounds_started: 0,
+            waiting: VecDeque::new(),
+            expiring: BTreeMap::new(),
+        }
+    }
+
+    /// `ttl` stretched by the drift bound: at least `ttl` of real time on a
+    /// clock that runs fast by up to the bound.
+    fn stretched(&self, ttl: Duration) -> Duration {
+        stretch(ttl, self.settings.max_clock_drift_ppm)
+    }
+
+    fn deadline_from(&self, start: Instant, ttl_ms: u64) -> Deadline {
+        let ttl = Duration::from_millis(ttl_ms);
+        Deadline {
+            at: start + self.stretched(ttl),
+            ttl,
+        }
+    }
+
     /// Starts leading: every lease gets its full TTL from `now`.
     pub fn lead(&mut self, now: Instant, ready_index: u64, state: &Coordination) {
         self.leading = true;
         self.ready = false;
         self.ready_index = ready_index;
-        self.round = None;
+        self.rounds.clear();
+        self.rounds_started = 0;
+        self.expiring.clear();
         self.deadlines = state
             .leases()
-            .map(|lease| {
-                let ttl = Duration::from_millis(lease.ttl_ms);
-                (lease.id, Deadline { at: now + ttl, ttl })
-            })
+            .map(|lease| (lease.id, self.deadline_from(now, lease.ttl_ms)))
             .collect();
     }
 
-    /// Stops leading: deadlines are meaningless on a follower.
-    pub fn follow(&mut self) {
-        *self = LeaseClock::default();
+    /// Stops leading: deadlines are meaningless on a follower. Returns the
+    /// keepalives that were waiting, for the caller to refuse.
+    pub fn follow(&mut self) -> Vec<R> {
+        self.leading = false;
+        self.ready = false;
+        self.deadlines.clear();
+        self.rounds.clear();
+        self.expiring.clear();
+        self.waiting
+            .drain(..)
+            .map(|waiting| waiting.reply)
+            .collect()
     }
 
     pub fn leading(&self) -> bool {
@@ -105,26 +243,46 @@ impl LeaseClock {
     /// A lease was granted (applied) while leading.
     pub fn granted(&mut self, now: Instant, lease: LeaseId, ttl_ms: u64) {
         if self.leading {
-            let ttl = Duration::from_millis(ttl_ms);
-            self.deadlines
-                .insert(lease, Deadline { at: now + ttl, ttl });
+            let deadline = self.deadline_from(now, ttl_ms);
+            self.deadlines.insert(lease, deadline);
         }
     }
 
     /// A lease was revoked or expired (applied).
     pub fn removed(&mut self, lease: LeaseId) {
         self.deadlines.remove(&lease);
+        self.expiring.remove(&lease);
     }
 
-    pub fn keep_alive(&mut self, now: Instant, lease: LeaseId) -> KeepAlive {
+    /// A keepalive for `lease` arrived at `now`. Answered at once when this
+    /// node cannot renew (not ready) or renews unconfirmed (test switch);
+    /// otherwise queued until a round that starts after now is confirmed.
+    pub fn keep_alive(&mut self, now: Instant, lease: LeaseId, reply: R) -> Option<(R, KeepAlive)> {
         if !self.ready() {
-            return KeepAlive::NotReady;
+            return Some((reply, KeepAlive::NotReady));
         }
+        if self.settings.unsafe_unconfirmed_renewals {
+            let answer = self.renew(now, now, lease);
+            return Some((reply, answer));
+        }
+        self.waiting.push_back(Waiting {
+            lease,
+            received: now,
+            round_needed: self.rounds_started,
+            reply,
+        });
+        None
+    }
+
+    /// Renews `lease` from `received` (the keepalive's arrival), judged at
+    /// `now`: a lease already past its deadline stays doomed.
+    fn renew(&mut self, now: Instant, received: Instant, lease: LeaseId) -> KeepAlive {
+        let drift_ppm = self.settings.max_clock_drift_ppm;
         match self.deadlines.get_mut(&lease) {
             // Doomed: an expiry naming it may be in flight (see module docs).
             Some(deadline) if deadline.at <= now => KeepAlive::NotFound,
             Some(deadline) => {
-                deadline.at = now + deadline.ttl;
+                deadline.at = deadline.at.max(received + stretch(deadline.ttl, drift_ppm));
                 KeepAlive::Renewed {
                     ttl_ms: deadline.ttl.as_millis() as u64,
                 }
@@ -140,145 +298,115 @@ impl LeaseClock {
             .map(|deadline| deadline.at.saturating_duration_since(now))
     }
 
-    /// Leases whose deadline has passed, when a new expiry round may start.
-    pub fn due(&mut self, now: Instant) -> Vec<LeaseId> {
+    /// Whether a new round should start now: some keepalive waits that no
+    /// round in flight covers, or a lease is overdue and no round is in
+    /// flight. Rounds abandoned after [`EXPIRY_ROUND_TIMEOUT`] are dropped.
+    pub fn round_wanted(&mut self, now: Instant) -> bool {
         if !self.ready() {
-            return Vec::new();
+            return false;
         }
-        if let Some((_, started)) = self.round {
-            if now.duration_since(started) < EXPIRY_ROUND_TIMEOUT {
-                return Vec::new();
+        while let Some(round) = self.rounds.front() {
+            if now.duration_since(round.started) < EXPIRY_ROUND_TIMEOUT {
+                break;
             }
-            self.round = None;
+            self.rounds.pop_front();
         }
-        self.expired(now)
+        if self.rounds.len() >= MAX_ROUNDS_IN_FLIGHT {
+            return false;
+        }
+        let uncovered = self
+            .waiting
+            .back()
+            .is_some_and(|waiting| waiting.round_needed >= self.rounds_started);
+        uncovered || (self.rounds.is_empty() && !self.overdue(now).is_empty())
     }
 
-    /// Leases whose deadline has passed (re-checked when the round's
-    /// ReadIndex returns, since keepalives may have come in meanwhile).
-    pub fn expired(&self, now: Instant) -> Vec<LeaseId> {
+    /// Records that a round started with ReadIndex request `id`.
+    pub fn start_round(&mut self, id: u64, now: Instant) {
+        self.rounds.push_back(Round {
+            id,
+            number: self.rounds_started,
+            started: now,
+        });
+        self.rounds_started += 1;
+    }
+
+    /// Whether `id` is a round in flight.
+    pub fn is_round(&self, id: u64) -> bool {
+        self.rounds.iter().any(|round| round.id == id)
+    }
+
+    /// Round `id` was confirmed by a quorum (with every earlier round):
+    /// answers the keepalives that arrived before it started, and names the
+    /// overdue leases to expire. `None` if `id` is not a round in flight.
+    pub fn finish_round(&mut self, id: u64, now: Instant) -> Option<Confirmed<R>> {
+        let position = self.rounds.iter().position(|round| round.id == id)?;
+        let number = self.rounds[position].number;
+        self.rounds.drain(..=position);
+        let mut answers = Vec::new();
+        while self
+            .waiting
+            .front()
+            .is_some_and(|waiting| waiting.round_needed <= number)
+        {
+            // Checked just above.
+            let waiting = self.waiting.pop_front().expect("front exists");
+            let answer = self.renew(now, waiting.received, waiting.lease);
+            answers.push(Answered {
+                lease: waiting.lease,
+                reply: waiting.reply,
+                answer,
+            });
+        }
+        let expire = self.overdue(now);
+        Some(Confirmed { answers, expire })
+    }
+
+    /// Keepalives that waited longer than [`CONFIRM_TIMEOUT`], for the
+    /// caller to answer [`KeepAlive::Unconfirmed`].
+    pub fn unconfirmed(&mut self, now: Instant) -> Vec<R> {
+        let mut stale = Vec::new();
+        while self
+            .waiting
+            .front()
+            .is_some_and(|waiting| now.duration_since(waiting.received) >= CONFIRM_TIMEOUT)
+        {
+            // Checked just above.
+            stale.push(self.waiting.pop_front().expect("front exists").reply);
+        }
+        stale
+    }
+
+    /// Leases whose deadline has passed and that are not in an expiry
+    /// proposal made within [`EXPIRY_ROUND_TIMEOUT`].
+    fn overdue(&self, now: Instant) -> Vec<LeaseId> {
         self.deadlines
             .iter()
             .filter(|(_, deadline)| deadline.at <= now)
             .map(|(lease, _)| *lease)
+            .filter(|lease| {
+                self.expiring
+                    .get(lease)
+                    .is_none_or(|at| now.duration_since(*at) >= EXPIRY_ROUND_TIMEOUT)
+            })
             .take(MAX_EXPIRED_PER_ENTRY)
             .collect()
     }
 
-    /// Records that an expiry round started with ReadIndex request `id`.
-    pub fn start_round(&mut self, id: u64, now: Instant) {
-        self.round = Some((id, now));
-    }
-
-    /// Whether `id` is the ReadIndex request of the round in flight; ends the round.
-    pub fn finish_round(&mut self, id: u64) -> bool {
-        if self.round.is_some_and(|(round, _)| round == id) {
-            self.round = None;
-            return true;
+    /// The leases in an expiry just proposed; not named again until
+    /// [`EXPIRY_ROUND_TIMEOUT`] passes without the entry applying.
+    pub fn expiry_proposed(&mut self, leases: &[LeaseId], now: Instant) {
+        for lease in leases {
+            self.expiring.insert(*lease, now);
         }
-        false
     }
+}
+
+/// `ttl × (1 + drift)`, with the drift in parts per million.
+fn stretch(ttl: Duration, drift_ppm: u64) -> Duration {
+    let nanos = ttl.as_nanos() * u128::from(PPM + drift_ppm) / u128::from(PPM);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::coordination::{Op, TtlBounds};
-    use crate::types::LogIndex;
-
-    fn state_with_lease(ttl_ms: u64) -> (Coordination, LeaseId) {
-        let mut state = Coordination::new(TtlBounds {
-            min_ttl_ms: 1,
-            max_ttl_ms: 1_000_000,
-        });
-        state.apply(LogIndex(1), Op::GrantLease { ttl_ms });
-        (state, LeaseId(1))
-    }
-
-    #[test]
-    fn new_leader_restarts_every_lease_at_its_full_ttl() {
-        let (state, lease) = state_with_lease(1000);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 5, &state);
-        clock.applied(5);
-        assert!(clock.due(start + Duration::from_millis(999)).is_empty());
-        assert_eq!(clock.due(start + Duration::from_millis(1000)), vec![lease]);
-    }
-
-    #[test]
-    fn keepalives_wait_until_the_leaders_first_entry_is_applied() {
-        let (state, lease) = state_with_lease(1000);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 5, &state);
-        clock.applied(4);
-        assert_eq!(clock.keep_alive(start, lease), KeepAlive::NotReady);
-        assert!(
-            clock.due(start + Duration::from_secs(10)).is_empty(),
-            "no expiry before ready"
-        );
-        clock.applied(5);
-        assert_eq!(
-            clock.keep_alive(start, lease),
-            KeepAlive::Renewed { ttl_ms: 1000 }
-        );
-    }
-
-    #[test]
-    fn keepalive_pushes_the_deadline_back() {
-        let (state, lease) = state_with_lease(1000);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 1, &state);
-        clock.applied(1);
-        clock.keep_alive(start + Duration::from_millis(900), lease);
-        assert!(clock.due(start + Duration::from_millis(1500)).is_empty());
-        assert_eq!(clock.due(start + Duration::from_millis(1900)), vec![lease]);
-    }
-
-    #[test]
-    fn keepalive_after_the_deadline_does_not_revive_the_lease() {
-        let (state, lease) = state_with_lease(1000);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 1, &state);
-        clock.applied(1);
-        let late = start + Duration::from_millis(1000);
-        // The round is proposed; its entry has not applied yet.
-        assert_eq!(clock.due(late), vec![lease]);
-        clock.start_round(7, late);
-        assert!(clock.finish_round(7));
-        assert_eq!(clock.expired(late), vec![lease]);
-        let keepalive = late + Duration::from_millis(5);
-        assert_eq!(clock.keep_alive(keepalive, lease), KeepAlive::NotFound);
-        assert_eq!(clock.expired(keepalive), vec![lease], "still doomed");
-    }
-
-    #[test]
-    fn a_follower_keeps_no_deadlines() {
-        let (state, lease) = state_with_lease(1000);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 1, &state);
-        clock.applied(1);
-        clock.follow();
-        assert_eq!(clock.keep_alive(start, lease), KeepAlive::NotReady);
-        assert!(clock.due(start + Duration::from_secs(60)).is_empty());
-    }
-
-    #[test]
-    fn one_round_at_a_time() {
-        let (state, lease) = state_with_lease(10);
-        let mut clock = LeaseClock::default();
-        let start = Instant::now();
-        clock.lead(start, 1, &state);
-        clock.applied(1);
-        let later = start + Duration::from_millis(20);
-        assert_eq!(clock.due(later), vec![lease]);
-        clock.start_round(42, later);
-        assert!(clock.due(later).is_empty(), "round in flight");
-        assert!(clock.finish_round(42));
-        assert_eq!(clock.due(later), vec![lease]);
-    }
-}
+mod tests;

@@ -1,5 +1,8 @@
 //! The Lease service. Grant and Revoke go through Raft; KeepAlive is
-//! answered by the leader from its lease clock without a Raft write.
+//! answered by the leader from its lease clock without a Raft write, once a
+//! quorum confirmed a round that started after the renewal arrived (see
+//! `crate::lease_clock`). Each renewal lists the lease's grants and the
+//! cluster's clock drift bound.
 
 use std::pin::Pin;
 
@@ -11,16 +14,16 @@ use tonic::{Request, Response, Status, Streaming};
 use latchkey_proto::state::v1::{command, command_result, GrantLease, RevokeLease};
 use latchkey_proto::v1::lease_server::Lease;
 use latchkey_proto::v1::{
-    LeaseGrantRequest, LeaseGrantResponse, LeaseInfo, LeaseKeepAliveRequest,
+    fence, Fence, LeaseGrantRequest, LeaseGrantResponse, LeaseInfo, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseListRequest, LeaseListResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 
 use super::{header_at, Api};
-use crate::coordination::LeaseId;
+use crate::coordination::{Kind, LeaseId};
 use crate::error::RequestError;
 use crate::lease_clock::KeepAlive;
-use crate::node::Role;
+use crate::node::{HeldGrant, KeepAliveAnswer, Role};
 use crate::state_machine::{grant_proto, MAX_LEASE_TTL_MS};
 
 /// Keepalive responses buffered per stream.
@@ -35,12 +38,12 @@ impl Lease for Api {
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let LeaseGrantRequest { ttl_ms, request } = request.into_inner();
-        if ttl_ms < self.min_lease_ttl_ms || ttl_ms > MAX_LEASE_TTL_MS {
+        let min_ttl_ms = self.settings.min_lease_ttl_ms;
+        if ttl_ms < min_ttl_ms || ttl_ms > MAX_LEASE_TTL_MS {
             return Err(self.status(RequestError::InvalidArgument {
                 field: "ttl_ms",
                 reason: format!(
-                    "{ttl_ms} is outside [{}, {MAX_LEASE_TTL_MS}]; the minimum is twice the election timeout, so that a leader change alone cannot outlast a lease",
-                    self.min_lease_ttl_ms
+                    "{ttl_ms} is outside [{min_ttl_ms}, {MAX_LEASE_TTL_MS}]; the minimum is twice the election timeout, so that a leader change alone cannot outlast a lease"
                 ),
             }));
         }
@@ -54,6 +57,7 @@ impl Lease for Api {
             header: Some(header_at(self, &applied)),
             lease: granted.lease,
             ttl_ms: granted.ttl_ms,
+            max_clock_drift_ppm: self.settings.max_clock_drift_ppm,
         }))
     }
 
@@ -177,12 +181,13 @@ impl Lease for Api {
 
 impl Api {
     async fn keep_alive_once(&self, lease: LeaseId) -> Result<LeaseKeepAliveResponse, Status> {
-        let answer = self
+        let KeepAliveAnswer { answer, grants } = self
             .node
             .keep_alive(lease)
             .await
             .map_err(|e| self.status(e))?;
         let header = Some(self.header());
+        let max_clock_drift_ppm = self.settings.max_clock_drift_ppm;
         match answer {
             KeepAlive::Renewed { ttl_ms } => Ok(LeaseKeepAliveResponse {
                 header,
@@ -190,15 +195,34 @@ impl Api {
                 found: true,
                 remaining_ms: ttl_ms,
                 ttl_ms,
+                grants: grants.into_iter().map(fence_of).collect(),
+                max_clock_drift_ppm,
             }),
             KeepAlive::NotFound => Ok(LeaseKeepAliveResponse {
                 header,
                 lease: lease.0,
+                max_clock_drift_ppm,
                 ..LeaseKeepAliveResponse::default()
             }),
             KeepAlive::NotReady => Err(Status::unavailable(
                 "the leader has not yet applied an entry of its term; retry shortly",
             )),
+            KeepAlive::Unconfirmed => Err(Status::unavailable(
+                "no quorum confirmed this node's leadership in time; it may have been deposed: try another node",
+            )),
         }
+    }
+}
+
+/// A held grant as the fence a write under it would carry.
+fn fence_of(grant: HeldGrant) -> Fence {
+    let kind = match grant.kind {
+        Kind::Lock => fence::Kind::Lock,
+        Kind::Election => fence::Kind::Election,
+    };
+    Fence {
+        name: grant.name,
+        token: grant.token.0,
+        kind: kind.into(),
     }
 }

@@ -23,15 +23,15 @@
 //!   not keep working.
 //!
 //! The lease is renewed every few hundred milliseconds (see
-//! [`super::session`]), so a revoke from elsewhere stops the command within
-//! about a second; a release or resign elsewhere is found by reading the
-//! current grant once a second.
+//! [`super::session`]), and each renewal lists the lease's grants, so a
+//! revoke, release or resign from elsewhere stops the command within about
+//! one renewal interval.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use latchkey_client::{Client, Leadership, Lease, LockGuard};
+use latchkey_client::{Leadership, Lease, LockGuard};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
@@ -62,11 +62,11 @@ pub struct HoldArgs {
 
 impl HoldArgs {
     /// Holds `held` while the command runs, or until told to stop.
-    pub async fn hold(&self, held: Held, client: &Client, json: bool) -> Result<u8, Failure> {
+    pub async fn hold(&self, held: Held, json: bool) -> Result<u8, Failure> {
         if self.command.is_empty() {
-            hold(held, client, json).await
+            hold(held, json).await
         } else {
-            run_command(held, client, &self.command, self.kill_after).await
+            run_command(held, &self.command, self.kill_after).await
         }
     }
 }
@@ -127,55 +127,16 @@ impl Held {
     }
 
     /// Completes, with the reason in words, when the grant is lost: its
-    /// lease is lost, or the grant was ended elsewhere (`latchkey release`
-    /// or `resign` with its token), which is checked every
-    /// [`GRANT_CHECK_INTERVAL`].
-    async fn lost(&self, client: &Client) -> String {
-        let lease_lost = self.lease().lost();
-        let ended_elsewhere = async {
-            // Bounded by the grant: it returns once the grant has ended.
-            loop {
-                tokio::time::sleep(GRANT_CHECK_INTERVAL).await;
-                if let Ok(current) = self.current_token(client).await {
-                    if current != self.token() {
-                        return self.why_ended(client).await;
-                    }
-                }
-            }
+    /// lease is lost, or a renewal showed the grant was ended elsewhere
+    /// (`latchkey release` or `resign` with its token).
+    async fn lost(&self) -> String {
+        let reason = match self {
+            Held::Lock(guard) => guard.lost().await,
+            Held::Leadership { leadership, .. } => leadership.lost().await,
         };
-        tokio::select! {
-            reason = lease_lost => describe_lost(reason).to_string(),
-            why = ended_elsewhere => why,
-        }
-    }
-
-    /// Why a grant that is no longer current ended: with its lease (a
-    /// revoke or expiry the keepalives have not reported yet), or on its own.
-    async fn why_ended(&self, client: &Client) -> String {
-        match client.raw().lease_info(self.lease().id()).await {
-            Ok(None) => describe_lost(latchkey_client::LeaseLost::NotFound).to_string(),
-            _ => format!(
-                "it was released elsewhere (token {} is no longer current)",
-                self.token()
-            ),
-        }
-    }
-
-    /// The token of the current grant of this lock or election, 0 when
-    /// there is none.
-    async fn current_token(&self, client: &Client) -> Result<u64, latchkey_client::Error> {
-        let holder = match self {
-            Held::Lock(guard) => client.raw().describe_lock(guard.name()).await?.holder,
-            Held::Leadership { leadership, .. } => {
-                client.election(leadership.name()).leader().await?
-            }
-        };
-        Ok(holder.map_or(0, |grant| grant.token.0))
+        describe_lost(reason).to_string()
     }
 }
-
-/// How often a held grant is checked for having been ended elsewhere.
-const GRANT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What `lock` and `elect` print for a grant without a command (`--json`).
 #[derive(Serialize, Debug)]
@@ -189,7 +150,7 @@ pub struct GrantOutput {
 }
 
 /// Holds `held` until a stop is requested or it is lost.
-pub async fn hold(held: Held, client: &Client, json: bool) -> Result<u8, Failure> {
+pub async fn hold(held: Held, json: bool) -> Result<u8, Failure> {
     let mut stops = StopSignals::install(true)?;
     if json {
         write_json(&GrantOutput {
@@ -210,7 +171,7 @@ pub async fn hold(held: Held, client: &Client, json: bool) -> Result<u8, Failure
         ));
     }
     tokio::select! {
-        why = held.lost(client) => return Err(lost(held.what(), held.name(), &why)),
+        why = held.lost() => return Err(lost(held.what(), held.name(), &why)),
         _ = stops.next() => {}
     }
     end(&held).await;
@@ -220,7 +181,6 @@ pub async fn hold(held: Held, client: &Client, json: bool) -> Result<u8, Failure
 /// Runs `command` while holding `held`; see the module docs.
 pub async fn run_command(
     held: Held,
-    client: &Client,
     command: &[String],
     kill_after: Duration,
 ) -> Result<u8, Failure> {
@@ -250,7 +210,7 @@ pub async fn run_command(
             end(&held).await;
             return Ok(exit_code(status));
         }
-        reason = held.lost(client) => why = reason,
+        reason = held.lost() => why = reason,
         _ = stops.next() => {
             signal_child(&child, libc::SIGTERM);
             let status = stop_child(&mut child, kill_after).await;

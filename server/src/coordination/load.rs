@@ -43,9 +43,31 @@ impl Coordination {
         ttl_bounds: TtlBounds,
         records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
     ) -> Result<Coordination, LoadError> {
+        Coordination::load_counting(ttl_bounds, records, false)
+    }
+
+    /// A broken variant of [`Coordination::load`] for the simulator's
+    /// proof that it catches a token counter that is not persisted
+    /// (`UnsafeSwitches::volatile_token_counter`): any stored counter is
+    /// ignored and the counter restarts above the tokens of the locks held
+    /// now, so tokens of released locks are issued again.
+    pub fn load_recomputing_counter(
+        ttl_bounds: TtlBounds,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<Coordination, LoadError> {
+        Coordination::load_counting(ttl_bounds, records, true)
+    }
+
+    fn load_counting(
+        ttl_bounds: TtlBounds,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        recompute_counter: bool,
+    ) -> Result<Coordination, LoadError> {
         let mut state = Coordination::new(ttl_bounds);
         let mut next_token = None;
         let mut waiters = StoredWaiters::new();
+        // Results are linked to their sessions once every header is read.
+        let mut results = Vec::new();
         for (key, value) in records {
             let decoded =
                 codec::decode(&key, &value).map_err(|reason| LoadError::at(&key, reason))?;
@@ -69,17 +91,30 @@ impl Coordination {
                 Decoded::Waiter { key, waiter } => waiters
                     .insert((key, waiter.enqueued_index), waiter)
                     .is_none(),
-                Decoded::Session { client, session } => {
-                    let fresh = state.sessions.get(client).is_none();
-                    state.sessions.insert_loaded(client, session);
-                    fresh
+                Decoded::Session { id, session } => state.sessions.insert_loaded(id, session),
+                Decoded::SessionResult { id, seq, result } => {
+                    results.push((key.clone(), id, seq, result));
+                    true
                 }
+                Decoded::LegacySession => true,
             };
             if !fresh {
                 return Err(LoadError::at(&key, "record appears twice"));
             }
         }
+        for (key, id, seq, result) in results {
+            if !state.sessions.insert_loaded_result(id, seq, result) {
+                return Err(LoadError::at(
+                    &key,
+                    "result of a session that is not open, or twice",
+                ));
+            }
+        }
         state.next_token = next_token.unwrap_or(FencingToken(1));
+        if recompute_counter {
+            let highest = state.locks.values().map(|lock| lock.holder.token.0).max();
+            state.next_token = FencingToken(highest.unwrap_or(0) + 1);
+        }
         state.link_holders()?;
         state.link_waiters(waiters)?;
         state.validate()?;
@@ -138,7 +173,7 @@ impl Coordination {
         }
         self.sessions
             .validate()
-            .map_err(|(client, reason)| LoadError::at(&session_key(client), reason))
+            .map_err(|(session, reason)| LoadError::at(&session_key(session), reason))
     }
 
     /// One held lock: a valid name, a live holder lease that knows it holds
