@@ -18,12 +18,13 @@
 //! only by the caller's deadline.
 //!
 //! # Exactly once
-//! Every mutating request carries this client's random non-zero
-//! `client_id` and a sequence number taken once per call and reused by all
-//! of its attempts, so a write whose first attempt was applied but not
-//! acknowledged (connection cut, leader change) is not applied again: the
-//! server answers the retry with the first attempt's result. The server
-//! remembers the last 64 sequence numbers of each client.
+//! Every mutating request carries this client's session id and a sequence
+//! number taken once per call and reused by all of its attempts, so a
+//! write whose first attempt was applied but not acknowledged (connection
+//! cut, leader change) is not applied again: the server answers the retry
+//! with the first attempt's result. The session is opened with the first
+//! write; see [`crate::session`] for the protocol, what happens when it
+//! expires, and [`ClientBuilder::sessionless`] clients.
 //!
 //! Waiting acquires and campaigns are the exception: each attempt takes a
 //! new sequence number. Acquiring is idempotent per lease (a lease that
@@ -46,14 +47,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use latchkey_proto::v1::cluster_client::ClusterClient;
-use latchkey_proto::v1::{RequestId, StatusRequest};
+use latchkey_proto::v1::session_client::SessionClient;
+use latchkey_proto::v1::{
+    error_details, RequestId, SessionCloseRequest, SessionOpenRequest, StatusRequest,
+};
 use parking_lot::Mutex;
-use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::{describe_status, Error};
-use crate::retry::{classify, normalize_endpoint, Backoff, Verdict};
+use crate::error::{decode_details, describe_status, Error};
+use crate::retry::{certainly_not_applied, classify, normalize_endpoint, Backoff, Verdict};
+use crate::session::{SessionIds, Ticket};
 
 /// Default bound on one attempt of a call that does not block by design.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +71,13 @@ pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(20);
 pub(crate) const BACKOFF_LONGEST: Duration = Duration::from_secs(1);
 /// Shortest keepalive interval accepted by [`ClientBuilder::keepalive_interval`].
 const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(50);
+/// Default of [`ClientBuilder::lease_safety_margin`].
+pub const DEFAULT_LEASE_SAFETY_MARGIN: Duration = Duration::from_millis(100);
+/// Default of [`ClientBuilder::max_clock_drift_ppm`] (1 %), used until the
+/// cluster tells its own bound.
+pub const DEFAULT_MAX_CLOCK_DRIFT_PPM: u64 = 10_000;
+/// Largest drift bound [`ClientBuilder::max_clock_drift_ppm`] accepts (10 %).
+const MAX_MAX_CLOCK_DRIFT_PPM: u64 = 100_000;
 /// Leader hints followed without a pause in one call.
 const MAX_IMMEDIATE_REDIRECTS: usize = 3;
 /// Attempts of one call, however far away its deadline is.
@@ -93,6 +104,13 @@ pub(crate) struct Options {
     pub(crate) connect_timeout: Duration,
     /// Longest time between two renewals of a lease (default: a third of its TTL).
     pub(crate) keepalive_interval: Option<Duration>,
+    /// Writes carry no request id (see [`ClientBuilder::sessionless`]).
+    pub(crate) sessionless: bool,
+    /// The drift bound this client assumes at least (the cluster's own,
+    /// told with each grant and renewal, counts when it is larger).
+    pub(crate) max_clock_drift_ppm: u64,
+    /// Subtracted from every lease deadline.
+    pub(crate) lease_safety_margin: Duration,
 }
 
 impl ClientBuilder {
@@ -110,6 +128,9 @@ impl ClientBuilder {
                 retry_timeout: DEFAULT_RETRY_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 keepalive_interval: None,
+                sessionless: false,
+                max_clock_drift_ppm: DEFAULT_MAX_CLOCK_DRIFT_PPM,
+                lease_safety_margin: DEFAULT_LEASE_SAFETY_MARGIN,
             },
         }
     }
@@ -144,6 +165,37 @@ impl ClientBuilder {
         self
     }
 
+    /// Sends writes without a request id, so that this client takes no slot
+    /// in the cluster's exactly-once session table: for one-shot tools that
+    /// make a request or two and exit. A write whose outcome is unknown (a
+    /// timeout, a leader lost mid-request) is then *not* resent, since a
+    /// resend could apply it twice; it fails with [`Error::OutcomeUnknown`].
+    /// Writes a follower refused, or that never reached a node, are still
+    /// resent, and so are acquires and campaigns, which are idempotent per
+    /// lease.
+    pub fn sessionless(mut self) -> Self {
+        self.options.sessionless = true;
+        self
+    }
+
+    /// The largest rate difference between this machine's clock and the
+    /// cluster's, in parts per million (default 10 000, 1 %). A lease is
+    /// trusted for `TTL × (1 − drift) − margin` after the send time of its
+    /// last acknowledged keepalive; the cluster's own bound, which comes
+    /// with every grant and renewal, is used when it is larger.
+    pub fn max_clock_drift_ppm(mut self, ppm: u64) -> Self {
+        self.options.max_clock_drift_ppm = ppm.min(MAX_MAX_CLOCK_DRIFT_PPM);
+        self
+    }
+
+    /// How long before the cluster could possibly expire a lease this
+    /// client stops trusting it (default 100 ms): room for the work between
+    /// checking that a lock is held and acting on it.
+    pub fn lease_safety_margin(mut self, margin: Duration) -> Self {
+        self.options.lease_safety_margin = margin;
+        self
+    }
+
     /// Checks the endpoints and contacts the cluster: returns once one
     /// member answers (and adopts the leader it knows), or fails with
     /// [`Error::Unavailable`] when none does within the retry timeout.
@@ -160,8 +212,8 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 router: Router::new(seeds, self.options.connect_timeout),
                 options: self.options,
-                client_id: random_client_id(),
-                last_seq: AtomicU64::new(0),
+                sessions: SessionIds::new(),
+                cluster_drift_ppm: AtomicU64::new(0),
             }),
         };
         let status = client
@@ -178,13 +230,9 @@ impl ClientBuilder {
     }
 }
 
-fn random_client_id() -> u64 {
-    // Zero means "no deduplication" to the server.
-    rand::thread_rng().gen_range(1..=u64::MAX)
-}
-
 /// A connection to a latchkey cluster. Cheap to clone; clones share
-/// connections, the leader they know, and the exactly-once client id.
+/// connections, the leader they know, and the exactly-once session. When
+/// the last clone is dropped the session is closed in the background.
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
@@ -193,7 +241,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("client_id", &self.inner.client_id)
+            .field("session", &self.inner.sessions.current())
             .field("endpoints", &self.inner.router.seeds)
             .finish()
     }
@@ -218,9 +266,11 @@ impl Client {
         ClientBuilder::new(endpoints)
     }
 
-    /// The id this client's writes are deduplicated under.
-    pub fn client_id(&self) -> u64 {
-        self.inner.client_id
+    /// The exactly-once session this client's writes are deduplicated
+    /// under, once its first write opened one; `None` before that and for
+    /// [`ClientBuilder::sessionless`] clients.
+    pub fn session_id(&self) -> Option<u64> {
+        self.inner.sessions.current()
     }
 }
 
@@ -233,6 +283,9 @@ pub(crate) struct CallSpec {
     pub(crate) deadline: Option<Instant>,
     /// Whether a success tells us who leads (writes only reach the leader).
     pub(crate) is_write: bool,
+    /// Each attempt takes a new request id, and resending is safe without
+    /// deduplication (acquires and campaigns: idempotent per lease).
+    pub(crate) idempotent: bool,
 }
 
 impl CallSpec {
@@ -241,6 +294,7 @@ impl CallSpec {
             attempt_timeout: Some(options.call_timeout),
             deadline: None,
             is_write: false,
+            idempotent: false,
         }
     }
 
@@ -258,6 +312,7 @@ impl CallSpec {
             attempt_timeout: None,
             deadline,
             is_write: true,
+            idempotent: true,
         }
     }
 }
@@ -266,8 +321,29 @@ impl CallSpec {
 pub(crate) struct Inner {
     pub(crate) router: Router,
     pub(crate) options: Options,
-    client_id: u64,
-    last_seq: AtomicU64,
+    sessions: SessionIds,
+    /// The largest drift bound the cluster has told (0: none yet).
+    cluster_drift_ppm: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Some(session) = self.sessions.current() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(channel) = self.router.channel(&self.router.first_target()) else {
+            return;
+        };
+        // Best effort: an unclosed session expires once idle.
+        runtime.spawn(async move {
+            let request = SessionCloseRequest { session };
+            let mut client = SessionClient::new(channel);
+            let _ = tokio::time::timeout(DEFAULT_CALL_TIMEOUT, client.close(request)).await;
+        });
+    }
 }
 
 enum AttemptFailed {
@@ -277,27 +353,103 @@ enum AttemptFailed {
 }
 
 impl Inner {
-    /// A fresh exactly-once id for one mutating call.
-    pub(crate) fn next_request_id(&self) -> RequestId {
-        RequestId {
-            client_id: self.client_id,
-            seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1,
-        }
+    /// The drift bound to count leases with: this client's, or the
+    /// cluster's if it told a larger one.
+    pub(crate) fn drift_ppm(&self) -> u64 {
+        let cluster = self.cluster_drift_ppm.load(Ordering::Relaxed);
+        self.options.max_clock_drift_ppm.max(cluster)
     }
 
-    /// Runs `attempt` against the cluster until it succeeds, fails for good,
-    /// or runs out of time; see the module docs.
+    /// How long a lease with `ttl` is trusted after a keepalive was sent.
+    pub(crate) fn trusted_for(&self, ttl: Duration) -> Duration {
+        crate::lease::trusted_for(ttl, self.drift_ppm(), self.options.lease_safety_margin)
+    }
+
+    /// Notes the drift bound the cluster told with a grant or renewal.
+    pub(crate) fn cluster_drift(&self, ppm: u64) {
+        let ppm = ppm.min(MAX_MAX_CLOCK_DRIFT_PPM);
+        self.cluster_drift_ppm.fetch_max(ppm, Ordering::Relaxed);
+    }
+
+    /// A request id for one call: a ticket in the open session, which is
+    /// opened first if there is none. `None` for sessionless clients.
+    async fn ticket(&self) -> Result<Option<Ticket<'_>>, Error> {
+        if self.options.sessionless {
+            return Ok(None);
+        }
+        if let Some(ticket) = self.sessions.ticket() {
+            return Ok(Some(ticket));
+        }
+        let _opening = self.sessions.opening.lock().await;
+        if self.sessions.current().is_none() {
+            // Boxed: `call` runs the same retry loop that may ask for a ticket.
+            let opened = Box::pin(self.call(
+                CallSpec::write(&self.options),
+                |channel| async move {
+                    SessionClient::new(channel)
+                        .open(SessionOpenRequest {})
+                        .await
+                },
+            ))
+            .await?;
+            self.sessions.opened(opened.session);
+        }
+        Ok(self.sessions.ticket())
+    }
+
+    /// Runs a read (or a call that needs no request id) against the cluster
+    /// until it succeeds, fails for good, or runs out of time; see the
+    /// module docs.
     pub(crate) async fn call<T, F, Fut>(&self, spec: CallSpec, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.run(spec, None, |channel, _| attempt(channel)).await
+    }
+
+    /// Runs a mutating call: each attempt is given the call's request id
+    /// (a new one per attempt for [`CallSpec::idempotent`] calls; `None`
+    /// for sessionless clients).
+    pub(crate) async fn call_write<T, F, Fut>(&self, spec: CallSpec, attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Option<RequestId>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let ticket = self.ticket().await?;
+        self.run(spec, Some(ticket), attempt).await
+    }
+
+    /// The retry loop. `ticket` is `Some` for writes (holding `None` when
+    /// sessionless) and `None` for reads.
+    async fn run<T, F, Fut>(
+        &self,
+        spec: CallSpec,
+        mut ticket: Option<Option<Ticket<'_>>>,
+        mut attempt: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Option<RequestId>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let is_write = ticket.is_some();
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LONGEST);
         let mut target = self.router.first_target();
         let mut first_failure: Option<Instant> = None;
         let mut redirects = 0;
-        for _ in 0..MAX_ATTEMPTS_PER_CALL {
-            let status = match self.attempt(&target, spec, &mut attempt).await {
+        // Whether some attempt may have been applied.
+        let mut maybe_applied = false;
+        for attempts in 0..MAX_ATTEMPTS_PER_CALL {
+            if spec.idempotent && is_write && attempts > 0 {
+                // Drop the old ticket first: it no longer counts as pending.
+                drop(ticket.take());
+                ticket = Some(self.ticket().await?);
+            }
+            let id = ticket
+                .as_ref()
+                .and_then(|t| t.as_ref().map(Ticket::request_id));
+            let mut once = |channel| attempt(channel, id);
+            let status = match self.attempt(&target, spec, &mut once).await {
                 Ok(answer) => {
                     if spec.is_write {
                         self.router.set_leader(target);
@@ -307,12 +459,32 @@ impl Inner {
                 Err(AttemptFailed::Deadline) => return Err(timed_out(first_failure)),
                 Err(AttemptFailed::Status(status)) => status,
             };
+            if let Some(expired) = expired_session(&status) {
+                self.sessions.expired(expired.session);
+                if maybe_applied && !spec.idempotent {
+                    return Err(Error::SessionExpired {
+                        session: expired.session,
+                        seq: expired.seq,
+                    });
+                }
+                drop(ticket.take());
+                ticket = Some(self.ticket().await?);
+                continue;
+            }
             let now = Instant::now();
             let since = *first_failure.get_or_insert(now);
             let verdict = classify(&status);
             tracing::debug!(%target, ?verdict, "attempt failed: {}", describe_status(&status));
             if verdict == Verdict::Fail {
                 return Err(Error::from_status(&status));
+            }
+            if is_write && !certainly_not_applied(&status) {
+                maybe_applied = true;
+                if self.options.sessionless && !spec.idempotent {
+                    return Err(Error::OutcomeUnknown {
+                        message: describe_status(&status),
+                    });
+                }
             }
             if now >= since + self.options.retry_timeout {
                 return Err(unavailable(&status));
@@ -376,6 +548,14 @@ impl Inner {
                 format!("no answer from {target} within the call timeout"),
             ))),
         }
+    }
+}
+
+/// The session a refusal says has expired.
+fn expired_session(status: &tonic::Status) -> Option<latchkey_proto::v1::SessionExpired> {
+    match decode_details(status)? {
+        error_details::Detail::SessionExpired(expired) => Some(expired),
+        _ => None,
     }
 }
 
@@ -512,20 +692,5 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(router.next_target("http://a:1"), "http://b:1");
         }
-    }
-
-    #[test]
-    fn request_ids_carry_one_client_id_and_increasing_sequence_numbers() {
-        let inner = Inner {
-            router: router(),
-            options: ClientBuilder::new(["a:1"]).options,
-            client_id: random_client_id(),
-            last_seq: AtomicU64::new(0),
-        };
-        let first = inner.next_request_id();
-        let second = inner.next_request_id();
-        assert_ne!(first.client_id, 0);
-        assert_eq!(first.client_id, second.client_id);
-        assert_eq!((first.seq, second.seq), (1, 2));
     }
 }

@@ -53,6 +53,17 @@ pub enum Error {
     /// A write that ends this way may or may not have been applied.
     #[error("cluster unavailable: {message}")]
     Unavailable { message: String },
+    /// The client's exactly-once session had ended on the cluster (idle for
+    /// longer than its idle timeout) while a write was being retried. The
+    /// write was not applied by the attempt that found this out, but an
+    /// earlier attempt may have been: check before doing it again.
+    #[error("session {session} expired while request {seq} was being retried; it may or may not have been applied")]
+    SessionExpired { session: u64, seq: u64 },
+    /// A write of a [`crate::ClientBuilder::sessionless`] client failed in
+    /// a way that leaves its outcome unknown (a timeout, a leader lost
+    /// mid-request). It was not resent, since a resend could apply it twice.
+    #[error("outcome unknown: the write may or may not have been applied ({message})")]
+    OutcomeUnknown { message: String },
     /// A wait the caller bounded (for example
     /// [`crate::Lease::lock_with_timeout`]) ran out.
     #[error("timed out: {message}")]
@@ -161,6 +172,10 @@ fn from_detail(detail: error_details::Detail) -> Error {
             key: mismatch.key,
             expected: Revision(mismatch.expected),
             actual: Revision(mismatch.actual),
+        },
+        Detail::SessionExpired(expired) => Error::SessionExpired {
+            session: expired.session,
+            seq: expired.seq,
         },
         Detail::NotLeader(not_leader) => Error::Unavailable {
             message: format!(

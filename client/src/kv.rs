@@ -24,14 +24,16 @@
 //!
 //! Builders run when awaited (they implement [`IntoFuture`]).
 //!
+//! [`Client::range`] lists keys by prefix, in key order.
+//!
 //! # Not done yet
-//! - Range reads and watches.
+//! - Watches.
 
 use std::future::IntoFuture;
 
 use futures::future::BoxFuture;
 use latchkey_proto::v1::kv_client::KvClient;
-use latchkey_proto::v1::{DeleteRequest, GetRequest, PutRequest};
+use latchkey_proto::v1::{DeleteRequest, GetRequest, PutRequest, RangeRequest};
 
 use crate::client::{CallSpec, Client};
 use crate::error::Error;
@@ -142,12 +144,13 @@ impl Put {
             key: self.key,
             value: self.value,
             fence: self.fence.map(Fence::into_proto),
-            request: Some(inner.next_request_id()),
+            request: None,
             expected_mod_revision: self.expected_mod_revision.map(|r| r.0),
         };
         let answer = inner
-            .call(CallSpec::write(&inner.options), |channel| {
-                let request = request.clone();
+            .call_write(CallSpec::write(&inner.options), |channel, id| {
+                let mut request = request.clone();
+                request.request = id;
                 async move { KvClient::new(channel).put(request).await }
             })
             .await?;
@@ -232,12 +235,13 @@ impl Delete {
         let request = DeleteRequest {
             key: self.key,
             fence: self.fence.map(Fence::into_proto),
-            request: Some(inner.next_request_id()),
+            request: None,
             expected_mod_revision: self.expected_mod_revision.map(|r| r.0),
         };
         let answer = inner
-            .call(CallSpec::write(&inner.options), |channel| {
-                let request = request.clone();
+            .call_write(CallSpec::write(&inner.options), |channel, id| {
+                let mut request = request.clone();
+                request.request = id;
                 async move { KvClient::new(channel).delete(request).await }
             })
             .await?;
@@ -250,6 +254,80 @@ impl Delete {
 
 impl IntoFuture for Delete {
     type Output = Result<Deleted, Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}
+
+/// The keys a [`Range`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeAnswer {
+    /// In key order.
+    pub kvs: Vec<KeyValue>,
+    /// More keys match than were returned (the limit, or the server's own).
+    pub more: bool,
+}
+
+impl Client {
+    /// Lists the keys that start with `prefix` (every key for an empty one),
+    /// in key order, up to the server's limit per call.
+    pub fn range(&self, prefix: impl Into<Vec<u8>>) -> Range {
+        Range {
+            client: self.clone(),
+            prefix: prefix.into(),
+            limit: 0,
+            serializable: false,
+        }
+    }
+}
+
+/// A range read, run when awaited.
+#[must_use = "a range does nothing until awaited"]
+pub struct Range {
+    client: Client,
+    prefix: Vec<u8>,
+    limit: u32,
+    serializable: bool,
+}
+
+impl Range {
+    /// At most `limit` keys (0: the server's maximum).
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Answers from the local state of whichever node is asked, without
+    /// confirming it is current: faster, possibly stale.
+    pub fn serializable(mut self) -> Self {
+        self.serializable = true;
+        self
+    }
+
+    async fn send(self) -> Result<RangeAnswer, Error> {
+        let inner = &self.client.inner;
+        let request = RangeRequest {
+            prefix: self.prefix,
+            limit: self.limit,
+            serializable: self.serializable,
+        };
+        let answer = inner
+            .call(CallSpec::read(&inner.options), |channel| {
+                let request = request.clone();
+                async move { KvClient::new(channel).range(request).await }
+            })
+            .await?;
+        Ok(RangeAnswer {
+            kvs: answer.kvs.into_iter().map(KeyValue::from).collect(),
+            more: answer.more,
+        })
+    }
+}
+
+impl IntoFuture for Range {
+    type Output = Result<RangeAnswer, Error>;
     type IntoFuture = BoxFuture<'static, Self::Output>;
 
     fn into_future(self) -> Self::IntoFuture {

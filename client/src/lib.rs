@@ -29,6 +29,8 @@
 //!   leader, retries with backoff, exactly-once request ids.
 //! - `retry` (private): which failures to retry, where, and
 //!   after what pause.
+//! - [`session`]: the exactly-once session: opened with the first write,
+//!   sequence numbers, what the server may forget, expiry.
 //! - [`lease`]: [`Lease`], its local deadline and [`LeaseState`].
 //! - `keepalive` (private): the task that renews a lease.
 //! - [`lock`]: `Lease::lock` / `try_lock` / `lock_with_timeout` and
@@ -57,12 +59,13 @@ pub mod lock;
 pub(crate) mod observe;
 pub mod raw;
 pub(crate) mod retry;
+pub mod session;
 pub mod types;
 
 pub use client::{Client, ClientBuilder};
 pub use election::{Election, Leadership};
 pub use error::Error;
-pub use kv::{Deleted, KeyValue};
+pub use kv::{Deleted, KeyValue, RangeAnswer};
 pub use lease::{Lease, LeaseLost, LeaseState};
 pub use lock::LockGuard;
 pub use types::{Fence, FenceKind, Fenced, FencingToken, GrantInfo, LeaseId, Revision};

@@ -82,9 +82,8 @@ impl Raw<'_> {
         let inner = self.inner();
         let ttl_ms = u64::try_from(ttl.as_millis())
             .map_err(|_| Error::Config(format!("lease TTL {ttl:?} is too long")))?;
-        let request = Some(inner.next_request_id());
         let granted = inner
-            .call(CallSpec::write(&inner.options), |channel| {
+            .call_write(CallSpec::write(&inner.options), |channel, request| {
                 let request = LeaseGrantRequest { ttl_ms, request };
                 async move { LeaseClient::new(channel).grant(request).await }
             })
@@ -122,9 +121,8 @@ impl Raw<'_> {
     /// longer has is reported as [`Error::LeaseNotFound`].
     pub async fn revoke_lease(&self, lease: LeaseId) -> Result<(), Error> {
         let inner = self.inner();
-        let request = Some(inner.next_request_id());
         inner
-            .call(CallSpec::write(&inner.options), |channel| {
+            .call_write(CallSpec::write(&inner.options), |channel, request| {
                 let request = LeaseRevokeRequest {
                     lease: lease.0,
                     request,
@@ -201,21 +199,15 @@ impl Raw<'_> {
         } else {
             CallSpec::write(&inner.options)
         };
-        let once_id = inner.next_request_id();
         let answer = inner
-            .call(spec, |channel| {
+            .call_write(spec, |channel, id| {
                 // A waiting acquire takes a new request id per attempt; see
                 // `crate::client`.
-                let id = if wait {
-                    inner.next_request_id()
-                } else {
-                    once_id
-                };
                 let request = AcquireRequest {
                     name: name.to_string(),
                     lease: lease.0,
                     wait,
-                    request: Some(id),
+                    request: id,
                 };
                 async move { LockClient::new(channel).acquire(request).await }
             })
@@ -275,11 +267,10 @@ pub(crate) async fn end_grant(
     name: &str,
     token: FencingToken,
 ) -> Result<(), Error> {
-    let id = Some(inner.next_request_id());
     let spec = CallSpec::write(&inner.options);
     match kind {
         GrantKind::Lock => inner
-            .call(spec, |channel| {
+            .call_write(spec, |channel, id| {
                 let request = ReleaseRequest {
                     name: name.to_string(),
                     token: token.0,
@@ -290,7 +281,7 @@ pub(crate) async fn end_grant(
             .await
             .map(|_| ()),
         GrantKind::Election => inner
-            .call(spec, |channel| {
+            .call_write(spec, |channel, id| {
                 let request = ResignRequest {
                     name: name.to_string(),
                     token: token.0,

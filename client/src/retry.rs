@@ -11,7 +11,8 @@
 //! Resending after an unknown outcome (a broken connection, a lost
 //! leadership) is safe because every request the client sends is either a
 //! read or a write carrying a request id the server deduplicates; see
-//! the `client` module docs.
+//! the `client` module docs. Sessionless clients resend a write only when
+//! [`certainly_not_applied`] says so.
 //!
 //! Pauses double from the first to the longest, with "equal jitter": each
 //! pause is half its nominal length plus a random part of the other half,
@@ -66,6 +67,31 @@ pub(crate) fn classify(status: &tonic::Status) -> Verdict {
         }
         _ => Verdict::Fail,
     }
+}
+
+/// Whether a failed attempt certainly did not apply its request: a
+/// follower refused it before proposing (typed `NotLeader`), or no
+/// connection was made (the transport's connect errors, which tonic turns
+/// into `UNAVAILABLE` with the connector's message).
+pub(crate) fn certainly_not_applied(status: &tonic::Status) -> bool {
+    if matches!(
+        decode_details(status),
+        Some(error_details::Detail::NotLeader(_))
+    ) {
+        return true;
+    }
+    if status.code() != Code::Unavailable {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    [
+        "connect error",
+        "error trying to connect",
+        "connection refused",
+        "dns error",
+    ]
+    .iter()
+    .any(|phrase| message.contains(phrase))
 }
 
 /// The leader's endpoint, when the status names one.

@@ -8,11 +8,10 @@
 //!   and one-line descriptions of transport errors.
 //! - [`status`](mod@status): `latchkey status`, every node's view of the Raft group.
 //! - [`kv`](mod@kv): `latchkey kv put|get|del|range`.
-//! - [`route`]: delivering one request to a node that can serve it: endpoint
-//!   order, following leader hints, backing off while no leader is known.
-//! - [`session`]: what the lease, lock and election commands share: their
-//!   flags, a `latchkey-client` connection, exit codes of client errors,
-//!   stop requests (signals, end of input).
+//! - [`session`]: what the kv, lease, lock and election commands share:
+//!   their flags, a `latchkey-client` connection (one-shot and sessionless,
+//!   or with an exactly-once session for commands that hold a lease), exit
+//!   codes of client errors, stop requests (signals, end of input).
 //! - [`hold`]: holding a lock or leadership while a command runs.
 //! - [`lock`](mod@lock): `latchkey lock`, `acquire`, `release`.
 //! - [`elect`](mod@elect): `latchkey elect`, `leader`, `observe`, `resign`.
@@ -26,11 +25,14 @@
 //! panic or a backtrace. A closed stdout (`latchkey kv range | head -1`) is
 //! not an error.
 //!
-//! Every write carries a request id (a random client id and sequence number
-//! 1, the same on every attempt), so the server applies it at most once and
-//! answers a resend with the first attempt's result. That makes it safe to
-//! resend a write whose outcome is unknown (a broken connection, a lost
-//! leadership) — see [`route`].
+//! Every command reaches the cluster through `latchkey-client`, as
+//! applications do. One-shot commands (`kv`, `acquire`, `release`,
+//! `resign`, `lease …`, `leader`, `observe`) connect without an exactly-once
+//! session, so they take no slot in the cluster's session table: a write is
+//! resent only when it certainly was not applied, and one whose outcome is
+//! unknown fails with exit code 4 and says so. `lock` and `elect`, which
+//! hold a lease while a command runs, open a session for their writes and
+//! close it when they exit.
 //!
 //! Exit codes, the same for every client command (see `docs/cli.md`):
 //!
@@ -58,7 +60,6 @@ pub mod hold;
 pub mod kv;
 pub mod lease;
 pub mod lock;
-pub mod route;
 pub mod session;
 pub mod status;
 

@@ -49,11 +49,31 @@ pub struct ServeArgs {
     /// Compact the Raft log once this many applied entries sit before the applied index.
     #[arg(long, env = "LATCHKEY_COMPACT_LOG_AFTER_ENTRIES")]
     pub compact_log_after_entries: Option<u64>,
+    /// Largest rate difference between any clock in the system (servers and
+    /// clients) and real time, in parts per million (10000 = 1 %). Leases
+    /// are expired no earlier than TTL × (1 + drift) on the leader's clock,
+    /// and clients stop trusting them TTL × (1 − drift) after sending a
+    /// keepalive; see docs/semantics.md, Invariant 4.
+    #[arg(long, env = "LATCHKEY_MAX_CLOCK_DRIFT_PPM")]
+    pub max_clock_drift_ppm: Option<u64>,
+    /// A client session (the exactly-once table entry of a long-lived client)
+    /// that makes no request for this long is expired through Raft.
+    #[arg(long, env = "LATCHKEY_SESSION_IDLE_TIMEOUT_MS")]
+    pub session_idle_timeout_ms: Option<u64>,
     /// Accept fenced writes without checking their tokens. Breaks Invariant
     /// 3 on purpose: it exists so that fault-injection tests can show what
     /// fencing prevents. Never use it for anything else.
     #[arg(long, env = "LATCHKEY_UNSAFE_NO_FENCING", hide = true)]
     pub unsafe_no_fencing: bool,
+    /// Renew leases without first confirming leadership with a quorum.
+    /// Breaks Invariant 4 on purpose, for fault-injection tests only.
+    #[arg(long, env = "LATCHKEY_UNSAFE_UNCONFIRMED_RENEWALS", hide = true)]
+    pub unsafe_unconfirmed_renewals: bool,
+    /// Run this node's clock (lease deadlines and Raft ticks) at the rate
+    /// written in this file (a decimal such as `1.05`), re-read every 100
+    /// ms. For fault-injection tests only.
+    #[arg(long, env = "LATCHKEY_UNSAFE_CLOCK_RATE_FILE", hide = true)]
+    pub unsafe_clock_rate_file: Option<PathBuf>,
 }
 
 /// The same settings as a TOML file (`--config`).
@@ -70,6 +90,8 @@ struct FileConfig {
     election_ticks: Option<usize>,
     heartbeat_ticks: Option<usize>,
     compact_log_after_entries: Option<u64>,
+    max_clock_drift_ppm: Option<u64>,
+    session_idle_timeout_ms: Option<u64>,
 }
 
 /// Raft timing. Defaults give sub-second failover on loopback: a follower
@@ -100,6 +122,44 @@ impl RaftTiming {
 
 /// Default for [`Config::compact_log_after_entries`].
 pub const DEFAULT_COMPACT_LOG_AFTER_ENTRIES: u64 = 10_000;
+/// Default for [`Config::max_clock_drift_ppm`]: 1 %.
+pub const DEFAULT_MAX_CLOCK_DRIFT_PPM: u64 = 10_000;
+/// Largest drift bound accepted: 10 %. Past it a lease's trusted time
+/// shrinks by a fifth and more, and the bound is a misconfiguration.
+pub const MAX_MAX_CLOCK_DRIFT_PPM: u64 = 100_000;
+/// Default for [`Config::session_idle_timeout_ms`]: ten minutes.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Shortest session idle timeout accepted.
+pub const MIN_SESSION_IDLE_TIMEOUT_MS: u64 = 100;
+
+/// Switches that break an invariant on purpose, so that tests can show
+/// the invariant's mechanism matters and that the checkers notice. All off
+/// in production; only the first three have (hidden) flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnsafeSwitches {
+    /// Fenced writes are applied without their tokens being checked (Invariant 3).
+    pub no_fencing: bool,
+    /// The leader renews leases without a confirmation round (Invariant 4).
+    pub unconfirmed_renewals: bool,
+    /// The node's clock runs at the rate written in this file.
+    pub clock_rate_file: Option<PathBuf>,
+    /// Linearizable reads are served from local state without ReadIndex
+    /// (Invariant 6).
+    pub local_reads: bool,
+    /// The leader removes overdue leases from its own state instead of
+    /// proposing their expiry through Raft (Invariant 4).
+    pub local_expiry: bool,
+    /// The fencing-token counter is not written to disk; a restarted node
+    /// recomputes it from the locks it finds (Invariant 1).
+    pub volatile_token_counter: bool,
+}
+
+impl UnsafeSwitches {
+    /// Whether any switch is on.
+    pub fn any(&self) -> bool {
+        *self != UnsafeSwitches::default()
+    }
+}
 
 /// A validated node configuration.
 #[derive(Debug, Clone)]
@@ -114,11 +174,39 @@ pub struct Config {
     pub peers: BTreeMap<NodeId, String>,
     pub timing: RaftTiming,
     pub compact_log_after_entries: u64,
-    /// See [`ServeArgs::unsafe_no_fencing`].
-    pub unsafe_no_fencing: bool,
+    /// See [`ServeArgs::max_clock_drift_ppm`].
+    pub max_clock_drift_ppm: u64,
+    /// See [`ServeArgs::session_idle_timeout_ms`].
+    pub session_idle_timeout_ms: u64,
+    /// Test-only breakage; all off in production.
+    pub unsafe_switches: UnsafeSwitches,
 }
 
 impl Config {
+    /// A configuration with every optional setting at its default, for
+    /// programs that start nodes themselves (tests, the simulator).
+    pub fn with_defaults(
+        id: NodeId,
+        data_dir: PathBuf,
+        listen_client: SocketAddr,
+        listen_peer: SocketAddr,
+        peers: BTreeMap<NodeId, String>,
+    ) -> Config {
+        Config {
+            id,
+            data_dir,
+            listen_client,
+            listen_peer,
+            advertise_client: listen_client.to_string(),
+            peers,
+            timing: RaftTiming::default(),
+            compact_log_after_entries: DEFAULT_COMPACT_LOG_AFTER_ENTRIES,
+            max_clock_drift_ppm: DEFAULT_MAX_CLOCK_DRIFT_PPM,
+            session_idle_timeout_ms: DEFAULT_SESSION_IDLE_TIMEOUT_MS,
+            unsafe_switches: UnsafeSwitches::default(),
+        }
+    }
+
     /// Resolves flags, environment and the optional file into a [`Config`].
     pub fn resolve(args: &ServeArgs) -> Result<Config, StartupError> {
         let file = match &args.config {
@@ -178,6 +266,24 @@ impl Config {
                 "--compact-log-after-entries must be at least 1",
             ));
         }
+        let max_clock_drift_ppm = args
+            .max_clock_drift_ppm
+            .or(file.max_clock_drift_ppm)
+            .unwrap_or(DEFAULT_MAX_CLOCK_DRIFT_PPM);
+        if max_clock_drift_ppm > MAX_MAX_CLOCK_DRIFT_PPM {
+            return Err(StartupError::config(format!(
+                "--max-clock-drift-ppm {max_clock_drift_ppm} is above {MAX_MAX_CLOCK_DRIFT_PPM} (10 %); clocks that drift that much need a fix, not a bound"
+            )));
+        }
+        let session_idle_timeout_ms = args
+            .session_idle_timeout_ms
+            .or(file.session_idle_timeout_ms)
+            .unwrap_or(DEFAULT_SESSION_IDLE_TIMEOUT_MS);
+        if session_idle_timeout_ms < MIN_SESSION_IDLE_TIMEOUT_MS {
+            return Err(StartupError::config(format!(
+                "--session-idle-timeout-ms {session_idle_timeout_ms} is below {MIN_SESSION_IDLE_TIMEOUT_MS}"
+            )));
+        }
         Ok(Config {
             id,
             data_dir,
@@ -187,7 +293,14 @@ impl Config {
             peers,
             timing,
             compact_log_after_entries,
-            unsafe_no_fencing: args.unsafe_no_fencing,
+            max_clock_drift_ppm,
+            session_idle_timeout_ms,
+            unsafe_switches: UnsafeSwitches {
+                no_fencing: args.unsafe_no_fencing,
+                unconfirmed_renewals: args.unsafe_unconfirmed_renewals,
+                clock_rate_file: args.unsafe_clock_rate_file.clone(),
+                ..UnsafeSwitches::default()
+            },
         })
     }
 }
@@ -336,6 +449,25 @@ mod tests {
         assert_eq!(config.id, NodeId(2));
         assert_eq!(config.timing.election_ticks, 20);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn drift_bound_and_session_timeout_have_defaults_and_limits() {
+        let config = Config::resolve(&args()).unwrap();
+        assert_eq!(config.max_clock_drift_ppm, DEFAULT_MAX_CLOCK_DRIFT_PPM);
+        assert_eq!(
+            config.session_idle_timeout_ms,
+            DEFAULT_SESSION_IDLE_TIMEOUT_MS
+        );
+        assert!(!config.unsafe_switches.any());
+        let mut a = args();
+        a.max_clock_drift_ppm = Some(MAX_MAX_CLOCK_DRIFT_PPM + 1);
+        let err = Config::resolve(&a).unwrap_err().to_string();
+        assert!(err.contains("--max-clock-drift-ppm"), "{err}");
+        let mut a = args();
+        a.session_idle_timeout_ms = Some(1);
+        let err = Config::resolve(&a).unwrap_err().to_string();
+        assert!(err.contains("--session-idle-timeout-ms"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - [`storage`]: `raft::Storage` over RocksDB; every record checksummed.
 //! - [`state_machine`]: the deterministic apply of committed commands.
 //! - [`coordination`]: leases, locks, elections and exactly-once sessions as a pure, deterministic state machine.
-//! - [`lease_clock`]: the leader's lease deadlines and expiry rounds.
+//! - [`lease_clock`]: the leader's lease deadlines, the confirmation rounds
+//!   that renewals wait for, and expiry.
+//! - [`session_clock`]: the leader's idle times of exactly-once sessions.
 //! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
 //! - [`transport`]: the peer gRPC service and one outbound stream per peer.
 //! - [`api`]: the client gRPC services.
@@ -26,6 +28,7 @@ pub mod lease_clock;
 pub mod logging;
 pub mod node;
 pub mod server;
+pub mod session_clock;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;

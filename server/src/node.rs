@@ -22,7 +22,13 @@
 //!
 //! Linearizable reads use ReadIndex: the caller gets the commit index that
 //! the leader confirmed with a quorum, and waits until the local applied
-//! index reaches it (see [`NodeHandle::read_index`]).
+//! index reaches it (see [`NodeHandle::read_index`]; contexts and resends
+//! are in `reads.rs`).
+//!
+//! Keepalives are answered by the leader from its lease clock, each only
+//! after a confirmation round (a ReadIndex of the node's own) that started
+//! after it arrived; see `crate::lease_clock` for why, and `leases.rs` for
+//! the glue.
 //!
 //! # Seams for the deterministic simulator
 //!
@@ -36,11 +42,18 @@
 //! and an observer of applied entries. [`Node::new`] uses the production
 //! defaults.
 //!
+//! # Layout
+//! - this file: the handle, the loop, proposals, the Ready, apply.
+//! - `reads.rs`: ReadIndex contexts, pending reads and their resends.
+//! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
+//! - `sessions.rs`: expiry of idle exactly-once sessions.
+//! - `options.rs`: [`NodeOptions`] and the clocks.
+//!
 //! Not done yet: membership changes are applied if committed, but nothing
 //! proposes them; entries are read from RocksDB synchronously on the loop.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prost::Message as _;
 use protobuf::Message as _;
@@ -50,22 +63,29 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use latchkey_proto::state::v1::{
-    command, command_result, Command, CommandResult, ExpireLeases, ProposalContext,
-};
+use latchkey_proto::state::v1::{command_result, Command, CommandResult, ProposalContext};
 
-use crate::config::Config;
+use crate::config::{Config, UnsafeSwitches};
 use crate::coordination::{Event, LeaseId};
 use crate::error::{FatalError, RequestError};
-use crate::lease_clock::{KeepAlive, LeaseClock};
+use crate::lease_clock::{LeaseClock, LeaseClockSettings};
+use crate::session_clock::SessionClock;
 use crate::state_machine::{SharedCoordination, StateMachine};
 use crate::storage::raft_log::FatalSlot;
 use crate::storage::{Batch, Engine, LogPosition, RaftLog};
 use crate::types::{LogIndex, NodeId};
 
+mod leases;
 mod options;
+mod reads;
+mod sessions;
 
-pub use options::{ApplyObserver, Clock, MonotonicClock, NodeOptions};
+pub use leases::{HeldGrant, KeepAliveAnswer};
+pub use options::{ApplyObserver, Clock, MonotonicClock, NodeOptions, RateFileClock};
+pub use reads::READ_RESEND_INTERVAL;
+
+use leases::KeepAliveReply;
+use reads::{PendingRead, ReadReply};
 
 /// Capacity of the node's inbox; senders wait when it is full.
 pub const INBOX_CAPACITY: usize = 4096;
@@ -141,7 +161,6 @@ pub struct Applied {
 }
 
 type ProposalReply = oneshot::Sender<Result<Applied, RequestError>>;
-type ReadReply = oneshot::Sender<Result<LogIndex, RequestError>>;
 
 /// Messages into the node task.
 pub enum NodeMsg {
@@ -158,10 +177,11 @@ pub enum NodeMsg {
     Unreachable(NodeId),
     /// The transport finished (or failed) sending a snapshot.
     SnapshotSent { to: NodeId, ok: bool },
-    /// Renew a lease (leader only, no Raft write).
+    /// Renew a lease (leader only, no Raft write; answered once a quorum
+    /// confirmed a round that started after it arrived).
     KeepAlive {
         lease: LeaseId,
-        reply: oneshot::Sender<Result<KeepAlive, RequestError>>,
+        reply: KeepAliveReply,
     },
     /// Time left on a lease, as this leader sees it.
     LeaseRemaining {
@@ -234,7 +254,7 @@ impl NodeHandle {
     }
 
     /// Renews `lease` at the leader.
-    pub async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAlive, RequestError> {
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAliveAnswer, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(NodeMsg::KeepAlive { lease, reply }).await?;
         answer.await.map_err(|_| RequestError::ShuttingDown)?
@@ -275,11 +295,6 @@ impl NodeHandle {
     }
 }
 
-struct PendingRead {
-    reply: ReadReply,
-    since: Instant,
-}
-
 /// The task that owns `RawNode`.
 pub struct Node {
     id: NodeId,
@@ -295,7 +310,11 @@ pub struct Node {
     proposals: HashMap<u64, ProposalReply>,
     reads: HashMap<u64, PendingRead>,
     role: Role,
-    lease_clock: LeaseClock,
+    /// The leader this node last knew of (0: none), to resend reads when it changes.
+    known_leader: u64,
+    lease_clock: LeaseClock<KeepAliveReply>,
+    session_clock: SessionClock,
+    unsafe_switches: UnsafeSwitches,
     tick_interval: Duration,
     compact_log_after_entries: u64,
     clock: Box<dyn Clock>,
@@ -309,7 +328,12 @@ impl Node {
         engine: Engine,
         transport: Box<dyn Transport>,
     ) -> Result<(Node, NodeHandle), FatalError> {
-        Node::with_options(config, engine, transport, NodeOptions::default())
+        let mut options = NodeOptions::default();
+        if let Some(path) = &config.unsafe_switches.clock_rate_file {
+            tracing::warn!(file = %path.display(), "clock rate follows a file (--unsafe-clock-rate-file): test use only");
+            options.clock = Box::new(RateFileClock::start(path.clone()));
+        }
+        Node::with_options(config, engine, transport, options)
     }
 
     /// [`Node::new`] with the environment made explicit (see [`NodeOptions`]).
@@ -322,11 +346,11 @@ impl Node {
         let fatal = FatalSlot::default();
         let voters: Vec<u64> = config.peers.keys().map(|id| id.0).collect();
         let mut raft_log = RaftLog::open(engine.clone(), &voters, fatal.clone())?;
-        let mut state_machine = StateMachine::open(engine.clone())?;
-        if config.unsafe_no_fencing {
-            tracing::warn!("fencing tokens are NOT checked (--unsafe-no-fencing): test use only");
-            state_machine.disable_fencing();
+        let switches = &config.unsafe_switches;
+        if switches.any() {
+            tracing::warn!(?switches, "invariants are broken on purpose: test use only");
         }
+        let state_machine = StateMachine::open(engine.clone(), switches)?;
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;
         // (0, 0) is raft-rs's default range.
@@ -370,7 +394,13 @@ impl Node {
             proposals: HashMap::new(),
             reads: HashMap::new(),
             role: Role::Follower,
-            lease_clock: LeaseClock::default(),
+            known_leader: raft::INVALID_ID,
+            lease_clock: LeaseClock::new(LeaseClockSettings {
+                max_clock_drift_ppm: config.max_clock_drift_ppm,
+                unsafe_unconfirmed_renewals: switches.unconfirmed_renewals,
+            }),
+            session_clock: SessionClock::new(Duration::from_millis(config.session_idle_timeout_ms)),
+            unsafe_switches: switches.clone(),
             tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
             compact_log_after_entries: config.compact_log_after_entries,
             clock: options.clock,
@@ -404,11 +434,15 @@ impl Node {
 
     /// Only returns on a fatal error; [`Node::run`] stops it on shutdown.
     async fn run_loop(&mut self) -> Result<(), FatalError> {
-        let mut ticker = tokio::time::interval(self.tick_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.on_tick(),
+                () = tokio::time::sleep_until(next_tick) => {
+                    // A clock that runs fast ticks more often (test clocks).
+                    let interval = self.tick_interval.div_f64(self.clock.rate());
+                    next_tick = tokio::time::Instant::now() + interval;
+                    self.on_tick();
+                }
                 message = self.inbox.recv() => {
                     // The node holds a handle to itself (via the transport),
                     // so the inbox never closes while the loop runs.
@@ -438,8 +472,9 @@ impl Node {
 
     fn on_tick(&mut self) {
         self.raw.tick();
-        self.expire_reads();
-        self.start_expiry_round();
+        self.tend_reads(false);
+        self.refuse_unconfirmed();
+        self.expire_idle_sessions();
     }
 
     fn drain_inbox(&mut self, most: usize) {
@@ -454,6 +489,11 @@ impl Node {
     /// Everything after the loop's input: the Ready, fatal errors, the
     /// status, compaction.
     fn after_input(&mut self) -> Result<(), FatalError> {
+        if self.raw.raft.leader_id != self.known_leader {
+            self.known_leader = self.raw.raft.leader_id;
+            self.tend_reads(true);
+        }
+        self.maybe_start_round();
         self.on_ready()?;
         self.check_fatal()?;
         self.publish_status(true);
@@ -486,54 +526,10 @@ impl Node {
                 };
                 self.raw.report_snapshot(to.0, status);
             }
-            NodeMsg::KeepAlive { lease, reply } => {
-                let answer = if self.raw.raft.state == StateRole::Leader {
-                    Ok(self.lease_clock.keep_alive(self.clock.now(), lease))
-                } else {
-                    Err(self.not_leader())
-                };
-                let _ = reply.send(answer);
-            }
+            NodeMsg::KeepAlive { lease, reply } => self.keep_alive(lease, reply),
             NodeMsg::LeaseRemaining { lease, reply } => {
                 let _ = reply.send(self.lease_clock.remaining(self.clock.now(), lease));
             }
-        }
-    }
-
-    /// Starts confirming leadership before expiring overdue leases.
-    fn start_expiry_round(&mut self) {
-        let now = self.clock.now();
-        if self.lease_clock.due(now).is_empty() {
-            return;
-        }
-        let request_id = self.take_request_id();
-        self.raw.read_index(request_id.to_be_bytes().to_vec());
-        self.lease_clock.start_round(request_id, now);
-    }
-
-    /// Leadership is confirmed: expire what is still overdue.
-    fn finish_expiry_round(&mut self) {
-        let expired = self.lease_clock.expired(self.clock.now());
-        if expired.is_empty() || self.raw.raft.state != StateRole::Leader {
-            return;
-        }
-        tracing::info!(node = %self.id, leases = ?expired, "expiring leases");
-        let command = Command {
-            command: Some(command::Command::ExpireLeases(ExpireLeases {
-                leases: expired.iter().map(|lease| lease.0).collect(),
-            })),
-            request: None,
-        };
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id: 0,
-        };
-        if let Err(e) = self
-            .raw
-            .propose(context.encode_to_vec(), command.encode_to_vec())
-        {
-            tracing::debug!(node = %self.id, "expiry proposal dropped: {e}");
         }
     }
 
@@ -581,39 +577,6 @@ impl Node {
         }
     }
 
-    fn read_index(&mut self, reply: ReadReply) {
-        if self.raw.raft.leader_id == raft::INVALID_ID {
-            let _ = reply.send(Err(self.not_leader()));
-            return;
-        }
-        let request_id = self.take_request_id();
-        self.raw.read_index(request_id.to_be_bytes().to_vec());
-        self.reads.insert(
-            request_id,
-            PendingRead {
-                reply,
-                since: self.clock.now(),
-            },
-        );
-    }
-
-    fn expire_reads(&mut self) {
-        let now = self.clock.now();
-        let expired: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, read)| now.duration_since(read.since) > READ_INDEX_TIMEOUT)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some(read) = self.reads.remove(&id) {
-                let _ = read.reply.send(Err(RequestError::Timeout(
-                    "no quorum confirmed the read in time".into(),
-                )));
-            }
-        }
-    }
-
     fn on_ready(&mut self) -> Result<(), FatalError> {
         if !self.raw.has_ready() {
             return Ok(());
@@ -651,10 +614,15 @@ impl Node {
             if role == Role::Leader {
                 let ready_index = self.raw.raft.raft_log.last_index();
                 let state = self.state_machine.coordination();
-                self.lease_clock
-                    .lead(self.clock.now(), ready_index, &state.read());
+                let state = state.read();
+                let now = self.clock.now();
+                self.lease_clock.lead(now, ready_index, &state);
+                self.session_clock.lead(now, &state);
             } else {
-                self.lease_clock.follow();
+                self.session_clock.follow();
+                for reply in self.lease_clock.follow() {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
             }
         }
         self.role = role;
@@ -663,20 +631,6 @@ impl Node {
     fn fail_all(&mut self, error: RequestError) {
         for (_, reply) in self.proposals.drain() {
             let _ = reply.send(Err(error.clone()));
-        }
-    }
-
-    fn answer_reads(&mut self, read_states: Vec<raft::ReadState>) {
-        for state in read_states {
-            let Ok(bytes) = <[u8; 8]>::try_from(state.request_ctx.as_slice()) else {
-                continue;
-            };
-            let id = u64::from_be_bytes(bytes);
-            if self.lease_clock.finish_round(id) {
-                self.finish_expiry_round();
-            } else if let Some(read) = self.reads.remove(&id) {
-                let _ = read.reply.send(Ok(LogIndex(state.index)));
-            }
         }
     }
 
@@ -754,7 +708,9 @@ impl Node {
             EntryType::EntryNormal => {
                 let command =
                     Command::decode(entry.data.as_ref()).map_err(|e| undecodable("command", &e))?;
+                let session = command.request.as_ref().map_or(0, |r| r.client_id);
                 let output = self.state_machine.apply(batch, entry.index, command)?;
+                self.note_session_activity(session, &output.events);
                 for event in &output.events {
                     if let Event::LeaseRemoved { lease, .. } = event {
                         self.lease_clock.removed(*lease);

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 
-use crate::api::Api;
+use crate::api::{Api, ApiSettings};
 use crate::config::{Config, ServeArgs};
 use crate::error::{FatalError, StartupError};
 use crate::node::{Node, NodeHandle};
@@ -55,13 +55,16 @@ impl RunningServer {
         });
         let reader = Reader::new(engine, handle.coordination());
         let (stopping, stopping_rx) = watch::channel(false);
-        let min_lease_ttl_ms = 2 * config.timing.election_timeout_ms();
         let api = Api::new(
             config.id,
             handle.clone(),
             reader,
             directory.clone(),
-            min_lease_ttl_ms,
+            ApiSettings {
+                min_lease_ttl_ms: 2 * config.timing.election_timeout_ms(),
+                max_clock_drift_ppm: config.max_clock_drift_ppm,
+                session_idle_timeout_ms: config.session_idle_timeout_ms,
+            },
             stopping_rx,
         );
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
@@ -72,6 +75,7 @@ impl RunningServer {
             .add_service(api.lease_service())
             .add_service(api.lock_service())
             .add_service(api.election_service())
+            .add_service(api.session_service())
             .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone());
         let peer_server = tonic::transport::Server::builder()
             .add_service(PeerService::new(config.id, handle.clone(), directory))

@@ -32,13 +32,14 @@ use tonic::Code;
 
 use latchkey_proto::state::v1::{
     command, command_result, Command, CommandError, CommandResult, DeleteResult, Done, GrantKind,
-    KvRecord, LeaseGranted, PutResult, Queued,
+    KvRecord, LeaseGranted, PutResult, Queued, SessionOpened,
 };
 use latchkey_proto::v1::{error_details, fence, ErrorDetails, Fence, RequestId};
 
+use crate::config::UnsafeSwitches;
 use crate::coordination::{
-    self, ClientId, Coordination, CoordinationError, Event, FencingToken, Kind, LeaseId, Op,
-    Outcome, SequenceNumber, SessionCheck, TtlBounds,
+    self, Coordination, CoordinationError, Event, FencingToken, Kind, LeaseId, Op, Outcome,
+    SequenceNumber, SessionCheck, SessionId, TtlBounds,
 };
 use crate::error::FatalError;
 use crate::storage::{keys, Batch, Engine, LogPosition, CF_STATE};
@@ -70,9 +71,10 @@ pub struct StateMachine {
     engine: Engine,
     applied: LogPosition,
     coordination: SharedCoordination,
-    /// Fenced writes skip the token check; see
-    /// [`crate::config::ServeArgs::unsafe_no_fencing`].
-    unsafe_no_fencing: bool,
+    /// Invariants broken on purpose for tests (all off in production):
+    /// `no_fencing` skips the token check, `volatile_token_counter` never
+    /// writes the token counter.
+    switches: UnsafeSwitches,
 }
 
 /// What applying one command produced.
@@ -83,21 +85,15 @@ pub struct ApplyOutput {
 
 impl StateMachine {
     /// Loads the applied position and the coordination state.
-    pub fn open(engine: Engine) -> Result<StateMachine, FatalError> {
-        let coordination = Arc::new(RwLock::new(load_coordination(&engine)?));
+    pub fn open(engine: Engine, switches: &UnsafeSwitches) -> Result<StateMachine, FatalError> {
+        let coordination = load_coordination(&engine, switches)?;
         let applied = load_applied(&engine)?;
         Ok(StateMachine {
             engine,
             applied,
-            coordination,
-            unsafe_no_fencing: false,
+            coordination: Arc::new(RwLock::new(coordination)),
+            switches: switches.clone(),
         })
-    }
-
-    /// Stops checking fencing tokens (test clusters only; see
-    /// [`crate::config::ServeArgs::unsafe_no_fencing`]).
-    pub fn disable_fencing(&mut self) {
-        self.unsafe_no_fencing = true;
     }
 
     pub fn applied(&self) -> LogPosition {
@@ -110,7 +106,7 @@ impl StateMachine {
 
     /// Re-reads the state after a snapshot replaced it.
     pub fn reload(&mut self) -> Result<(), FatalError> {
-        *self.coordination.write() = load_coordination(&self.engine)?;
+        *self.coordination.write() = load_coordination(&self.engine, &self.switches)?;
         self.applied = load_applied(&self.engine)?;
         Ok(())
     }
@@ -122,50 +118,66 @@ impl StateMachine {
         index: u64,
         command: Command,
     ) -> Result<ApplyOutput, FatalError> {
-        let session = command
-            .request
-            .filter(|r| r.client_id != 0)
-            .map(|RequestId { client_id, seq }| (ClientId(client_id), SequenceNumber(seq)));
-        if let Some((client, seq)) = session {
-            let coordination = self.coordination.read();
-            match coordination.check_session(client, seq) {
-                SessionCheck::New => {}
-                SessionCheck::Duplicate(bytes) => {
-                    let result =
-                        CommandResult::decode(bytes).map_err(|e| FatalError::Corruption {
-                            cf: CF_STATE,
-                            key: format!("session {}", client.0),
-                            reason: format!("recorded result does not decode: {e}"),
-                        })?;
-                    return Ok(ApplyOutput {
-                        result,
-                        events: Vec::new(),
-                    });
-                }
-                SessionCheck::TooOld { oldest_kept } => {
-                    let message = format!(
-                        "request {} of client {} is older than the oldest remembered ({}); its outcome is unknown",
-                        seq.0, client.0, oldest_kept.0
-                    );
-                    let result = error_result(Code::FailedPrecondition, message, None);
-                    return Ok(ApplyOutput {
-                        result,
-                        events: Vec::new(),
-                    });
-                }
+        let request = command.request.filter(|r| r.client_id != 0 && r.seq != 0);
+        if let Some(request) = &request {
+            if let Some(refusal) = self.check_session(request)? {
+                return Ok(ApplyOutput {
+                    result: refusal,
+                    events: Vec::new(),
+                });
             }
         }
         let output = self.apply_new(batch, index, command)?;
-        if let Some((client, seq)) = session {
+        if let Some(request) = request {
             let changes = self.coordination.write().record_session(
-                client,
-                seq,
+                SessionId(request.client_id),
+                SequenceNumber(request.seq),
+                SequenceNumber(request.oldest_pending_seq),
                 output.result.encode_to_vec(),
-                LogIndex(index),
             );
-            write_changes(batch, changes);
+            write_changes(batch, changes, &self.switches);
         }
         Ok(output)
+    }
+
+    /// The answer to a request that must not be applied: the recorded
+    /// result of a duplicate, or a refusal. `None`: apply it.
+    fn check_session(&self, request: &RequestId) -> Result<Option<CommandResult>, FatalError> {
+        let (session, seq) = (SessionId(request.client_id), SequenceNumber(request.seq));
+        let coordination = self.coordination.read();
+        let answer = match coordination.check_session(session, seq) {
+            SessionCheck::New => None,
+            SessionCheck::Duplicate(bytes) => {
+                let result = CommandResult::decode(bytes).map_err(|e| FatalError::Corruption {
+                    cf: CF_STATE,
+                    key: format!("session {session} result {seq}"),
+                    reason: format!("recorded result does not decode: {e}"),
+                })?;
+                Some(result)
+            }
+            SessionCheck::TooOld { oldest_kept } => {
+                let message = format!(
+                    "request {seq} of session {session} is older than the oldest remembered ({oldest_kept}); its outcome is unknown"
+                );
+                Some(error_result(Code::FailedPrecondition, message, None))
+            }
+            SessionCheck::Expired => {
+                let message = format!(
+                    "session {session} has expired or was closed; request {seq} was not applied now, but an earlier attempt of it may have been"
+                );
+                let details =
+                    error_details::Detail::SessionExpired(latchkey_proto::v1::SessionExpired {
+                        session: session.0,
+                        seq: seq.0,
+                    });
+                Some(error_result(
+                    Code::FailedPrecondition,
+                    message,
+                    Some(details),
+                ))
+            }
+        };
+        Ok(answer)
     }
 
     fn apply_new(
@@ -215,6 +227,13 @@ impl StateMachine {
                 token: FencingToken(c.token),
                 value: c.value,
             },
+            Some(command::Command::OpenSession(_)) => Op::OpenSession,
+            Some(command::Command::CloseSession(c)) => Op::CloseSession {
+                session: SessionId(c.session),
+            },
+            Some(command::Command::ExpireSessions(c)) => Op::ExpireSessions {
+                sessions: c.sessions.into_iter().map(SessionId).collect(),
+            },
             None => {
                 return Err(FatalError::Corruption {
                     cf: crate::storage::CF_RAFT_LOG,
@@ -225,7 +244,7 @@ impl StateMachine {
         };
         let name = op_name(&op);
         let applied = self.coordination.write().apply(LogIndex(index), op);
-        write_changes(batch, applied.changes);
+        write_changes(batch, applied.changes, &self.switches);
         let result = match applied.result {
             Ok(outcome) => outcome_result(&name, outcome),
             Err(error) => coordination_error(&name, error),
@@ -263,7 +282,7 @@ impl StateMachine {
             }
         }
         let Some(fence) = fence else { return Ok(()) };
-        if self.unsafe_no_fencing {
+        if self.switches.no_fencing {
             return Ok(());
         }
         let token = FencingToken(fence.token);
@@ -366,21 +385,33 @@ fn load_applied(engine: &Engine) -> Result<LogPosition, FatalError> {
         .unwrap_or_default())
 }
 
-fn load_coordination(engine: &Engine) -> Result<Coordination, FatalError> {
+fn load_coordination(
+    engine: &Engine,
+    switches: &UnsafeSwitches,
+) -> Result<Coordination, FatalError> {
     let mut records = Vec::new();
     engine.scan_prefix(CF_STATE, coordination::RECORD_PREFIX, |key, payload| {
         records.push((key.to_vec(), payload));
         true
     })?;
-    Coordination::load(TTL_BOUNDS, records).map_err(|e| FatalError::Corruption {
+    let loaded = if switches.volatile_token_counter {
+        Coordination::load_recomputing_counter(TTL_BOUNDS, records)
+    } else {
+        Coordination::load(TTL_BOUNDS, records)
+    };
+    loaded.map_err(|e| FatalError::Corruption {
         cf: CF_STATE,
         key: "coordination records".into(),
         reason: e.to_string(),
     })
 }
 
-fn write_changes(batch: &mut Batch, changes: coordination::Changes) {
+fn write_changes(batch: &mut Batch, changes: coordination::Changes, switches: &UnsafeSwitches) {
     for (key, value) in changes {
+        if switches.volatile_token_counter && key == coordination::NEXT_TOKEN_KEY {
+            // Broken on purpose (test switch): the counter stays in memory.
+            continue;
+        }
         match value {
             Some(value) => batch.put(CF_STATE, &key, &value),
             None => batch.delete(CF_STATE, &key),
@@ -434,8 +465,14 @@ fn outcome_result(name: &str, outcome: Outcome) -> CommandResult {
                 ttl_ms,
             }))
         }
-        Outcome::LeaseRevoked { .. } | Outcome::LeasesExpired { .. } | Outcome::Released { .. } => {
-            done()
+        Outcome::LeaseRevoked { .. }
+        | Outcome::LeasesExpired { .. }
+        | Outcome::Released { .. }
+        | Outcome::SessionsEnded { .. } => done(),
+        Outcome::SessionOpened { session } => {
+            result(command_result::Result::SessionOpened(SessionOpened {
+                session: session.0,
+            }))
         }
         Outcome::Acquired { grant, .. } | Outcome::Proclaimed { leader: grant } => {
             result(command_result::Result::Granted(grant_proto(name, &grant)))

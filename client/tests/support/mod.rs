@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use latchkey_client::Client;
-use latchkey_server::config::{Config, RaftTiming};
+use latchkey_server::config::Config;
 use latchkey_server::node::Role;
 use latchkey_server::server::RunningServer;
 use latchkey_server::types::NodeId;
@@ -144,15 +144,14 @@ impl TestCluster {
                 .expect("a loopback address parses");
             let proxy = Proxy::start(client).await;
             let config = Config {
-                id: *id,
-                data_dir: dir.path().to_path_buf(),
-                listen_client: client,
-                listen_peer: peers[id].parse().expect("a loopback address parses"),
                 advertise_client: proxy.addr.to_string(),
-                peers: peers.clone(),
-                timing: RaftTiming::default(),
-                compact_log_after_entries: 10_000,
-                unsafe_no_fencing: false,
+                ..Config::with_defaults(
+                    *id,
+                    dir.path().to_path_buf(),
+                    client,
+                    peers[id].parse().expect("a loopback address parses"),
+                    peers.clone(),
+                )
             };
             configs.insert(*id, config);
             proxies.insert(*id, proxy);

@@ -293,7 +293,11 @@ pub fn error_kind(error: &Error) -> OpType {
         | Error::RevisionMismatch { .. }
         | Error::Rejected { .. }
         | Error::Config(_) => OpType::Fail,
-        Error::Unavailable { .. } | Error::Timeout { .. } | Error::LeaseLost { .. } => OpType::Info,
+        Error::Unavailable { .. }
+        | Error::Timeout { .. }
+        | Error::LeaseLost { .. }
+        | Error::SessionExpired { .. }
+        | Error::OutcomeUnknown { .. } => OpType::Info,
     }
 }
 

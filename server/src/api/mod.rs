@@ -19,10 +19,12 @@
 //! - `lease.rs`: Grant, Revoke, KeepAlive, TimeToLive, List.
 //! - `lock.rs`: Acquire (waiting FIFO), Release, Describe.
 //! - `election.rs`: Campaign, Proclaim, Leader, Observe, Resign.
+//! - `session.rs`: Open and Close of exactly-once sessions.
 
 mod election;
 mod lease;
 mod lock;
+mod session;
 
 use std::future::Future;
 
@@ -57,6 +59,18 @@ pub const LEADER_ADDR_HEADER: &str = "latchkey-leader-addr";
 /// Largest client request accepted.
 pub const MAX_REQUEST_BYTES: usize = MAX_VALUE_BYTES + 64 * 1024;
 
+/// Settings of the client services that come from the node's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiSettings {
+    /// Shortest lease TTL granted: twice the election timeout, so that a
+    /// leader change alone never outlasts a lease.
+    pub min_lease_ttl_ms: u64,
+    /// The drift bound, told to clients with every grant and renewal.
+    pub max_clock_drift_ppm: u64,
+    /// How long an idle session lives, told to clients that open one.
+    pub session_idle_timeout_ms: u64,
+}
+
 /// State shared by the client services of one node.
 #[derive(Clone)]
 pub struct Api {
@@ -64,9 +78,7 @@ pub struct Api {
     node: NodeHandle,
     reader: Reader,
     directory: PeerDirectory,
-    /// Shortest lease TTL granted: twice the election timeout, so that a
-    /// leader change alone never outlasts a lease.
-    min_lease_ttl_ms: u64,
+    settings: ApiSettings,
     /// Turns true when the server stops: long-lived streams (Observe,
     /// KeepAlive) then end with `UNAVAILABLE`, so their clients move to
     /// another node instead of waiting on a node that no longer serves.
@@ -79,7 +91,7 @@ impl Api {
         node: NodeHandle,
         reader: Reader,
         directory: PeerDirectory,
-        min_lease_ttl_ms: u64,
+        settings: ApiSettings,
         stopping: watch::Receiver<bool>,
     ) -> Api {
         Api {
@@ -87,7 +99,7 @@ impl Api {
             node,
             reader,
             directory,
-            min_lease_ttl_ms,
+            settings,
             stopping,
         }
     }
@@ -122,6 +134,10 @@ impl Api {
 
     pub fn cluster_service(&self) -> ClusterServer<Api> {
         ClusterServer::new(self.clone())
+    }
+
+    pub fn session_service(&self) -> latchkey_proto::v1::session_server::SessionServer<Api> {
+        latchkey_proto::v1::session_server::SessionServer::new(self.clone())
     }
 
     fn status(&self, error: RequestError) -> Status {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::hold::{Held, HoldArgs};
 use super::lock::print_ended;
-use super::session::{connect, failure, not_acquired, ClientArgs, StopSignals};
+use super::session::{connect, connect_once, failure, not_acquired, ClientArgs, StopSignals};
 use super::{print_error, write_json, write_stdout, Failure};
 use super::{EXIT_NOT_FOUND, EXIT_OK};
 
@@ -108,11 +108,11 @@ pub(crate) async fn elect(args: ElectArgs) -> Result<u8, Failure> {
         leadership,
         value: args.value,
     };
-    args.hold.hold(held, &client, args.client.json).await
+    args.hold.hold(held, args.client.json).await
 }
 
 pub(crate) async fn leader(args: LeaderArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     let leader = client
         .election(args.name.clone())
         .leader()
@@ -135,7 +135,7 @@ pub(crate) async fn leader(args: LeaderArgs) -> Result<u8, Failure> {
 }
 
 pub(crate) async fn observe(args: LeaderArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     let mut stops = StopSignals::install(false)?;
     let changes = client.election(args.name.clone()).observe();
     futures::pin_mut!(changes);
@@ -174,7 +174,7 @@ fn observe_line(leader: Option<&GrantInfo>) -> String {
 }
 
 pub(crate) async fn resign(args: ResignArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     client
         .raw()
         .resign(&args.name, FencingToken(args.token))

@@ -1,6 +1,9 @@
 //! `latchkey kv put|get|del|range`: the replicated key-value store.
 //!
-//! Each command sends one request through [`Router`] and prints the answer:
+//! Each command sends one request through `latchkey-client`, as a
+//! sessionless one-shot client (it takes no slot in the cluster's session
+//! table, and a write whose outcome is unknown is reported, not resent;
+//! see [`super::session::connect_one_shot`]), and prints the answer:
 //! plain text by default (`kv get` prints the value alone, so scripts can
 //! use `$(latchkey kv get K)`), or one JSON object with `--json`. JSON output
 //! shows keys and values as UTF-8 text; bytes that are not valid UTF-8
@@ -8,14 +11,11 @@
 
 use std::time::Duration;
 
-use latchkey_proto::v1::{
-    fence, DeleteRequest, DeleteResponse, Fence, GetRequest, GetResponse, KeyValue, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RequestId,
-};
+use latchkey_client::{Client, Fence, FenceKind, FencingToken, KeyValue, RangeAnswer};
 use serde::Serialize;
 
-use super::route::{Idempotence, Router};
-use super::{parse_duration, parse_endpoints, print_error, write_json, write_stdout, Failure};
+use super::session::{connect_one_shot, failure};
+use super::{parse_duration, print_error, write_json, write_stdout, Failure};
 use super::{EXIT_NOT_FOUND, EXIT_OK};
 
 /// Flags of `latchkey kv`.
@@ -91,8 +91,8 @@ pub struct FenceArgs {
 impl FenceArgs {
     fn into_fence(self) -> Result<Option<Fence>, Failure> {
         let (name, kind) = match (self.lock, self.election) {
-            (Some(name), None) => (name, fence::Kind::Lock),
-            (None, Some(name)) => (name, fence::Kind::Election),
+            (Some(name), None) => (name, FenceKind::Lock),
+            (None, Some(name)) => (name, FenceKind::Election),
             (None, None) if self.token.is_some() => {
                 return Err(Failure::usage(
                     "--token needs --lock NAME or --election NAME to say whose token it is",
@@ -104,87 +104,72 @@ impl FenceArgs {
         let token = self.token.unwrap_or_default();
         Ok(Some(Fence {
             name,
-            token,
-            kind: kind as i32,
+            token: FencingToken(token),
+            kind,
         }))
     }
 }
 
 pub(crate) async fn run(args: KvArgs) -> Result<u8, Failure> {
-    let router = Router::new(parse_endpoints(&args.endpoints)?, args.timeout);
+    let client = connect_one_shot(&args.endpoints, args.timeout).await?;
     let json = args.json;
     match args.command {
         KvCommand::Put { key, value, fence } => {
-            put(&router, key, value, fence.into_fence()?, json).await
+            put(&client, key, value, fence.into_fence()?, json).await
         }
-        KvCommand::Get { key, serializable } => get(&router, key, serializable, json).await,
-        KvCommand::Del { key, fence } => delete(&router, key, fence.into_fence()?, json).await,
+        KvCommand::Get { key, serializable } => get(&client, key, serializable, json).await,
+        KvCommand::Del { key, fence } => delete(&client, key, fence.into_fence()?, json).await,
         KvCommand::Range {
             prefix,
             limit,
             serializable,
         } => {
-            let request = RangeRequest {
-                prefix: prefix.unwrap_or_default().into_bytes(),
-                limit,
-                serializable,
-            };
-            range(&router, request, json).await
+            let mut request = client.range(prefix.unwrap_or_default()).limit(limit);
+            if serializable {
+                request = request.serializable();
+            }
+            range(request, json).await
         }
     }
 }
 
 async fn put(
-    router: &Router,
+    client: &Client,
     key: String,
     value: String,
     fence: Option<Fence>,
     json: bool,
 ) -> Result<u8, Failure> {
-    let request = PutRequest {
-        key: key.clone().into_bytes(),
-        value: value.into_bytes(),
-        request: Some(request_id()),
-        fence,
-        ..PutRequest::default()
-    };
-    let response: PutResponse = router
-        .call(Idempotence::DeduplicatedWrite, |mut client| {
-            let request = request.clone();
-            async move { client.put(request).await }
-        })
-        .await?;
+    let mut request = client.put(key.clone(), value);
+    if let Some(fence) = &fence {
+        request = request.fence(fence);
+    }
+    let revision = request.await.map_err(failure)?;
     if json {
         write_json(&PutOutput {
             key,
-            revision: response.revision,
+            revision: revision.0,
         })?;
     } else {
-        write_stdout(format!("OK revision {}\n", response.revision).as_bytes())?;
+        write_stdout(format!("OK revision {}\n", revision.0).as_bytes())?;
     }
     Ok(EXIT_OK)
 }
 
-async fn get(router: &Router, key: String, serializable: bool, json: bool) -> Result<u8, Failure> {
-    let request = GetRequest {
-        key: key.clone().into_bytes(),
-        serializable,
-    };
-    let response: GetResponse = router
-        .call(Idempotence::Read, |mut client| {
-            let request = request.clone();
-            async move { client.get(request).await }
-        })
-        .await?;
-    let found = response.kv.is_some();
+async fn get(client: &Client, key: String, serializable: bool, json: bool) -> Result<u8, Failure> {
+    let mut request = client.get(key.clone());
+    if serializable {
+        request = request.serializable();
+    }
+    let found = request.await.map_err(failure)?;
     if json {
-        write_json(&GetOutput::new(key.clone(), response.kv.as_ref()))?;
-    } else if let Some(kv) = &response.kv {
+        write_json(&GetOutput::new(key.clone(), found.as_ref()))?;
+    } else if let Some(kv) = &found {
         let mut line = kv.value.clone();
         line.push(b'\n');
         write_stdout(&line)?;
     }
-    if !found {
+    if found.is_none() {
         if !json {
             print_error(&format!("key not found: {key}"));
         }
@@ -194,58 +179,46 @@ async fn get(router: &Router, key: String, serializable: bool, json: bool) -> Re
 }
 
 async fn delete(
-    router: &Router,
+    client: &Client,
     key: String,
     fence: Option<Fence>,
     json: bool,
 ) -> Result<u8, Failure> {
-    let request = DeleteRequest {
-        key: key.clone().into_bytes(),
-        request: Some(request_id()),
-        fence,
-        ..DeleteRequest::default()
-    };
-    let response: DeleteResponse = router
-        .call(Idempotence::DeduplicatedWrite, |mut client| {
-            let request = request.clone();
-            async move { client.delete(request).await }
-        })
-        .await?;
+    let mut request = client.delete(key.clone());
+    if let Some(fence) = &fence {
+        request = request.fence(fence);
+    }
+    let deleted = request.await.map_err(failure)?;
     if json {
         write_json(&DeleteOutput {
             key,
-            deleted: response.deleted,
-            revision: response.revision,
+            deleted: deleted.existed,
+            revision: deleted.revision.0,
         })?;
-    } else if response.deleted {
-        write_stdout(format!("OK deleted, revision {}\n", response.revision).as_bytes())?;
+    } else if deleted.existed {
+        write_stdout(format!("OK deleted, revision {}\n", deleted.revision.0).as_bytes())?;
     } else {
         write_stdout(format!("OK nothing to delete: key not found: {key}\n").as_bytes())?;
     }
     Ok(EXIT_OK)
 }
 
-async fn range(router: &Router, request: RangeRequest, json: bool) -> Result<u8, Failure> {
-    let response: RangeResponse = router
-        .call(Idempotence::Read, |mut client| {
-            let request = request.clone();
-            async move { client.range(request).await }
-        })
-        .await?;
+async fn range(request: latchkey_client::kv::Range, json: bool) -> Result<u8, Failure> {
+    let answer = request.await.map_err(failure)?;
     if json {
-        write_json(&RangeOutput::new(&response))?;
+        write_json(&RangeOutput::new(&answer))?;
         return Ok(EXIT_OK);
     }
     let mut out = Vec::new();
-    for kv in &response.kvs {
+    for kv in &answer.kvs {
         out.extend_from_slice(&kv.key);
         out.push(b'\t');
         out.extend_from_slice(&kv.value);
         out.push(b'\n');
     }
     write_stdout(&out)?;
-    if response.more {
-        print_note(response.kvs.len());
+    if answer.more {
+        print_note(answer.kvs.len());
     }
     Ok(EXIT_OK)
 }
@@ -258,16 +231,6 @@ fn print_note(shown: usize) {
         std::io::stderr().lock(),
         "latchkey: note: more keys match than the {shown} shown; narrow the prefix or raise --limit"
     );
-}
-
-/// A fresh exactly-once identity for one write: a random client id (never 0,
-/// which means "no deduplication") and sequence number 1. Every attempt of
-/// the write carries the same one.
-fn request_id() -> RequestId {
-    RequestId {
-        client_id: rand::Rng::gen_range(&mut rand::thread_rng(), 1..=u64::MAX),
-        seq: 1,
-    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -297,8 +260,8 @@ impl GetOutput {
             key,
             value: kv.map(|kv| text(&kv.value)),
             found: kv.is_some(),
-            create_revision: kv.map_or(0, |kv| kv.create_revision),
-            mod_revision: kv.map_or(0, |kv| kv.mod_revision),
+            create_revision: kv.map_or(0, |kv| kv.create_revision.0),
+            mod_revision: kv.map_or(0, |kv| kv.mod_revision.0),
         }
     }
 }
@@ -328,19 +291,19 @@ pub struct KeyValueOutput {
 }
 
 impl RangeOutput {
-    fn new(response: &RangeResponse) -> Self {
+    fn new(answer: &RangeAnswer) -> Self {
         RangeOutput {
-            kvs: response
+            kvs: answer
                 .kvs
                 .iter()
                 .map(|kv| KeyValueOutput {
                     key: text(&kv.key),
                     value: text(&kv.value),
-                    create_revision: kv.create_revision,
-                    mod_revision: kv.mod_revision,
+                    create_revision: kv.create_revision.0,
+                    mod_revision: kv.mod_revision.0,
                 })
                 .collect(),
-            more: response.more,
+            more: answer.more,
         }
     }
 }
@@ -353,9 +316,10 @@ mod tests {
         KeyValue {
             key: key.as_bytes().to_vec(),
             value: value.to_vec(),
-            create_revision: 3,
-            mod_revision: 5,
-            ..KeyValue::default()
+            create_revision: latchkey_client::Revision(3),
+            mod_revision: latchkey_client::Revision(5),
+            token: None,
+            fence_name: None,
         }
     }
 
@@ -380,12 +344,11 @@ mod tests {
 
     #[test]
     fn range_json_shows_invalid_utf8_lossily() {
-        let response = RangeResponse {
-            header: None,
+        let answer = RangeAnswer {
             kvs: vec![kv("a", &[0x66, 0xff])],
             more: true,
         };
-        let json = serde_json::to_value(RangeOutput::new(&response)).expect("json");
+        let json = serde_json::to_value(RangeOutput::new(&answer)).expect("json");
         assert_eq!(json["kvs"][0]["value"], "f\u{fffd}");
         assert_eq!(json["more"], true);
     }

@@ -8,7 +8,7 @@ use latchkey_client::raw::LeaseInfo;
 use latchkey_client::{Error, LeaseId};
 use serde::Serialize;
 
-use super::session::{connect, failure, ClientArgs, StopSignals};
+use super::session::{connect_once, failure, ClientArgs, StopSignals};
 use super::{format_duration, parse_ttl, print_error, write_json, write_stdout, Failure};
 use super::{EXIT_NOT_FOUND, EXIT_OK};
 
@@ -101,7 +101,7 @@ pub struct ListedOutput {
 }
 
 pub(crate) async fn run(args: LeaseArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     let raw = client.raw();
     let json = args.client.json;
     match args.command {

@@ -11,7 +11,7 @@ use latchkey_client::{Error, FencingToken, GrantInfo, LeaseId};
 use serde::Serialize;
 
 use super::hold::{Held, HoldArgs};
-use super::session::{connect, failure, not_acquired, ClientArgs};
+use super::session::{connect, connect_once, failure, not_acquired, ClientArgs};
 use super::{parse_duration, write_json, write_stdout, Failure, EXIT_OK};
 
 /// Flags of `latchkey lock`.
@@ -96,13 +96,11 @@ pub(crate) async fn lock(args: LockArgs) -> Result<u8, Failure> {
             });
         }
     };
-    args.hold
-        .hold(Held::Lock(guard), &client, args.client.json)
-        .await
+    args.hold.hold(Held::Lock(guard), args.client.json).await
 }
 
 pub(crate) async fn acquire(args: AcquireArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     let lease = LeaseId(args.lease);
     let grant: GrantInfo = client
         .raw()
@@ -126,7 +124,7 @@ pub(crate) async fn acquire(args: AcquireArgs) -> Result<u8, Failure> {
 }
 
 pub(crate) async fn release(args: ReleaseArgs) -> Result<u8, Failure> {
-    let client = connect(&args.client).await?;
+    let client = connect_once(&args.client).await?;
     client
         .raw()
         .release(&args.name, FencingToken(args.token))

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use latchkey_client::{Client, Error, LeaseLost};
+use latchkey_client::{Client, ClientBuilder, Error, LeaseLost};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
@@ -37,17 +37,40 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(300);
 /// Longest bound on one attempt of a request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connects to the cluster behind `--endpoints`.
+/// Connects to the cluster behind `--endpoints`, for a command that holds
+/// a lease for a while (`lock`, `elect`, `lease keepalive`): its writes are
+/// deduplicated under an exactly-once session, closed when it exits.
 pub async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    let endpoints = parse_endpoints(&args.endpoints)?;
-    Client::builder(endpoints)
-        .retry_timeout(args.timeout)
-        .call_timeout(args.timeout.min(CALL_TIMEOUT))
-        .connect_timeout(args.timeout.min(Duration::from_secs(1)))
-        .keepalive_interval(KEEPALIVE_INTERVAL)
+    builder(&args.endpoints, args.timeout)?
         .connect()
         .await
         .map_err(failure)
+}
+
+/// Connects for a one-shot command (a write or two, then exit): no
+/// exactly-once session, so the command takes no slot in the cluster's
+/// session table; a write whose outcome is unknown is reported (exit 4),
+/// not resent.
+pub async fn connect_one_shot(endpoints: &[String], timeout: Duration) -> Result<Client, Failure> {
+    builder(endpoints, timeout)?
+        .sessionless()
+        .connect()
+        .await
+        .map_err(failure)
+}
+
+/// [`connect_one_shot`] with the shared flags.
+pub async fn connect_once(args: &ClientArgs) -> Result<Client, Failure> {
+    connect_one_shot(&args.endpoints, args.timeout).await
+}
+
+fn builder(endpoints: &[String], timeout: Duration) -> Result<ClientBuilder, Failure> {
+    let endpoints = parse_endpoints(endpoints)?;
+    Ok(Client::builder(endpoints)
+        .retry_timeout(timeout)
+        .call_timeout(timeout.min(CALL_TIMEOUT))
+        .connect_timeout(timeout.min(Duration::from_secs(1)))
+        .keepalive_interval(KEEPALIVE_INTERVAL))
 }
 
 /// The exit code and message for a client error; see `docs/cli.md`.
@@ -62,6 +85,8 @@ pub fn failure(error: Error) -> Failure {
         | Error::InvalidArgument { .. }
         | Error::RevisionMismatch { .. }
         | Error::Timeout { .. }
+        | Error::SessionExpired { .. }
+        | Error::OutcomeUnknown { .. }
         | Error::Rejected { .. } => EXIT_FAILED,
     };
     let hint = match &error {
@@ -98,6 +123,7 @@ pub fn describe_lost(reason: LeaseLost) -> &'static str {
         LeaseLost::DeadlinePassed => "its lease could not be renewed before its deadline",
         LeaseLost::NotFound => "its lease expired or was revoked",
         LeaseLost::Revoked => "its lease was revoked",
+        LeaseLost::GrantEnded => "it was released elsewhere with its token",
     }
 }
 

@@ -6,8 +6,14 @@
 //! - `c/lease/<lease id: u64>` → `ttl_ms`
 //! - `c/lock/<kind byte><name>` → the holder's [`Grant`]
 //! - `c/wait/<kind byte><name>\0<enqueued index: u64>` → a [`Waiter`]
-//! - `c/session/<client id: u64>` → a [`ClientSession`]
+//! - `c/ses/<session id: u64>` → a [`Session`]'s header
+//! - `c/res/<session id: u64><seq: u64>` → one remembered result of a session
 //! - `c/meta/next_token` → the next fencing token
+//!
+//! `c/session/…` records of the earlier session format (one record per
+//! client with all its results, before sessions were opened explicitly)
+//! are recognised and ignored on load: those clients' ids name no open
+//! session now, so their requests are refused as expired.
 //!
 //! The kind byte is `l` for a lock and `e` for an election. Names never
 //! contain control characters, so the `\0` ends a name unambiguously.
@@ -17,8 +23,8 @@
 //! - lease: `ttl_ms: u64`
 //! - grant: `lease: u64, token: u64, granted_index: u64, value: bytes`
 //! - waiter: `lease: u64, value: bytes, attempt: u64`
-//! - session: `last_activity_index: u64, count: u32`, then `count` times
-//!   `seq: u64, result: bytes`, ascending by seq
+//! - session header: `opened_index: u64, forgotten_below: u64`
+//! - session result: `result: bytes`
 //! - next token: `token: u64`
 //!
 //! The encoding is a pure function of the record, so every replica writes
@@ -26,7 +32,7 @@
 
 use std::collections::BTreeMap;
 
-use super::sessions::{ClientId, ClientSession, SequenceNumber};
+use super::sessions::{SequenceNumber, Session, SessionId};
 use super::types::{FencingToken, Grant, Kind, LeaseId, LockKey, Waiter};
 use crate::types::LogIndex;
 
@@ -35,7 +41,10 @@ pub const RECORD_PREFIX: &[u8] = b"c/";
 pub const LEASE_PREFIX: &[u8] = b"c/lease/";
 pub const LOCK_PREFIX: &[u8] = b"c/lock/";
 pub const WAITER_PREFIX: &[u8] = b"c/wait/";
-pub const SESSION_PREFIX: &[u8] = b"c/session/";
+pub const SESSION_PREFIX: &[u8] = b"c/ses/";
+pub const SESSION_RESULT_PREFIX: &[u8] = b"c/res/";
+/// Records of the earlier session format, ignored on load.
+pub const LEGACY_SESSION_PREFIX: &[u8] = b"c/session/";
 pub const NEXT_TOKEN_KEY: &[u8] = b"c/meta/next_token";
 
 const FORMAT_VERSION: u8 = 1;
@@ -62,8 +71,17 @@ pub fn waiter_key(key: &LockKey, enqueued_index: LogIndex) -> Vec<u8> {
     .concat()
 }
 
-pub fn session_key(client: ClientId) -> Vec<u8> {
-    [SESSION_PREFIX, &client.0.to_be_bytes()].concat()
+pub fn session_key(session: SessionId) -> Vec<u8> {
+    [SESSION_PREFIX, &session.0.to_be_bytes()].concat()
+}
+
+pub fn session_result_key(session: SessionId, seq: SequenceNumber) -> Vec<u8> {
+    [
+        SESSION_RESULT_PREFIX,
+        &session.0.to_be_bytes(),
+        &seq.0.to_be_bytes(),
+    ]
+    .concat()
 }
 
 /// A decoded record.
@@ -82,10 +100,18 @@ pub(super) enum Decoded {
         key: LockKey,
         waiter: Waiter,
     },
+    /// A session header; its `results` are empty (they are records of their own).
     Session {
-        client: ClientId,
-        session: ClientSession,
+        id: SessionId,
+        session: Session,
     },
+    SessionResult {
+        id: SessionId,
+        seq: SequenceNumber,
+        result: Vec<u8>,
+    },
+    /// A record of the earlier session format.
+    LegacySession,
 }
 
 pub(super) fn encode_next_token(token: FencingToken) -> Vec<u8> {
@@ -117,14 +143,16 @@ pub(super) fn encode_waiter(waiter: &Waiter) -> Vec<u8> {
     out
 }
 
-pub(super) fn encode_session(session: &ClientSession) -> Vec<u8> {
+pub(super) fn encode_session(session: &Session) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
-    put_u64(&mut out, session.last_activity_index.0);
-    put_len(&mut out, session.results.len());
-    for (seq, result) in &session.results {
-        put_u64(&mut out, seq.0);
-        put_bytes(&mut out, result);
-    }
+    put_u64(&mut out, session.opened_index.0);
+    put_u64(&mut out, session.forgotten_below.0);
+    out
+}
+
+pub(super) fn encode_session_result(result: &[u8]) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    put_bytes(&mut out, result);
     out
 }
 
@@ -162,30 +190,29 @@ pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, String> {
         }
     } else if let Some(rest) = key.strip_prefix(SESSION_PREFIX) {
         Decoded::Session {
-            client: ClientId(key_u64(rest)?),
-            session: decode_session(&mut reader)?,
+            id: SessionId(key_u64(rest)?),
+            session: Session {
+                opened_index: LogIndex(reader.u64()?),
+                forgotten_below: SequenceNumber(reader.u64()?),
+                results: BTreeMap::new(),
+            },
         }
+    } else if let Some(rest) = key.strip_prefix(SESSION_RESULT_PREFIX) {
+        if rest.len() != 2 * U64_BYTES {
+            return Err(format!("session result key of {} bytes", rest.len()));
+        }
+        Decoded::SessionResult {
+            id: SessionId(key_u64(&rest[..U64_BYTES])?),
+            seq: SequenceNumber(key_u64(&rest[U64_BYTES..])?),
+            result: reader.bytes()?,
+        }
+    } else if key.starts_with(LEGACY_SESSION_PREFIX) {
+        return Ok(Decoded::LegacySession);
     } else {
         return Err("not a coordination key".into());
     };
     reader.finish()?;
     Ok(decoded)
-}
-
-fn decode_session(reader: &mut Reader<'_>) -> Result<ClientSession, String> {
-    let last_activity_index = LogIndex(reader.u64()?);
-    let count = reader.u32()?;
-    let mut results = BTreeMap::new();
-    for _ in 0..count {
-        let seq = SequenceNumber(reader.u64()?);
-        if results.insert(seq, reader.bytes()?).is_some() {
-            return Err(format!("seq {seq} appears twice"));
-        }
-    }
-    Ok(ClientSession {
-        last_activity_index,
-        results,
-    })
 }
 
 fn key_u64(bytes: &[u8]) -> Result<u64, String> {

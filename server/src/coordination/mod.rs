@@ -95,11 +95,12 @@
 //! refuse and diverge. They belong to the cluster's configuration, not to
 //! one node's.
 //!
+//! # Sessions
+//! The exactly-once table ([`sessions`]) is part of this state: sessions
+//! are opened, closed and expired by ops of their own, and each request's
+//! result is recorded with [`Coordination::record_session`].
+//!
 //! # Not done yet
-//! - A client evicted from the session table (idle while
-//!   [`MAX_SESSIONS`] other clients were more recently active) that retries
-//!   an old request is treated as new; sessions are not registered or
-//!   expired explicitly.
 //! - The size of one [`Op::ExpireLeases`] is bounded only by its proposer.
 //! - No count of waiters across all locks beyond the per-lease bound, and
 //!   no bound on the total bytes of candidate values (each is at most
@@ -113,7 +114,7 @@ mod leases;
 mod load;
 mod locks;
 mod ops;
-mod sessions;
+pub mod sessions;
 mod types;
 
 #[cfg(test)]
@@ -128,13 +129,13 @@ mod tests_random;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use codec::{
-    lease_key, lock_key, session_key, waiter_key, LEASE_PREFIX, LOCK_PREFIX, NEXT_TOKEN_KEY,
-    RECORD_PREFIX, SESSION_PREFIX, WAITER_PREFIX,
+    lease_key, lock_key, session_key, session_result_key, waiter_key, LEASE_PREFIX, LOCK_PREFIX,
+    NEXT_TOKEN_KEY, RECORD_PREFIX, SESSION_PREFIX, SESSION_RESULT_PREFIX, WAITER_PREFIX,
 };
 pub use load::LoadError;
 pub use ops::{Applied, Changes, CoordinationError, Event, FenceError, Op, Outcome};
 pub use sessions::{
-    ClientId, ClientSession, SequenceNumber, SessionCheck, Sessions, MAX_SESSIONS, SESSION_WINDOW,
+    SequenceNumber, Session, SessionCheck, SessionId, Sessions, MAX_SESSIONS, SESSION_WINDOW,
 };
 pub use types::{FencingToken, Grant, Kind, Lease, LeaseId, Lock, LockKey, Waiter};
 
@@ -180,7 +181,8 @@ enum Record {
     Lease(LeaseId),
     Lock(LockKey),
     Waiter(LockKey, LogIndex),
-    Session(ClientId),
+    Session(SessionId),
+    SessionResult(SessionId, SequenceNumber),
 }
 
 /// What an op has produced so far.
@@ -236,6 +238,9 @@ impl Coordination {
             Op::Proclaim { name, token, value } => {
                 self.proclaim(LockKey::new(Kind::Election, name), token, value, fx)
             }
+            Op::OpenSession => self.open_session(index, fx),
+            Op::CloseSession { session } => Ok(self.end_sessions(vec![session], false, fx)),
+            Op::ExpireSessions { sessions } => Ok(self.end_sessions(sessions, true, fx)),
         };
         assert!(
             result.is_ok() || (effects.events.is_empty() && effects.touched.is_empty()),
@@ -249,28 +254,78 @@ impl Coordination {
         }
     }
 
-    /// Whether `client`'s request `seq` must be applied, answered from the
-    /// session table, or refused.
-    pub fn check_session(&self, client: ClientId, seq: SequenceNumber) -> SessionCheck<'_> {
-        self.sessions.check(client, seq)
+    /// Whether request `seq` of `session` must be applied, answered from
+    /// the session table, or refused.
+    pub fn check_session(&self, session: SessionId, seq: SequenceNumber) -> SessionCheck<'_> {
+        self.sessions.check(session, seq)
     }
 
     /// Records the encoded result of a request that
-    /// [`Coordination::check_session`] found new, applied at `index`.
+    /// [`Coordination::check_session`] found new; the client has received
+    /// every result below `oldest_pending`.
     pub fn record_session(
         &mut self,
-        client: ClientId,
+        session: SessionId,
         seq: SequenceNumber,
+        oldest_pending: SequenceNumber,
         result: Vec<u8>,
-        index: LogIndex,
     ) -> Changes {
-        let touched = self
-            .sessions
-            .record(client, seq, result, index)
+        let changes = self.sessions.record(session, seq, oldest_pending, result);
+        let touched = changes
+            .headers
             .into_iter()
             .map(Record::Session)
+            .chain(
+                changes
+                    .results
+                    .into_iter()
+                    .map(|(id, seq)| Record::SessionResult(id, seq)),
+            )
             .collect();
         self.render(&touched)
+    }
+
+    fn open_session(
+        &mut self,
+        index: LogIndex,
+        fx: &mut Effects,
+    ) -> Result<Outcome, CoordinationError> {
+        let session = self
+            .sessions
+            .open(index)
+            .ok_or(CoordinationError::ResourceExhausted {
+                what: "open sessions",
+                limit: MAX_SESSIONS as u64,
+            })?;
+        fx.touched.insert(Record::Session(session));
+        fx.events.push(Event::SessionOpened { session });
+        Ok(Outcome::SessionOpened { session })
+    }
+
+    /// Ends the sessions that are open among `sessions` (closed by their
+    /// client, or `expired` by the leader); others are skipped.
+    fn end_sessions(
+        &mut self,
+        sessions: Vec<SessionId>,
+        expired: bool,
+        fx: &mut Effects,
+    ) -> Outcome {
+        let mut ended = Vec::new();
+        for id in sessions {
+            let Some(session) = self.sessions.end(id) else {
+                continue;
+            };
+            fx.touched.insert(Record::Session(id));
+            for seq in session.results.keys() {
+                fx.touched.insert(Record::SessionResult(id, *seq));
+            }
+            fx.events.push(Event::SessionEnded {
+                session: id,
+                expired,
+            });
+            ended.push(id);
+        }
+        Outcome::SessionsEnded { sessions: ended }
     }
 
     /// Accepts `token` for a fenced write only if it is `lock`'s current grant.
@@ -376,9 +431,16 @@ impl Coordination {
                     waiter.map(codec::encode_waiter),
                 )
             }
-            Record::Session(client) => (
-                session_key(*client),
-                self.sessions.get(*client).map(codec::encode_session),
+            Record::Session(id) => (
+                session_key(*id),
+                self.sessions.get(*id).map(codec::encode_session),
+            ),
+            Record::SessionResult(id, seq) => (
+                session_result_key(*id, *seq),
+                self.sessions
+                    .get(*id)
+                    .and_then(|session| session.results.get(seq))
+                    .map(|result| codec::encode_session_result(result)),
             ),
         }
     }

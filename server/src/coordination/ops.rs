@@ -1,5 +1,6 @@
 //! What goes into [`super::Coordination::apply`] and what comes out.
 
+use super::sessions::SessionId;
 use super::types::{FencingToken, Grant, Kind, LeaseId};
 use crate::types::LogIndex;
 
@@ -43,6 +44,12 @@ pub enum Op {
         token: FencingToken,
         value: Vec<u8>,
     },
+    /// Opens an exactly-once session whose id is the entry's index.
+    OpenSession,
+    /// Ends a session at its client's request; an unknown id is skipped.
+    CloseSession { session: SessionId },
+    /// Ends sessions the leader found idle; ids already gone are skipped.
+    ExpireSessions { sessions: Vec<SessionId> },
 }
 
 /// The successful result of an [`Op`].
@@ -83,6 +90,13 @@ pub enum Outcome {
     },
     Proclaimed {
         leader: Grant,
+    },
+    SessionOpened {
+        session: SessionId,
+    },
+    /// The sessions that were open and are now ended, in the op's order.
+    SessionsEnded {
+        sessions: Vec<SessionId>,
     },
 }
 
@@ -160,6 +174,13 @@ pub enum Event {
     },
     LeaseRemoved {
         lease: LeaseId,
+        expired: bool,
+    },
+    SessionOpened {
+        session: SessionId,
+    },
+    SessionEnded {
+        session: SessionId,
         expired: bool,
     },
 }

@@ -17,14 +17,45 @@ fn busy_harness() -> Harness {
     h.wait(Kind::Lock, "x", c);
     h.wait(Kind::Election, "x", c);
     h.lock(Kind::Lock, "y", c);
-    for (client, seq) in [(1, 1), (1, 2), (2, 1)] {
-        let result = format!("result {client}/{seq}").into_bytes();
-        let changes =
-            h.state
-                .record_session(ClientId(client), SequenceNumber(seq), result, h.index);
-        h.persist(&changes);
+    let one = h.open_session();
+    let two = h.open_session();
+    for (session, seq) in [(one, 1), (one, 2), (two, 1)] {
+        let result = format!("result {session}/{seq}").into_bytes();
+        h.record(session, seq, 0, result);
     }
     h
+}
+
+impl Harness {
+    pub(super) fn open_session(&mut self) -> SessionId {
+        match self.apply(Op::OpenSession).result {
+            Ok(Outcome::SessionOpened { session }) => session,
+            other => panic!("session not opened: {other:?}"),
+        }
+    }
+
+    /// Records a result as apply would, persisting its changes.
+    fn record(
+        &mut self,
+        session: SessionId,
+        seq: u64,
+        oldest_pending: u64,
+        result: Vec<u8>,
+    ) -> Changes {
+        assert_eq!(
+            self.state.check_session(session, SequenceNumber(seq)),
+            SessionCheck::New,
+            "apply records only new requests"
+        );
+        let changes = self.state.record_session(
+            session,
+            SequenceNumber(seq),
+            SequenceNumber(oldest_pending),
+            result,
+        );
+        self.persist(&changes);
+        changes
+    }
 }
 
 fn load_error(records: BTreeMap<Vec<u8>, Vec<u8>>) -> LoadError {
@@ -200,85 +231,110 @@ fn load_refuses_records_that_do_not_decode() {
     }
 }
 
+fn first_session(h: &Harness) -> SessionId {
+    h.state.sessions().ids().next().expect("a session is open")
+}
+
 #[test]
 fn duplicate_request_returns_the_cached_result() {
     let mut h = busy_harness();
+    let one = first_session(&h);
+    let expected = format!("result {one}/2").into_bytes();
     assert_eq!(
-        h.state.check_session(ClientId(1), SequenceNumber(2)),
-        SessionCheck::Duplicate(b"result 1/2")
+        h.state.check_session(one, SequenceNumber(2)),
+        SessionCheck::Duplicate(&expected)
     );
-    assert_eq!(
-        h.state.check_session(ClientId(1), SequenceNumber(3)),
-        SessionCheck::New
-    );
-    let changes = h.state.record_session(
-        ClientId(1),
-        SequenceNumber(3),
-        b"r3".to_vec(),
-        LogIndex(100),
-    );
-    assert_eq!(changes.len(), 1);
-    h.persist(&changes);
+    let changes = h.record(one, 3, 0, b"r3".to_vec());
+    assert_eq!(changes.len(), 1, "one result record: {changes:?}");
     assert_eq!(h.reload(), h.state);
     assert_eq!(
-        h.state.check_session(ClientId(1), SequenceNumber(3)),
+        h.state.check_session(one, SequenceNumber(3)),
         SessionCheck::Duplicate(b"r3")
     );
 }
 
 #[test]
-fn request_below_the_window_is_too_old() {
-    let mut sessions = Sessions::default();
-    let client = ClientId(9);
+fn results_the_client_has_received_are_forgotten_and_their_retries_refused() {
+    let mut h = Harness::new();
+    let session = h.open_session();
+    h.record(session, 1, 1, b"1".to_vec());
+    h.record(session, 2, 1, b"2".to_vec());
+    // The client received 1 and 2, and says so with request 3.
+    let changes = h.record(session, 3, 3, b"3".to_vec());
+    assert!(
+        changes.contains(&(session_result_key(session, SequenceNumber(1)), None)),
+        "{changes:?}"
+    );
+    let kept = h.state.sessions().get(session).map(|s| s.results.len());
+    assert_eq!(kept, Some(1), "only the result the client has not received");
+    assert_eq!(
+        h.state.check_session(session, SequenceNumber(2)),
+        SessionCheck::TooOld {
+            oldest_kept: SequenceNumber(3)
+        }
+    );
+    assert_eq!(h.reload(), h.state);
+}
+
+#[test]
+fn a_session_keeps_at_most_its_window_of_unacknowledged_results() {
+    let mut h = Harness::new();
+    let session = h.open_session();
     let last = SESSION_WINDOW + 10;
     for seq in 1..=last {
-        sessions.record(
-            client,
-            SequenceNumber(seq),
-            seq.to_be_bytes().to_vec(),
-            LogIndex(seq),
-        );
+        h.record(session, seq, 0, seq.to_be_bytes().to_vec());
     }
     let oldest = last - SESSION_WINDOW + 1;
     let too_old = SessionCheck::TooOld {
         oldest_kept: SequenceNumber(oldest),
     };
-    assert_eq!(sessions.check(client, SequenceNumber(oldest - 1)), too_old);
-    assert_eq!(sessions.check(client, SequenceNumber(1)), too_old);
+    assert_eq!(
+        h.state.check_session(session, SequenceNumber(oldest - 1)),
+        too_old
+    );
+    assert_eq!(h.state.check_session(session, SequenceNumber(1)), too_old);
     let kept = oldest.to_be_bytes();
     assert_eq!(
-        sessions.check(client, SequenceNumber(oldest)),
+        h.state.check_session(session, SequenceNumber(oldest)),
         SessionCheck::Duplicate(&kept)
     );
-    let len = sessions.get(client).map(|s| s.results.len() as u64);
-    assert_eq!(len, Some(SESSION_WINDOW));
+    assert_eq!(h.reload(), h.state);
 }
 
 #[test]
-fn pipelined_requests_within_the_window_are_new_in_any_order() {
-    let mut sessions = Sessions::default();
-    let client = ClientId(3);
-    sessions.record(client, SequenceNumber(5), b"5".to_vec(), LogIndex(1));
-    assert_eq!(sessions.check(client, SequenceNumber(4)), SessionCheck::New);
-    sessions.record(client, SequenceNumber(4), b"4".to_vec(), LogIndex(2));
+fn pipelined_requests_are_new_in_any_order() {
+    let mut h = Harness::new();
+    let session = h.open_session();
+    // 4 and 5 were sent together; 5 commits first, and says 4 is pending.
+    h.record(session, 5, 4, b"5".to_vec());
     assert_eq!(
-        sessions.check(client, SequenceNumber(4)),
+        h.state.check_session(session, SequenceNumber(4)),
+        SessionCheck::New
+    );
+    h.record(session, 4, 4, b"4".to_vec());
+    assert_eq!(
+        h.state.check_session(session, SequenceNumber(4)),
         SessionCheck::Duplicate(b"4")
     );
     assert_eq!(
-        sessions.check(client, SequenceNumber(5)),
+        h.state.check_session(session, SequenceNumber(5)),
         SessionCheck::Duplicate(b"5")
     );
 }
 
 #[test]
-fn requests_without_client_or_seq_are_never_deduplicated() {
+fn requests_without_session_or_seq_are_never_deduplicated() {
     let mut sessions = Sessions::default();
-    for (client, seq) in [(0, 1), (1, 0), (0, 0)] {
-        let touched = sessions.record(ClientId(client), SequenceNumber(seq), vec![1], LogIndex(1));
-        assert!(touched.is_empty());
+    for (session, seq) in [(0, 1), (1, 0), (0, 0)] {
+        let changes = sessions.record(
+            SessionId(session),
+            SequenceNumber(seq),
+            SequenceNumber(0),
+            vec![1],
+        );
+        assert_eq!(changes, sessions::SessionChanges::default());
         assert_eq!(
-            sessions.check(ClientId(client), SequenceNumber(seq)),
+            sessions.check(SessionId(session), SequenceNumber(seq)),
             SessionCheck::New
         );
     }
@@ -286,48 +342,87 @@ fn requests_without_client_or_seq_are_never_deduplicated() {
 }
 
 #[test]
-fn full_session_table_evicts_the_least_recently_active_client_lowest_id_first() {
+fn requests_of_a_session_that_is_not_open_are_refused_as_expired() {
+    let mut h = busy_harness();
+    assert_eq!(
+        h.state.check_session(SessionId(999), SequenceNumber(1)),
+        SessionCheck::Expired,
+        "never opened"
+    );
+    let session = first_session(&h);
+    let applied = h.apply(Op::ExpireSessions {
+        sessions: vec![session, SessionId(999)],
+    });
+    assert_eq!(
+        applied.result,
+        Ok(Outcome::SessionsEnded {
+            sessions: vec![session]
+        })
+    );
+    assert_eq!(
+        h.state.check_session(session, SequenceNumber(2)),
+        SessionCheck::Expired,
+        "even a request whose result was kept: the session is gone"
+    );
+    let id = session.0.to_be_bytes();
+    let records_of_session = h.store.keys().filter(|key| {
+        [SESSION_PREFIX, SESSION_RESULT_PREFIX]
+            .iter()
+            .any(|prefix| key.starts_with(&[*prefix, &id[..]].concat()))
+    });
+    assert_eq!(
+        records_of_session.count(),
+        0,
+        "every record of the session is deleted"
+    );
+    let other = first_session(&h);
+    let closed = h.apply(Op::CloseSession { session: other });
+    assert!(closed.result.is_ok());
+    assert!(h.state.sessions().is_empty());
+    assert_eq!(h.reload(), h.state);
+}
+
+#[test]
+fn a_full_table_refuses_new_sessions_and_evicts_none() {
     let mut h = Harness::new();
-    fn record(h: &mut Harness, client: u64, index: u64) -> Changes {
-        let changes = h.state.record_session(
-            ClientId(client),
-            SequenceNumber(1),
-            vec![1],
-            LogIndex(index),
-        );
-        h.persist(&changes);
-        changes
+    // Straight to the state: the harness's check after every op would make
+    // filling the table quadratic.
+    for index in 1..=MAX_SESSIONS as u64 {
+        let opened = h.state.apply(LogIndex(index), Op::OpenSession);
+        assert!(opened.result.is_ok(), "{:?}", opened.result);
     }
-    for client in [5, 3, 4] {
-        record(&mut h, client, 1);
-    }
-    for client in 0..(MAX_SESSIONS as u64 - 3) {
-        record(&mut h, 1_000 + client, 2 + client);
-    }
+    h.index = LogIndex(MAX_SESSIONS as u64);
+    let refused = h.apply(Op::OpenSession);
+    assert_eq!(
+        refused.result,
+        Err(CoordinationError::ResourceExhausted {
+            what: "open sessions",
+            limit: MAX_SESSIONS as u64
+        })
+    );
+    assert!(refused.changes.is_empty());
     assert_eq!(h.state.sessions().len(), MAX_SESSIONS);
-    // Client 4 is active again, so it is no longer among the oldest.
-    let renewed = h
-        .state
-        .record_session(ClientId(4), SequenceNumber(2), vec![2], LogIndex(20_000));
-    h.persist(&renewed);
-    // 3 and 5 tie on activity: the lower id goes first; then the oldest filler.
-    for (client, evicted) in [(77, 3), (78, 5), (79, 1_000)] {
-        let changes = record(&mut h, client, 20_000 + client);
-        assert!(
-            changes.contains(&(session_key(ClientId(evicted)), None)),
-            "{changes:?}"
-        );
-        assert!(h.state.sessions().get(ClientId(evicted)).is_none());
-        assert_eq!(h.state.sessions().len(), MAX_SESSIONS);
-    }
-    assert!(h.state.sessions().get(ClientId(4)).is_some());
+    assert!(
+        h.state.sessions().get(SessionId(1)).is_some(),
+        "the oldest stays"
+    );
+}
+
+#[test]
+fn records_of_the_earlier_session_format_are_ignored_on_load() {
+    let mut h = busy_harness();
+    h.store
+        .insert(b"c/session/\0\0\0\0\0\0\0\x07".to_vec(), vec![1, 0, 0]);
     assert_eq!(h.reload(), h.state);
 }
 
 #[test]
 #[should_panic(expected = "recorded twice")]
 fn recording_a_request_twice_is_a_bug() {
-    let mut sessions = Sessions::default();
-    sessions.record(ClientId(1), SequenceNumber(1), vec![1], LogIndex(1));
-    sessions.record(ClientId(1), SequenceNumber(1), vec![1], LogIndex(2));
+    let mut h = Harness::new();
+    let session = h.open_session();
+    h.state
+        .record_session(session, SequenceNumber(1), SequenceNumber(0), vec![1]);
+    h.state
+        .record_session(session, SequenceNumber(1), SequenceNumber(0), vec![1]);
 }

@@ -14,12 +14,23 @@ impl Harness {
     fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path()).unwrap();
-        let machine = StateMachine::open(engine.clone()).unwrap();
+        let machine = StateMachine::open(engine.clone(), &UnsafeSwitches::default()).unwrap();
         Harness {
             _dir: dir,
             engine,
             machine,
             index: 0,
+        }
+    }
+
+    fn open_session(&mut self) -> u64 {
+        let opened = self.apply_with(
+            command::Command::OpenSession(latchkey_proto::state::v1::OpenSession {}),
+            None,
+        );
+        match opened.result {
+            Some(command_result::Result::SessionOpened(opened)) => opened.session,
+            other => panic!("no session: {other:?}"),
         }
     }
 
@@ -152,7 +163,11 @@ fn stale_token_write_is_rejected_and_changes_nothing() {
 #[test]
 fn with_fencing_disabled_a_stale_write_is_applied() {
     let mut h = Harness::new();
-    h.machine.disable_fencing();
+    let switches = UnsafeSwitches {
+        no_fencing: true,
+        ..UnsafeSwitches::default()
+    };
+    h.machine = StateMachine::open(h.engine.clone(), &switches).unwrap();
     let a = h.lease();
     let b = h.lease();
     let t_other = token_of(&h.acquire("other", a));
@@ -210,9 +225,11 @@ fn compare_and_set_on_mod_revision() {
 #[test]
 fn retried_request_is_applied_once_and_returns_the_first_result() {
     let mut h = Harness::new();
+    let session = h.open_session();
     let request = Some(RequestId {
-        client_id: 7,
+        client_id: session,
         seq: 1,
+        oldest_pending_seq: 1,
     });
     let grant = || command::Command::GrantLease(GrantLease { ttl_ms: 5_000 });
     let first = h.apply_with(grant(), request);
@@ -227,12 +244,40 @@ fn retried_request_is_applied_once_and_returns_the_first_result() {
 }
 
 #[test]
+fn request_of_an_unknown_session_is_refused_as_expired_and_changes_nothing() {
+    let mut h = Harness::new();
+    let request = Some(RequestId {
+        client_id: 42,
+        seq: 1,
+        oldest_pending_seq: 1,
+    });
+    let refused = h.apply_with(
+        command::Command::GrantLease(GrantLease { ttl_ms: 5_000 }),
+        request,
+    );
+    let Some(command_result::Result::Error(error)) = refused.result else {
+        panic!("not refused: {refused:?}");
+    };
+    assert_eq!(error.code, Code::FailedPrecondition as i32);
+    assert!(matches!(
+        error.details.and_then(|d| d.detail),
+        Some(error_details::Detail::SessionExpired(
+            latchkey_proto::v1::SessionExpired {
+                session: 42,
+                seq: 1
+            }
+        ))
+    ));
+    assert_eq!(h.machine.coordination().read().leases().count(), 0);
+}
+
+#[test]
 fn tokens_keep_increasing_after_reload() {
     let mut h = Harness::new();
     let lease = h.lease();
     let t1 = token_of(&h.acquire("a", lease));
     h.machine.reload().unwrap();
-    let reopened = StateMachine::open(h.engine.clone()).unwrap();
+    let reopened = StateMachine::open(h.engine.clone(), &UnsafeSwitches::default()).unwrap();
     h.machine = reopened;
     let t2 = token_of(&h.acquire("b", lease));
     assert!(t2 > t1, "token after restart {t2} must exceed {t1}");

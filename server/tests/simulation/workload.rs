@@ -14,13 +14,14 @@ use rand::Rng;
 use tokio::sync::oneshot;
 
 use latchkey_proto::state::v1::{
-    command, command_result, Acquire, Command, GrantKind, GrantLease, Put, Release, RevokeLease,
+    command, command_result, Acquire, Command, GrantKind, GrantLease, OpenSession, Put, Release,
+    RevokeLease,
 };
 use latchkey_proto::v1::{error_details, fence, Fence, RequestId};
 use latchkey_server::coordination::LeaseId;
 use latchkey_server::error::RequestError;
 use latchkey_server::lease_clock::KeepAlive;
-use latchkey_server::node::{Applied, NodeMsg};
+use latchkey_server::node::{Applied, KeepAliveAnswer, NodeMsg};
 use latchkey_server::state_machine::Reader;
 use latchkey_server::types::LogIndex;
 
@@ -37,6 +38,8 @@ const KEYS: [&str; 3] = ["k0", "k1", "k2"];
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Opens the client's exactly-once session (first, and again after it expired).
+    OpenSession,
     Grant {
         ttl_ms: u64,
     },
@@ -70,7 +73,7 @@ enum Op {
 
 enum Wait {
     Proposal(oneshot::Receiver<Result<Applied, RequestError>>),
-    KeepAlive(oneshot::Receiver<Result<KeepAlive, RequestError>>),
+    KeepAlive(oneshot::Receiver<Result<KeepAliveAnswer, RequestError>>),
     ReadIndex(oneshot::Receiver<Result<LogIndex, RequestError>>),
     /// ReadIndex answered; waiting for the node to apply up to it.
     Applied(u64),
@@ -89,7 +92,8 @@ struct Pending {
 }
 
 struct Client {
-    id: u64,
+    /// The open session, once the cluster granted one.
+    session: Option<u64>,
     seq: u64,
     /// Bumped whenever a wake-up is scheduled; older wake-ups are ignored.
     generation: u64,
@@ -104,7 +108,7 @@ struct Client {
 
 enum Outcome {
     Done(Result<command_result::Result, RequestError>),
-    KeepAlive(Result<KeepAlive, RequestError>),
+    KeepAlive(Result<KeepAliveAnswer, RequestError>),
     ReadPoint(Result<LogIndex, RequestError>),
     Read(Option<(u64, Vec<u8>)>),
     Lost,
@@ -119,8 +123,8 @@ pub struct Workload {
 impl Workload {
     pub fn new(world: &mut World, clients: usize) -> Workload {
         let clients = (0..clients)
-            .map(|index| Client {
-                id: 1000 + index as u64,
+            .map(|_| Client {
+                session: None,
                 seq: 0,
                 generation: 0,
                 target: world.rng.gen_range(1..=NODES),
@@ -226,6 +230,9 @@ impl Workload {
     fn choose(&mut self, world: &mut World, index: usize) -> Op {
         let now = world.now_us;
         let client = &mut self.clients[index];
+        if client.session.is_none() {
+            return Op::OpenSession;
+        }
         let roll = world.rng.gen_range(0..100);
         let Some((lease, ttl_ms)) = client.lease else {
             return if roll < 70 {
@@ -267,13 +274,19 @@ impl Workload {
 
     fn begin(&mut self, world: &mut World, index: usize, op: Op) {
         let client = &mut self.clients[index];
-        let request = op_command(&op).map(|_| {
-            client.seq += 1;
-            RequestId {
-                client_id: client.id,
-                seq: client.seq,
-            }
-        });
+        // One op at a time: every earlier request has ended, answered or
+        // given up on, and will not be retried.
+        let request = op_command(&op)
+            .filter(|_| !matches!(op, Op::OpenSession))
+            .and(client.session)
+            .map(|session| {
+                client.seq += 1;
+                RequestId {
+                    client_id: session,
+                    seq: client.seq,
+                    oldest_pending_seq: client.seq,
+                }
+            });
         let node = match op {
             // Reads may go to any member.
             Op::Get { .. } => world.rng.gen_range(1..=NODES),
@@ -414,7 +427,18 @@ impl Workload {
     ) {
         let now = world.now_us;
         let client = &mut self.clients[index];
+        if let command_result::Result::Error(error) = &result {
+            let detail = error.details.as_ref().and_then(|d| d.detail.as_ref());
+            if matches!(detail, Some(error_details::Detail::SessionExpired(_))) {
+                client.session = None;
+                return;
+            }
+        }
         match (&pending.op, result) {
+            (Op::OpenSession, command_result::Result::SessionOpened(opened)) => {
+                client.session = Some(opened.session);
+                client.seq = 0;
+            }
             (Op::Grant { .. }, command_result::Result::LeaseGranted(granted)) => {
                 client.lease = Some((granted.lease, granted.ttl_ms));
                 client.held = None;
@@ -464,13 +488,13 @@ impl Workload {
         world: &mut World,
         index: usize,
         pending: &Pending,
-        answer: KeepAlive,
+        answer: KeepAliveAnswer,
     ) {
         let client = &mut self.clients[index];
         let Op::KeepAlive { lease } = pending.op else {
             unreachable!("keepalive op")
         };
-        match answer {
+        match answer.answer {
             KeepAlive::Renewed { ttl_ms } => {
                 client.next_keepalive_us = world.now_us + ttl_ms * MS / 4;
                 world
@@ -483,7 +507,10 @@ impl Workload {
                 }
                 client.lease = None;
             }
-            KeepAlive::NotReady => client.next_keepalive_us = world.now_us + 100 * MS,
+            KeepAlive::NotReady | KeepAlive::Unconfirmed => {
+                client.next_keepalive_us = world.now_us + 100 * MS;
+                client.target = world.rng.gen_range(1..=NODES);
+            }
         }
     }
 }
@@ -508,6 +535,7 @@ fn value(world: &mut World, index: usize) -> Vec<u8> {
 fn op_command(op: &Op) -> Option<command::Command> {
     let lock = GrantKind::Lock as i32;
     Some(match op {
+        Op::OpenSession => command::Command::OpenSession(OpenSession {}),
         Op::Grant { ttl_ms } => command::Command::GrantLease(GrantLease { ttl_ms: *ttl_ms }),
         Op::Revoke { lease } => command::Command::RevokeLease(RevokeLease { lease: *lease }),
         Op::Acquire { lock: name, lease } => command::Command::Acquire(Acquire {

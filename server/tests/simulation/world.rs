@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio::sync::broadcast;
 
 use latchkey_proto::state::v1::CommandResult;
-use latchkey_server::config::{Config, RaftTiming};
+use latchkey_server::config::{Config, RaftTiming, UnsafeSwitches};
 use latchkey_server::node::{
     AppliedEvents, Clock, Node, NodeHandle, NodeMsg, NodeOptions, Role, Transport,
 };
@@ -157,19 +157,24 @@ impl World {
         for id in 1..=NODES {
             let dir = temp_dir();
             let config = Config {
-                id: NodeId(id),
-                data_dir: dir.path().to_path_buf(),
-                listen_client: "127.0.0.1:0".parse().expect("literal address"),
-                listen_peer: "127.0.0.1:0".parse().expect("literal address"),
                 advertise_client: format!("sim-{id}"),
-                peers: peers.clone(),
                 timing: RaftTiming {
                     tick_interval_ms: TICK_MS,
                     election_ticks: ELECTION_TICKS,
                     heartbeat_ticks: 2,
                 },
                 compact_log_after_entries,
-                unsafe_no_fencing,
+                unsafe_switches: UnsafeSwitches {
+                    no_fencing: unsafe_no_fencing,
+                    ..UnsafeSwitches::default()
+                },
+                ..Config::with_defaults(
+                    NodeId(id),
+                    dir.path().to_path_buf(),
+                    "127.0.0.1:0".parse().expect("literal address"),
+                    "127.0.0.1:0".parse().expect("literal address"),
+                    peers.clone(),
+                )
             };
             configs.insert(id, config);
             dirs.push(dir);

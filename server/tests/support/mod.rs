@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use latchkey_proto::v1::kv_client::KvClient;
 use latchkey_proto::v1::{GetRequest, PutRequest};
-use latchkey_server::config::{Config, RaftTiming};
+use latchkey_server::config::Config;
 use latchkey_server::node::Role;
 use latchkey_server::server::RunningServer;
 use latchkey_server::types::NodeId;
@@ -36,9 +36,18 @@ impl TestCluster {
     /// Starts `nodes` nodes on fresh free ports, picking new ports if one
     /// was taken meanwhile.
     pub async fn start(nodes: u64, compact_log_after_entries: u64) -> TestCluster {
+        TestCluster::start_with(nodes, |config| {
+            config.compact_log_after_entries = compact_log_after_entries;
+        })
+        .await
+    }
+
+    /// Like [`TestCluster::start`], with every node's configuration
+    /// adjusted by `configure` first.
+    pub async fn start_with(nodes: u64, configure: impl Fn(&mut Config)) -> TestCluster {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match TestCluster::try_start(nodes, compact_log_after_entries).await {
+            match TestCluster::try_start(nodes, &configure).await {
                 Ok(cluster) => return cluster,
                 Err(error) if error.contains("in use") => last_error = error,
                 Err(error) => panic!("node starts: {error}"),
@@ -47,7 +56,10 @@ impl TestCluster {
         panic!("no free ports after {START_ATTEMPTS} attempts: {last_error}");
     }
 
-    async fn try_start(nodes: u64, compact_log_after_entries: u64) -> Result<TestCluster, String> {
+    async fn try_start(
+        nodes: u64,
+        configure: &impl Fn(&mut Config),
+    ) -> Result<TestCluster, String> {
         let peers: BTreeMap<NodeId, String> = (1..=nodes)
             .map(|id| (NodeId(id), format!("127.0.0.1:{}", free_port())))
             .collect();
@@ -56,17 +68,14 @@ impl TestCluster {
         for id in peers.keys() {
             let dir = tempfile::tempdir().expect("temp dir");
             let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let config = Config {
-                id: *id,
-                data_dir: dir.path().to_path_buf(),
-                listen_client: client,
-                listen_peer: peers[id].parse().unwrap(),
-                advertise_client: client.to_string(),
-                peers: peers.clone(),
-                timing: RaftTiming::default(),
-                compact_log_after_entries,
-                unsafe_no_fencing: false,
-            };
+            let mut config = Config::with_defaults(
+                *id,
+                dir.path().to_path_buf(),
+                client,
+                peers[id].parse().unwrap(),
+                peers.clone(),
+            );
+            configure(&mut config);
             configs.insert(*id, config);
             dirs.push(dir);
         }
