@@ -163,6 +163,42 @@ fn a_stale_fenced_write_that_was_accepted_is_caught() {
 }
 
 #[test]
+fn an_acknowledgement_carrying_a_token_below_the_writers_grant_is_caught() {
+    let result = assert_caught("bad-acknowledged-token-lowered.jsonl", "fenced-writes");
+    assert!(
+        result
+            .summary
+            .contains("op 4 wrote key \"counter\" with token 2 of lock \"job\": below the token of grant op 0"),
+        "{result:#?}"
+    );
+    assert_eq!(
+        witness_indices(&result),
+        [0, 1, 4, 5],
+        "the grant and the write"
+    );
+    assert!(
+        result.summary.contains("2 violation(s)"),
+        "the acknowledgement also disagrees with its invoke: {result:#?}"
+    );
+}
+
+#[test]
+fn a_fenced_write_below_a_token_already_written_to_its_key_is_caught() {
+    // Two locks guard one key: no grant of the stale write's own lock is
+    // newer, only the write acknowledged under the other lock.
+    let file = "bad-stale-write-below-acknowledged-write.jsonl";
+    let result = assert_caught(file, "fenced-writes");
+    assert!(
+        result
+            .summary
+            .contains("below token 4 of write op 4 to the same key"),
+        "{result:#?}"
+    );
+    assert_eq!(witness_indices(&result), [4, 5, 6, 7], "the two writes");
+    assert_caught(file, "fenced-registers");
+}
+
+#[test]
 fn two_raft_leaders_in_one_term_are_caught() {
     assert_caught("bad-two-raft-leaders.jsonl", "raft-leaders");
 }
