@@ -88,6 +88,7 @@ fn election_run_with_observers_passes_every_checker() {
         &[
             "fenced-mutex",
             "fencing-tokens",
+            "lease-overlap",
             "election-leaders",
             "raft-leaders",
         ],
@@ -196,6 +197,26 @@ fn a_fenced_write_below_a_token_already_written_to_its_key_is_caught() {
     );
     assert_eq!(witness_indices(&result), [4, 5, 6, 7], "the two writes");
     assert_caught(file, "fenced-registers");
+}
+
+#[test]
+fn two_leaderships_believed_held_at_once_are_caught_by_the_clock() {
+    let result = assert_caught("bad-two-leaders.jsonl", "lease-overlap");
+    assert!(
+        result.summary.contains("two leaders at once"),
+        "{result:#?}"
+    );
+    assert_eq!(
+        witness_indices(&result),
+        [0, 1, 2, 3, 4],
+        "both campaigns and the late hold-lost"
+    );
+    let results = check("bad-two-leaders.jsonl");
+    assert_eq!(
+        checker(&results, "fenced-mutex").valid,
+        Validity::Valid,
+        "expiry is invisible to the order of ops: only the clock shows it"
+    );
 }
 
 #[test]
