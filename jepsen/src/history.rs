@@ -45,7 +45,8 @@
 //! - `release`: `{"token": T, "lease": L}`; fail when the grant had
 //!   already ended (stale token).
 //! - `hold-lost`: info `{"token": T, "lease": L}`, recorded by a holder
-//!   the moment its client reports the lease lost (local deadline passed).
+//!   the moment its client reports the lease lost; when its local deadline
+//!   is what passed, `"deadline"` is the history time (ns) at which it fell.
 //!
 //! Leases (workload `lease`); `key` is absent:
 //! - `grant`: invoke `{"ttl_ms": N}`; ok `{"lease": L, "ttl_ms": N}`.
@@ -60,6 +61,10 @@
 //! - `resign`: `{"token": T, "lease": L}`.
 //! - `observe`: info `{"token": T, "lease": L, "value": S}` or `null` (no
 //!   leader), one per change an observer saw, in the order it saw them.
+//! - `hold-lost`: info `{"token": T, "lease": L, "namespace": "election"}`,
+//!   recorded by a leader the moment its client reports the leadership's
+//!   lease lost; as for locks, `"deadline"` is added when the local
+//!   deadline is what passed.
 //!
 //! Cluster (harness): `status`, process `"nemesis"`, info
 //! `{"node": N, "role": "leader", "term": T}` from polling the nodes.

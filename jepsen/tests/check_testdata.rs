@@ -88,6 +88,7 @@ fn election_run_with_observers_passes_every_checker() {
         &[
             "fenced-mutex",
             "fencing-tokens",
+            "lease-overlap",
             "election-leaders",
             "raft-leaders",
         ],
@@ -160,6 +161,62 @@ fn a_stale_fenced_write_that_was_accepted_is_caught() {
         "{result:#?}"
     );
     assert_caught("bad-stale-fenced-write-accepted.jsonl", "fenced-registers");
+}
+
+#[test]
+fn an_acknowledgement_carrying_a_token_below_the_writers_grant_is_caught() {
+    let result = assert_caught("bad-acknowledged-token-lowered.jsonl", "fenced-writes");
+    assert!(
+        result
+            .summary
+            .contains("op 4 wrote key \"counter\" with token 2 of lock \"job\": below the token of grant op 0"),
+        "{result:#?}"
+    );
+    assert_eq!(
+        witness_indices(&result),
+        [0, 1, 4, 5],
+        "the grant and the write"
+    );
+    assert!(
+        result.summary.contains("2 violation(s)"),
+        "the acknowledgement also disagrees with its invoke: {result:#?}"
+    );
+}
+
+#[test]
+fn a_fenced_write_below_a_token_already_written_to_its_key_is_caught() {
+    // Two locks guard one key: no grant of the stale write's own lock is
+    // newer, only the write acknowledged under the other lock.
+    let file = "bad-stale-write-below-acknowledged-write.jsonl";
+    let result = assert_caught(file, "fenced-writes");
+    assert!(
+        result
+            .summary
+            .contains("below token 4 of write op 4 to the same key"),
+        "{result:#?}"
+    );
+    assert_eq!(witness_indices(&result), [4, 5, 6, 7], "the two writes");
+    assert_caught(file, "fenced-registers");
+}
+
+#[test]
+fn two_leaderships_believed_held_at_once_are_caught_by_the_clock() {
+    let result = assert_caught("bad-two-leaders.jsonl", "lease-overlap");
+    assert!(
+        result.summary.contains("two leaders at once"),
+        "{result:#?}"
+    );
+    assert_eq!(
+        witness_indices(&result),
+        [0, 1, 2, 3, 4],
+        "both campaigns and the late hold-lost"
+    );
+    let results = check("bad-two-leaders.jsonl");
+    assert_eq!(
+        checker(&results, "fenced-mutex").valid,
+        Validity::Valid,
+        "expiry is invisible to the order of ops: only the clock shows it"
+    );
 }
 
 #[test]

@@ -221,6 +221,28 @@ pub fn op_json(op: &Op) -> Value {
     serde_json::to_value(op).unwrap_or(Value::Null)
 }
 
+/// The fencing token a `write` carried: `Ok(None)` for an unfenced write.
+///
+/// The harness records a write's arguments in its invoke and echoes them
+/// in its completion, so for an acknowledged write the completion's
+/// `token` is the token the store acknowledged. The two agree in every
+/// history the harness records (`fenced-writes` reports a completion that
+/// disagrees); where they do not, the lower one is returned, because every
+/// rule about a fenced write's token is about it being too low.
+pub fn write_token(call: &Call<'_>) -> Result<Option<u64>, &'static str> {
+    let completion = call.completion.map(|op| &op.value);
+    let mut token = None;
+    for value in std::iter::once(&call.invoke.value).chain(completion) {
+        if let Some(carried) = field(value, "token") {
+            let carried = carried.as_u64().ok_or("token is not an unsigned integer")?;
+            token = Some(token.map_or(carried, |lower: u64| lower.min(carried)));
+        }
+    }
+    // A completion alone cannot make a write fenced: its invoke says
+    // what was sent.
+    Ok(token.filter(|_| field(&call.invoke.value, "token").is_some()))
+}
+
 /// `value[name]` when `value` is an object.
 pub fn field<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
     value.as_object().and_then(|object| object.get(name))
@@ -312,6 +334,29 @@ mod tests {
         assert!(paired.problems.is_empty(), "{:?}", paired.problems);
         assert_eq!(paired.calls.len(), 2);
         assert_eq!(paired.events.len(), 1, "the pause info closes nothing");
+    }
+
+    #[test]
+    fn a_writes_token_is_the_lower_of_what_its_invoke_and_acknowledgement_carry() {
+        let write = |sent: Value, acknowledged: Value| {
+            vec![
+                op(0, Process::Client(1), OpType::Invoke, "write", sent),
+                op(1, Process::Client(1), OpType::Ok, "write", acknowledged),
+            ]
+        };
+        let token = |ops: &[Op]| write_token(&pair(ops).calls[0]);
+        let fenced = json!({"value": 1, "token": 9});
+        assert_eq!(token(&write(fenced.clone(), fenced.clone())), Ok(Some(9)));
+        let lowered = json!({"value": 1, "token": 4});
+        assert_eq!(token(&write(fenced.clone(), lowered.clone())), Ok(Some(4)));
+        assert_eq!(token(&write(lowered, fenced.clone())), Ok(Some(4)));
+        assert_eq!(
+            token(&write(json!({"value": 1}), fenced)),
+            Ok(None),
+            "an acknowledgement alone does not make a write fenced"
+        );
+        let negative = json!({"value": 1, "token": -1});
+        assert!(token(&write(json!({"value": 1, "token": 9}), negative)).is_err());
     }
 
     #[test]

@@ -2,18 +2,27 @@
 //! acknowledged write lost.
 //!
 //! A *fenced write* is a `write` whose value carries `token` (and `lock`,
-//! the lock the token was granted by). Three rules, each needing only
-//! real-time order:
+//! the lock the token was granted by). Its token is the one its invoke and
+//! its completion carry ([`write_token`]; the harness echoes the invoke, so
+//! the two are the same, and rule 4 reports a completion that is not). The
+//! rules need only real-time order; none depends on what reads returned:
 //!
-//! 1. **Stale write accepted.** A fenced write with token T for lock L that
-//!    completed `ok` must not have been invoked after (a) a grant of L with
-//!    a token above T completed, or (b) a release of T completed. Either
-//!    way T was no longer L's current grant at any point the write could
-//!    have been applied, and the store must refuse it.
-//! 2. **Acknowledged write lost.** Let W be the acknowledged fenced write
+//! 1. **Stale write accepted.** A fenced write W with token T for lock L
+//!    to key K that completed `ok` must not have been invoked after
+//!    (a) a grant of L with a token above T had completed — from then on T
+//!    is never L's current grant, and the store accepts only the current
+//!    grant (this covers the write's own grant, should the acknowledged
+//!    token be below it);
+//!    (b) a fenced write to K with a token above T had been acknowledged —
+//!    the store keeps the highest token written to a key and refuses any
+//!    write below it;
+//!    (c) the release of T on L had completed.
+//!    The violation names W, T, and the grant, earlier write or release
+//!    that W's token is stale against (every one that applies).
+//! 2. **Acknowledged write lost.** Let P be the acknowledged fenced write
 //!    with the highest token among those to key K that completed before a
 //!    read R of K was invoked. The store never lowers a key's token, so R
-//!    must return a value written with a token of at least W's: R may not
+//!    must return a value written with a token of at least P's: R may not
 //!    return "absent", nor a value that only writes with lower tokens wrote.
 //!    (Reads of values that an unfenced write or a `cas` could have written
 //!    are skipped: their token is not known. A read of a value nobody wrote
@@ -25,12 +34,26 @@
 //!    value to the same key mean two holders both read V and both writes
 //!    were accepted: one increment is lost. This rule assumes that workload
 //!    (values never legitimately repeat on a fenced key).
+//! 4. **Acknowledgement disagrees with its write.** An `ok` completion of a
+//!    fenced write that carries `value`, `token` or `lock` must carry what
+//!    the invoke sent: the store acknowledged something other than the
+//!    write, or the record is wrong; either way the history cannot be
+//!    called valid.
+//!
+//! # Not done yet
+//! - A fenced write without `lock` is checked by rule 1(b) only; the lock
+//!   could be found from its token (tokens are unique), but the harness
+//!   always records `lock`.
+//! - Rule 1(a) looks at lock grants only; a write fenced by an election's
+//!   leadership token is checked by 1(b) and 1(c) alone.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::calls::{field, field_u64, in_history_order, Call, Outcome, Paired, Unreadable};
+use super::calls::{
+    field, field_u64, in_history_order, write_token, Call, Outcome, Paired, Unreadable,
+};
 use super::register::unwrap_value;
 use super::tokens::{grants, Grant};
 use super::violations::{self, Violation};
@@ -58,11 +81,12 @@ pub fn check(paired: &Paired<'_>) -> Option<CheckerResult> {
         .filter(|write| write.call.outcome() == Outcome::Ok)
         .copied()
         .collect();
-    let mut violations = stale_writes(paired, &acknowledged, &mut unreadable);
     let mut keys: BTreeMap<&str, Vec<FencedWrite<'_>>> = BTreeMap::new();
     for write in &acknowledged {
         keys.entry(write.key).or_default().push(*write);
     }
+    let mut violations = stale_writes(paired, &acknowledged, &keys, &mut unreadable);
+    violations.extend(acknowledged.iter().filter_map(disagreement));
     let mut key_calls: HashMap<&str, Vec<&Call<'_>>> = HashMap::new();
     for call in &paired.calls {
         let key = call.key().unwrap_or("");
@@ -92,14 +116,15 @@ pub fn check(paired: &Paired<'_>) -> Option<CheckerResult> {
 fn fenced_writes<'a>(calls: &'a [Call<'a>], unreadable: &mut Unreadable) -> Vec<FencedWrite<'a>> {
     let mut writes = Vec::new();
     for call in calls.iter().filter(|call| call.f() == "write") {
-        let input = &call.invoke.value;
-        if field(input, "token").is_none() {
-            continue;
-        }
-        let Some(token) = field_u64(input, "token") else {
-            unreadable.note(call.invoke, "token is not an unsigned integer");
-            continue;
+        let token = match write_token(call) {
+            Ok(Some(token)) => token,
+            Ok(None) => continue,
+            Err(why) => {
+                unreadable.note(call.invoke, why);
+                continue;
+            }
         };
+        let input = &call.invoke.value;
         writes.push(FencedWrite {
             call,
             key: call.key().unwrap_or(""),
@@ -111,55 +136,189 @@ fn fenced_writes<'a>(calls: &'a [Call<'a>], unreadable: &mut Unreadable) -> Vec<
     writes
 }
 
-/// Rule 1.
-fn stale_writes(
-    paired: &Paired<'_>,
-    acknowledged: &[FencedWrite<'_>],
-    unreadable: &mut Unreadable,
-) -> Vec<Violation> {
-    let lock_grants: Vec<Grant<'_>> = grants(&paired.calls, unreadable)
-        .into_iter()
-        .filter(|grant| grant.namespace == "lock")
-        .collect();
-    let mut releases: HashMap<(&str, u64), &Call<'_>> = HashMap::new();
-    for call in &paired.calls {
-        let token = field_u64(&call.invoke.value, "token");
-        if let (Some(token), "release", Outcome::Ok) = (token, call.f(), call.outcome()) {
-            releases
-                .entry((call.key().unwrap_or(""), token))
-                .or_insert(call);
+/// The highest-token item among those that completed before a given
+/// history position: items in completion order with a running maximum.
+struct Highest<T> {
+    completed_at: Vec<u64>,
+    highest: Vec<(u64, T)>,
+}
+
+impl<T: Copy> Highest<T> {
+    /// `items`: (completion position, token, item).
+    fn new(mut items: Vec<(u64, u64, T)>) -> Highest<T> {
+        items.sort_by_key(|&(at, _, _)| at);
+        let mut highest: Vec<(u64, T)> = Vec::with_capacity(items.len());
+        for &(_, token, item) in &items {
+            let next = match highest.last() {
+                Some(&(high, held)) if high >= token => (high, held),
+                _ => (token, item),
+            };
+            highest.push(next);
+        }
+        Highest {
+            completed_at: items.iter().map(|&(at, _, _)| at).collect(),
+            highest,
         }
     }
+
+    /// The highest token completed before position `at`, and its item.
+    fn before(&self, at: u64) -> Option<(u64, T)> {
+        let done = self
+            .completed_at
+            .partition_point(|&completed| completed < at);
+        done.checked_sub(1).map(|i| self.highest[i])
+    }
+}
+
+/// What a stale write is judged against: grants by lock, acknowledged
+/// writes by key, completed releases by (lock, token).
+struct Stale<'a> {
+    grants: HashMap<&'a str, Highest<Grant<'a>>>,
+    writes: HashMap<&'a str, Highest<FencedWrite<'a>>>,
+    releases: HashMap<(&'a str, u64), &'a Call<'a>>,
+}
+
+impl<'a> Stale<'a> {
+    fn new(
+        paired: &'a Paired<'a>,
+        keys: &BTreeMap<&'a str, Vec<FencedWrite<'a>>>,
+        unreadable: &mut Unreadable,
+    ) -> Stale<'a> {
+        let mut by_lock: HashMap<&str, Vec<(u64, u64, Grant<'_>)>> = HashMap::new();
+        for grant in grants(&paired.calls, unreadable) {
+            if let (Some(at), "lock") = (grant.call.complete_at, grant.namespace) {
+                by_lock
+                    .entry(grant.name)
+                    .or_default()
+                    .push((at, grant.token, grant));
+            }
+        }
+        let writes = keys.iter().map(|(&key, writes)| {
+            let completed = writes.iter().filter_map(|write| {
+                let at = write.call.complete_at?;
+                Some((at, write.token, *write))
+            });
+            (key, Highest::new(completed.collect()))
+        });
+        let mut releases = HashMap::new();
+        for call in &paired.calls {
+            let token = field_u64(&call.invoke.value, "token");
+            if let (Some(token), "release", Outcome::Ok) = (token, call.f(), call.outcome()) {
+                releases
+                    .entry((call.key().unwrap_or(""), token))
+                    .or_insert(call);
+            }
+        }
+        Stale {
+            grants: by_lock
+                .into_iter()
+                .map(|(lock, grants)| (lock, Highest::new(grants)))
+                .collect(),
+            writes: writes.collect(),
+            releases,
+        }
+    }
+
+    /// Rule 1 for one acknowledged write: why its token was stale when it
+    /// was invoked (one line per reason), and the ops that show it.
+    fn reasons(&self, write: &FencedWrite<'a>) -> (Vec<String>, Vec<&'a Call<'a>>) {
+        let at = write.call.invoke_at;
+        let (mut reasons, mut ops) = (Vec::new(), Vec::new());
+        let lock_grants = write.lock.and_then(|lock| self.grants.get(lock));
+        if let Some((_, grant)) = lock_grants
+            .and_then(|grants| grants.before(at))
+            .filter(|&(token, _)| token > write.token)
+        {
+            reasons.push(format!(
+                "below the token of grant {}, which had completed before it was invoked",
+                grant.describe()
+            ));
+            ops.push(grant.call);
+        }
+        if let Some((token, earlier)) = self
+            .writes
+            .get(write.key)
+            .and_then(|writes| writes.before(at))
+            .filter(|&(token, _)| token > write.token)
+        {
+            reasons.push(format!(
+                "below token {token} of write op {} to the same key, which had been acknowledged before it was invoked",
+                earlier.call.invoke.index
+            ));
+            ops.push(earlier.call);
+        }
+        let release = write
+            .lock
+            .and_then(|lock| self.releases.get(&(lock, write.token)))
+            .filter(|release| release.complete_at < Some(at));
+        if let Some(release) = release {
+            reasons.push(format!(
+                "invoked after its grant was released by op {}",
+                release.invoke.index
+            ));
+            ops.push(release);
+        }
+        (reasons, ops)
+    }
+}
+
+/// Rule 1.
+fn stale_writes<'a>(
+    paired: &'a Paired<'a>,
+    acknowledged: &[FencedWrite<'a>],
+    keys: &BTreeMap<&'a str, Vec<FencedWrite<'a>>>,
+    unreadable: &mut Unreadable,
+) -> Vec<Violation> {
+    let stale = Stale::new(paired, keys, unreadable);
     let mut violations = Vec::new();
     for write in acknowledged {
-        let Some(lock) = write.lock else { continue };
-        let before = |call: &Call<'_>| call.complete_at < Some(write.call.invoke_at);
-        let newer = lock_grants
-            .iter()
-            .find(|grant| grant.name == lock && grant.token > write.token && before(grant.call));
-        let released = releases
-            .get(&(lock, write.token))
-            .filter(|call| before(call));
-        let (why, call) = match (newer, released) {
-            (Some(grant), _) => (format!("after {} completed", grant.describe()), grant.call),
-            (None, Some(release)) => (
-                format!(
-                    "after its grant was released by op {}",
-                    release.invoke.index
-                ),
-                *release,
-            ),
-            (None, None) => continue,
-        };
+        let (reasons, mut ops) = stale.reasons(write);
+        if reasons.is_empty() {
+            continue;
+        }
+        let lock = write
+            .lock
+            .map_or("?".to_string(), |lock| format!("{lock:?}"));
+        ops.push(write.call);
         violations.push(Violation {
             message: format!(
-                "stale write accepted: op {} wrote key {:?} with token {} of lock {lock:?}, invoked {why}",
-                write.call.invoke.index, write.key, write.token
+                "stale write accepted: op {} wrote key {:?} with token {} of lock {lock}: {}",
+                write.call.invoke.index,
+                write.key,
+                write.token,
+                reasons.join("; ")
             ),
-            ops: in_history_order(&[call, write.call], &[]),
+            ops: in_history_order(&ops, &[]),
         });
     }
     violations
+}
+
+/// Rule 4 for one acknowledged write.
+fn disagreement(write: &FencedWrite<'_>) -> Option<Violation> {
+    let completion = write.call.completion?;
+    let sent = &write.call.invoke.value;
+    let differs: Vec<String> = ["value", "token", "lock"]
+        .into_iter()
+        .filter_map(|name| {
+            let acknowledged = field(&completion.value, name)?;
+            let original = field(sent, name).unwrap_or(&Value::Null);
+            (acknowledged != original).then(|| format!("{name} {acknowledged} (sent {original})"))
+        })
+        .collect();
+    if differs.is_empty() {
+        return None;
+    }
+    Some(Violation {
+        message: format!(
+            "acknowledgement disagrees with its write: op {} acknowledged write op {} to key {:?} with {}",
+            completion.index,
+            write.call.invoke.index,
+            write.key,
+            differs.join(", ")
+        ),
+        ops: in_history_order(&[write.call], &[]),
+    })
 }
 
 /// Rule 2 for one key: `calls` are all its calls, `writes` its
@@ -171,24 +330,17 @@ fn lost_writes(key: &str, calls: &[&Call<'_>], writes: &[FencedWrite<'_>]) -> Ve
             writers.entry(value.to_string()).or_default().push(call);
         }
     }
-    // The highest-token acknowledged write among those completed so far.
-    let mut by_completion: Vec<&FencedWrite<'_>> = writes.iter().collect();
-    by_completion.sort_by_key(|write| write.call.complete_at);
-    let mut highest_so_far: Vec<&FencedWrite<'_>> = Vec::with_capacity(by_completion.len());
-    for write in by_completion {
-        let highest = match highest_so_far.last() {
-            Some(high) if high.token >= write.token => *high,
-            _ => write,
-        };
-        highest_so_far.push(highest);
-    }
+    let completed = writes.iter().filter_map(|write| {
+        let at = write.call.complete_at?;
+        Some((at, write.token, write))
+    });
+    let highest = Highest::new(completed.collect());
     let mut violations = Vec::new();
     for read in calls
         .iter()
         .filter(|c| c.f() == "read" && c.outcome() == Outcome::Ok)
     {
-        let done = highest_so_far.partition_point(|w| w.call.complete_at < Some(read.invoke_at));
-        let Some(highest) = done.checked_sub(1).map(|i| highest_so_far[i]) else {
+        let Some((_, highest)) = highest.before(read.invoke_at) else {
             continue;
         };
         let value = unwrap_value(read.completion.map_or(&Value::Null, |op| &op.value));
@@ -202,10 +354,8 @@ fn lost_writes(key: &str, calls: &[&Call<'_>], writes: &[FencedWrite<'_>]) -> Ve
         if !value.is_null() && candidates.is_empty() {
             continue; // nobody wrote it: fenced-registers reports that
         }
-        let tokens: Option<Vec<u64>> = candidates
-            .iter()
-            .map(|call| field_u64(&call.invoke.value, "token"))
-            .collect();
+        let token_of = |call: &Call<'_>| write_token(call).ok().flatten();
+        let tokens: Option<Vec<u64>> = candidates.iter().map(|call| token_of(call)).collect();
         // `None`: an unfenced write or a cas could have written it.
         let Some(best) = tokens.map(|tokens| tokens.into_iter().max()) else {
             continue;
@@ -214,11 +364,7 @@ fn lost_writes(key: &str, calls: &[&Call<'_>], writes: &[FencedWrite<'_>]) -> Ve
             continue;
         }
         let mut witness = vec![highest.call, *read];
-        witness.extend(
-            candidates
-                .iter()
-                .max_by_key(|c| field_u64(&c.invoke.value, "token")),
-        );
+        witness.extend(candidates.iter().max_by_key(|call| token_of(call)));
         violations.push(Violation {
             message: format!(
                 "acknowledged write lost: read op {} of key {key:?} returned {value}, \
@@ -262,4 +408,22 @@ fn repeated_values(key: &str, writes: &[FencedWrite<'_>]) -> Vec<Violation> {
         }
     }
     violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn highest_before_counts_only_what_completed_before_the_position() {
+        let highest = Highest::new(vec![(5, 3, 'a'), (2, 7, 'b'), (9, 8, 'c')]);
+        assert_eq!(highest.before(2), None, "nothing completed before 2");
+        assert_eq!(highest.before(3), Some((7, 'b')));
+        assert_eq!(
+            highest.before(9),
+            Some((7, 'b')),
+            "a lower token does not win"
+        );
+        assert_eq!(highest.before(10), Some((8, 'c')));
+    }
 }

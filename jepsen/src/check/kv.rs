@@ -50,7 +50,7 @@ impl Model for KvModel {
     /// `get` of G after appends can match a start S only when S is G
     /// itself, or a prefix of G followed by the value of an append of
     /// `ops`. Every other start is like one no get can match (it holds a
-    /// NUL, which no value here has). `None` past [`MAX_KV_ANY_STATES`].
+    /// NUL, which no value here has). `None` past `MAX_KV_ANY_STATES` (64).
     fn any_state(&self, ops: &[Timed<KvOp>]) -> Option<Vec<String>> {
         let appends: Vec<&str> = ops
             .iter()

@@ -5,7 +5,7 @@
 //! sub-history of each object is. So each register key, KV key or lock is
 //! searched on its own, smallest first, under one shared deadline, and the
 //! first object that fails is shrunk to a witness
-//! ([`witness`](super::witness)).
+//! ([`witness`]).
 
 use std::time::{Duration, Instant};
 

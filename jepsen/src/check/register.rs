@@ -10,7 +10,9 @@
 //!   and is left out. In the **fenced** model a write carrying token `T` is
 //!   legal only when `T` is not lower than the stored token, and stores
 //!   `T`; an unfenced write keeps the stored token (latchkey's store does
-//!   the same, `docs/semantics.md`, invariant 3);
+//!   the same, `docs/semantics.md`, invariant 3). `T` is what the write's
+//!   invoke and completion carry ([`super::calls::write_token`]: the
+//!   lower, should they disagree);
 //! - `cas {from, to}` ok or unknown → legal when the value equals `from`,
 //!   and sets `to`; `fail` → the comparison did not hold: the value was not
 //!   `from` (the history format's definition, and Porcupine's etcd model).
@@ -30,7 +32,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::calls::{by_key, field, Call, Interner, Outcome};
+use super::calls::{by_key, field, write_token, Call, Interner, Outcome};
 use super::linearizable::{self, Spec};
 use super::search::{Model, Timed};
 use super::{CheckOptions, CheckerResult};
@@ -192,12 +194,7 @@ fn register_op(
         ("read", _) | ("write", Outcome::Fail) => return Ok(None),
         ("write", _) => {
             let value = value_id(unwrap_value(input), interner).ok_or("write without a value")?;
-            let token = match field(input, "token") {
-                Some(token) if fenced => {
-                    Some(token.as_u64().ok_or("token is not an unsigned integer")?)
-                }
-                _ => None,
-            };
+            let token = if fenced { write_token(call)? } else { None };
             RegisterOp::Write { value, token }
         }
         ("cas", outcome) => {

@@ -27,8 +27,9 @@
 //!   was not `from`; when the revision moved, it reads again (a bounded
 //!   number of times), and any other error makes the cas `info`.
 //! - `election` (module `election`): candidates `campaign` with a lease
-//!   (reused until lost), `proclaim`, `resign`; observer slots record
-//!   `observe` events.
+//!   (reused until lost), `proclaim`, `resign`, and record `hold-lost`
+//!   when a leadership's lease is lost; observer slots record `observe`
+//!   events.
 //! - `lease` (module `lease`): `grant`, `keepalive`, `revoke` by lease id,
 //!   and expiry.
 //!
@@ -427,18 +428,35 @@ async fn release(
 /// Records `hold-lost` the moment the guard's lease is reported lost. The
 /// caller aborts the watcher once the hold is over (its lease lives on for
 /// later holds, whose loss is theirs to report).
+fn watch_hold(guard: &LockGuard, run_start_monotonic_ns: u64) -> tokio::task::JoinHandle<()> {
+    let value = json!({"token": guard.token().0, "lease": guard.lease().id().0});
+    let key = guard.name().to_string();
+    watch_lost(
+        guard.lost(),
+        guard.lease(),
+        key,
+        value,
+        run_start_monotonic_ns,
+    )
+}
+
+/// Records a `hold-lost` event with `value` under `key` once `lost`
+/// completes: the shared half of [`watch_hold`] and the election worker's
+/// leadership watcher.
 ///
 /// A stopped process notices late, so when the local deadline is what
 /// passed, the value also carries `deadline`: the history time (ns) at
 /// which it fell, from the CLOCK_MONOTONIC time the harness shares.
-fn watch_hold(guard: &LockGuard, run_start_monotonic_ns: u64) -> tokio::task::JoinHandle<()> {
-    let lost = guard.lost();
-    let lease = guard.lease().clone();
-    let lock = guard.name().to_string();
-    let token = guard.token().0;
+pub(super) fn watch_lost(
+    lost: impl std::future::Future<Output = LeaseLost> + Send + 'static,
+    lease: &Lease,
+    key: String,
+    mut value: Value,
+    run_start_monotonic_ns: u64,
+) -> tokio::task::JoinHandle<()> {
+    let lease = lease.clone();
     tokio::spawn(async move {
         let reason = lost.await;
-        let mut value = json!({"token": token, "lease": lease.id().0});
         if reason == LeaseLost::DeadlinePassed {
             let passed_for =
                 tokio::time::Instant::now().saturating_duration_since(lease.deadline());
@@ -449,7 +467,7 @@ fn watch_hold(guard: &LockGuard, run_start_monotonic_ns: u64) -> tokio::task::Jo
         }
         send(&FromWorker::Event {
             f: "hold-lost".into(),
-            key: Some(lock),
+            key: Some(key),
             value,
         });
     })

@@ -9,6 +9,14 @@
 //! would leave the checkers believing that lease still leads, so a later
 //! campaign by it would look like a second leadership held at once.
 //!
+//! While it leads, a candidate records `hold-lost` the moment its client
+//! reports the leadership's lease lost, as the lock worker does for a held
+//! lock: key = the election, value `{"token", "lease", "deadline"?,
+//! "namespace": "election"}`, where `deadline` is the history time at which
+//! the client's local deadline fell (a stopped candidate notices late). The
+//! watcher stops once the leadership's `resign` is recorded. This is what
+//! lets `lease-overlap` judge leaderships by the clock.
+//!
 //! An observer follows [`latchkey_client::Election::observe`] and records
 //! each change as an `observe` info event; when the stream gives up it
 //! opens a new one after [`OBSERVE_RESTART`].
@@ -21,7 +29,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::{grant, send, think, Finished, FromWorker, Link, Outcome, WorkerSpec, ACQUIRE_WAIT};
+use super::{
+    grant, send, think, watch_lost, Finished, FromWorker, Link, Outcome, WorkerSpec, ACQUIRE_WAIT,
+};
 
 /// Most `proclaim`s of one leadership.
 const PROCLAIMS_MAX: u32 = 3;
@@ -55,8 +65,10 @@ pub(super) async fn election(
         let Some(leadership) = campaign(spec, client, link, &current, values.next()).await? else {
             continue;
         };
+        let watcher = watch_leadership(spec, &leadership);
         let lead = lead(spec, link, rng, &leadership, &mut values).await;
         let resigned = resign(spec, link, leadership).await;
+        watcher.abort();
         lead?;
         resigned?;
     }
@@ -147,6 +159,22 @@ async fn resign(
     };
     link.complete("resign", key, outcome);
     Ok(())
+}
+
+/// Records `hold-lost` (see the module docs) when `leadership`'s lease is
+/// lost; the caller aborts the watcher once the leadership is over.
+fn watch_leadership(spec: &WorkerSpec, leadership: &Leadership) -> tokio::task::JoinHandle<()> {
+    let lease = leadership.lease();
+    let value =
+        json!({"token": leadership.token().0, "lease": lease.id().0, "namespace": "election"});
+    let key = spec.election.clone();
+    watch_lost(
+        leadership.lost(),
+        lease,
+        key,
+        value,
+        spec.run_start_monotonic_ns,
+    )
 }
 
 /// Records every change the observe stream shows until asked to finish.
