@@ -93,6 +93,10 @@ pub enum RequestError {
     /// The request would leave the cluster without a quorum that answers.
     #[error("{0}")]
     NoQuorum(String),
+    /// The cluster was restored from a backup and is raising its token
+    /// floor; retry shortly.
+    #[error("the cluster is completing a restore (raising its token floor); retry shortly")]
+    Restoring,
 }
 
 impl From<crate::membership::Refusal> for RequestError {

@@ -47,6 +47,7 @@
 //! - `reads.rs`: ReadIndex contexts, pending reads and their resends.
 //! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
 //! - `sessions.rs`: expiry of idle exactly-once sessions.
+//! - `restore.rs`: a restored cluster raises its token floor first.
 //! - `membership.rs`: conf changes (proposed after `crate::membership`'s
 //!   checks, applied with the member table), peers, leader transfer.
 //! - `options.rs`: [`NodeOptions`] and the clocks.
@@ -82,6 +83,7 @@ mod leases;
 mod membership;
 mod options;
 mod reads;
+mod restore;
 mod sessions;
 
 pub use leases::{HeldGrant, KeepAliveAnswer};
@@ -372,6 +374,8 @@ pub struct Node {
     removed: bool,
     /// When each peer's last message arrived (for "answers now").
     last_heard: HashMap<NodeId, std::time::Instant>,
+    /// When this leader last proposed a restored cluster's token floor.
+    floor_proposed_at: Option<std::time::Instant>,
     unsafe_switches: UnsafeSwitches,
     tick_interval: Duration,
     compact_log_after_entries: u64,
@@ -470,6 +474,7 @@ impl Node {
             members_changed: false,
             removed: false,
             last_heard: HashMap::new(),
+            floor_proposed_at: None,
             unsafe_switches: switches.clone(),
             tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
             compact_log_after_entries: config.compact_log_after_entries,
@@ -551,6 +556,7 @@ impl Node {
         self.tend_reads(false);
         self.refuse_unconfirmed();
         self.expire_idle_sessions();
+        self.raise_token_floor_if_pending();
     }
 
     fn drain_inbox(&mut self, most: usize) {
@@ -636,6 +642,10 @@ impl Node {
     fn propose(&mut self, command: Command, reply: ProposalReply) {
         if self.raw.raft.state != StateRole::Leader {
             let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if !self.proposal_allowed(&command) {
+            let _ = reply.send(Err(RequestError::Restoring));
             return;
         }
         let request_id = self.take_request_id();

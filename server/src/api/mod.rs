@@ -266,7 +266,7 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
             }
             status
         }
-        RequestError::LeadershipLost | RequestError::ShuttingDown => {
+        RequestError::LeadershipLost | RequestError::ShuttingDown | RequestError::Restoring => {
             Status::unavailable(error.to_string())
         }
         RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),

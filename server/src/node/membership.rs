@@ -243,7 +243,7 @@ impl Node {
         for id in &current {
             self.members
                 .entry(NodeId(*id))
-                .or_insert_with(MemberInfo::default);
+                .or_default();
         }
         Ok(())
     }

@@ -97,9 +97,11 @@ impl RaftLog {
                 index: BOOTSTRAP_INDEX,
                 term: BOOTSTRAP_TERM,
             };
-            let mut hard_state = HardState::default();
-            hard_state.term = BOOTSTRAP_TERM;
-            hard_state.commit = BOOTSTRAP_INDEX;
+            let hard_state = HardState {
+                term: BOOTSTRAP_TERM,
+                commit: BOOTSTRAP_INDEX,
+                ..HardState::default()
+            };
             batch.put(
                 CF_RAFT_STATE,
                 raft_state::HARD_STATE,
