@@ -10,22 +10,26 @@
 //!
 //! - the **durable** tables: what is on the platter for sure;
 //! - the **unsynced log**: every batch written since the last synced one,
-//!   each as a checksummed record (`length ‖ crc32 ‖ ops`, big-endian
-//!   lengths), oldest first — what sits in the OS page cache;
+//!   oldest first — what sits in the OS page cache. On disk it would be a
+//!   sequence of checksummed records (`length ‖ crc32 ‖ ops`, big-endian
+//!   lengths); the disk keeps the batches as they are and lays them out as
+//!   those bytes only when the power fails, since only then do the bytes
+//!   matter;
 //! - while an engine is open, the **live** tables: durable plus the
 //!   unsynced log, which is what reads see.
 //!
-//! A write goes to the live tables and, unless it is synced, appends its
-//! record to the unsynced log. A synced write (or [`super::Engine::flush`],
+//! A write goes to the live tables and appends its batch to the unsynced
+//! log. A synced write (or [`super::Engine::flush`],
 //! which in RocksDB writes table files) folds the whole log into the durable
 //! tables: like an fsync of RocksDB's write-ahead log, it makes every earlier
 //! write durable too.
 //!
 //! Dropping the last clone of an engine is a process exit: nothing is lost,
 //! the page cache still holds the unsynced log, and the next open replays it.
-//! [`MemoryDisk::lose_power`] is a machine failure: only a prefix of the
-//! unsynced log reaches the disk, and the record the cut falls into may be
-//! **torn** (its remaining bytes garbage). Opening replays the log record by
+//! [`MemoryDisk::lose_power`] is a machine failure: the unsynced log is
+//! laid out as records, only a prefix of those bytes reaches the disk, and
+//! the record the cut falls into may be **torn** (its remaining bytes
+//! garbage). Opening replays what reached the disk record by
 //! record, checking lengths and checksums, and stops at the first record
 //! that is incomplete or fails its checksum, dropping it and everything
 //! after it — what RocksDB does with a torn write-ahead-log tail under
@@ -109,7 +113,13 @@ pub struct MemoryDisk {
 #[derive(Default)]
 struct DiskState {
     durable: Tables,
-    unsynced: Vec<u8>,
+    /// Batches written since the last synced one, oldest first.
+    unsynced: Vec<Vec<Op>>,
+    /// Their size as records, in bytes.
+    unsynced_bytes: usize,
+    /// What survived a power loss, as record bytes, until the next open
+    /// replays it.
+    surviving: Vec<u8>,
     live: Option<Tables>,
     /// Bumped at each open and power loss; an engine of an older
     /// generation is closed.
@@ -123,9 +133,9 @@ impl MemoryDisk {
         MemoryDisk::default()
     }
 
-    /// Bytes written since the last synced write.
+    /// Bytes written since the last synced write, as records.
     pub fn unsynced_bytes(&self) -> usize {
-        self.state.lock().unsynced.len()
+        self.state.lock().unsynced_bytes
     }
 
     /// How many torn records opens have dropped so far.
@@ -142,6 +152,8 @@ impl MemoryDisk {
             state: Arc::new(Mutex::new(DiskState {
                 durable: state.durable.clone(),
                 unsynced: state.unsynced.clone(),
+                unsynced_bytes: state.unsynced_bytes,
+                surviving: state.surviving.clone(),
                 live: None,
                 generation: 0,
                 torn_records_dropped: state.torn_records_dropped,
@@ -155,15 +167,27 @@ impl MemoryDisk {
         let mut state = self.state.lock();
         state.generation += 1;
         state.live = None;
-        let cut = loss.kept_bytes.min(state.unsynced.len());
+        if state.unsynced.is_empty() {
+            return;
+        }
+        // Writes need an open engine, and opening replays what survived
+        // an earlier power loss.
+        assert!(state.surviving.is_empty(), "an open consumed the last loss");
+        let mut log = Vec::with_capacity(state.unsynced_bytes);
+        for ops in std::mem::take(&mut state.unsynced) {
+            encode_record(&mut log, &ops);
+        }
+        state.unsynced_bytes = 0;
+        let cut = loss.kept_bytes.min(log.len());
         match loss.torn_fill {
             Some(fill) => {
-                let end = record_end_at(&state.unsynced, cut);
-                state.unsynced.truncate(end);
-                state.unsynced[cut..].fill(fill);
+                let end = record_end_at(&log, cut);
+                log.truncate(end);
+                log[cut..].fill(fill);
             }
-            None => state.unsynced.truncate(cut),
+            None => log.truncate(cut),
         }
+        state.surviving = log;
     }
 }
 
@@ -202,11 +226,16 @@ impl MemoryEngine {
                 "another engine holds it open",
             ));
         }
-        let mut live = state.durable.clone();
-        let replayed = replay(&state.unsynced, &mut live)?;
-        if replayed < state.unsynced.len() {
+        // What survived a power loss reached the disk; it becomes durable
+        // once replayed (RocksDB recovers a WAL into table files).
+        let surviving = std::mem::take(&mut state.surviving);
+        let replayed = replay(&surviving, &mut state.durable)?;
+        if replayed < surviving.len() {
             state.torn_records_dropped += 1;
-            state.unsynced.truncate(replayed);
+        }
+        let mut live = state.durable.clone();
+        for ops in &state.unsynced {
+            apply(&mut live, ops);
         }
         state.live = Some(live);
         state.generation += 1;
@@ -247,24 +276,23 @@ impl MemoryEngine {
 
     /// Applies `ops` atomically; `sync` makes them, and every earlier
     /// write, durable.
-    pub fn write(&self, ops: &[Op], sync: bool) -> Result<(), FatalError> {
+    pub fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), FatalError> {
         let mut state = self.disk.state.lock();
-        let DiskState {
-            live,
-            generation,
-            unsynced,
-            durable,
-            ..
-        } = &mut *state;
-        let Some(live) = live.as_mut().filter(|_| *generation == self.generation) else {
+        let state = &mut *state;
+        let Some(live) = state
+            .live
+            .as_mut()
+            .filter(|_| state.generation == self.generation)
+        else {
             return Err(closed());
         };
-        apply(live, ops);
+        apply(live, &ops);
         if !ops.is_empty() {
-            encode_record(unsynced, ops);
+            state.unsynced_bytes += record_len(&ops);
+            state.unsynced.push(ops);
         }
-        if sync || unsynced.len() > WRITEBACK_BYTES {
-            fold(unsynced, durable)?;
+        if sync || state.unsynced_bytes > WRITEBACK_BYTES {
+            fold(state);
         }
         Ok(())
     }
@@ -275,10 +303,8 @@ impl MemoryEngine {
         if state.generation != self.generation || state.live.is_none() {
             return Err(closed());
         }
-        let DiskState {
-            unsynced, durable, ..
-        } = &mut *state;
-        fold(unsynced, durable)
+        fold(&mut state);
+        Ok(())
     }
 }
 
@@ -298,16 +324,12 @@ fn closed() -> FatalError {
     )
 }
 
-/// Applies every record of `unsynced` to `durable` and empties it.
-fn fold(unsynced: &mut Vec<u8>, durable: &mut Tables) -> Result<(), FatalError> {
-    let replayed = replay(unsynced, durable)?;
-    assert_eq!(
-        replayed,
-        unsynced.len(),
-        "the unsynced log of a running engine holds only whole records"
-    );
-    unsynced.clear();
-    Ok(())
+/// Makes the unsynced log durable.
+fn fold(state: &mut DiskState) {
+    for ops in std::mem::take(&mut state.unsynced) {
+        apply_owned(&mut state.durable, ops);
+    }
+    state.unsynced_bytes = 0;
 }
 
 /// Applies the records of `log` in order, stopping at the first one that
@@ -319,7 +341,7 @@ fn replay(log: &[u8], tables: &mut Tables) -> Result<usize, FatalError> {
         let Some(payload) = valid_record(&log[at..]) else {
             break;
         };
-        apply(tables, &decode_ops(payload)?);
+        apply_owned(tables, decode_ops(payload)?);
         at += RECORD_HEADER + payload.len();
     }
     Ok(at)
@@ -343,18 +365,43 @@ fn apply(tables: &mut Tables, ops: &[Op]) {
             Op::Delete { cf, key } => {
                 tables[*cf].remove(key);
             }
-            Op::DeleteRange { cf, from, to } => {
-                let table = &mut tables[*cf];
-                let doomed: Vec<Vec<u8>> = table
-                    .range::<[u8], _>((Bound::Included(&from[..]), Bound::Excluded(&to[..])))
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in doomed {
-                    table.remove(&key);
-                }
-            }
+            Op::DeleteRange { cf, from, to } => delete_range(&mut tables[*cf], from, to),
         }
     }
+}
+
+fn apply_owned(tables: &mut Tables, ops: Vec<Op>) {
+    for op in ops {
+        match op {
+            Op::Put { cf, key, value } => {
+                tables[cf].insert(key, value);
+            }
+            Op::Delete { cf, key } => {
+                tables[cf].remove(&key);
+            }
+            Op::DeleteRange { cf, from, to } => delete_range(&mut tables[cf], &from, &to),
+        }
+    }
+}
+
+fn delete_range(table: &mut Table, from: &[u8], to: &[u8]) {
+    let doomed: Vec<Vec<u8>> = table
+        .range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in doomed {
+        table.remove(&key);
+    }
+}
+
+/// The size of `ops` as a record.
+fn record_len(ops: &[Op]) -> usize {
+    let sizes = ops.iter().map(|op| match op {
+        Op::Put { key, value, .. } => 2 + 8 + key.len() + value.len(),
+        Op::Delete { key, .. } => 2 + 4 + key.len(),
+        Op::DeleteRange { from, to, .. } => 2 + 8 + from.len() + to.len(),
+    });
+    RECORD_HEADER + sizes.sum::<usize>()
 }
 
 fn encode_record(log: &mut Vec<u8>, ops: &[Op]) {
@@ -378,6 +425,11 @@ fn encode_record(log: &mut Vec<u8>, ops: &[Op]) {
     let crc = crc32fast::hash(payload);
     log[start..start + 4].copy_from_slice(&length.to_be_bytes());
     log[start + 4..start + RECORD_HEADER].copy_from_slice(&crc.to_be_bytes());
+    debug_assert_eq!(
+        log.len() - start,
+        record_len(ops),
+        "record_len matches the encoding"
+    );
 }
 
 fn put_head(log: &mut Vec<u8>, tag: u8, cf: usize, key: &[u8]) {

@@ -67,8 +67,11 @@ const COLUMN_FAMILIES: [&str; 3] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE];
 
 /// Bytes of the checksum that prefixes every stored value.
 const CHECKSUM_LEN: usize = 4;
-/// Records a scan of the memory backend copies out per lock taken.
-const MEMORY_SCAN_CHUNK: usize = 256;
+/// Records a scan of the memory backend copies out per lock taken: the
+/// first chunk is small (most scans read a few log entries), later ones
+/// double up to the largest.
+const MEMORY_SCAN_FIRST_CHUNK: usize = 8;
+const MEMORY_SCAN_LARGEST_CHUNK: usize = 256;
 
 /// The opened database. Cheap to clone; every clone shares one database.
 #[derive(Clone)]
@@ -177,9 +180,11 @@ impl Engine {
         };
         // In chunks, so that `visit` runs without the disk's lock held.
         let mut from = Bound::Included(start.to_vec());
+        let mut size = MEMORY_SCAN_FIRST_CHUNK;
         loop {
-            let chunk = memory.scan(cf_index(cf), as_slice(&from), MEMORY_SCAN_CHUNK)?;
-            let complete = chunk.len() < MEMORY_SCAN_CHUNK;
+            let chunk = memory.scan(cf_index(cf), as_slice(&from), size)?;
+            let complete = chunk.len() < size;
+            size = (size * 2).min(MEMORY_SCAN_LARGEST_CHUNK);
             for (key, raw) in chunk {
                 let payload = unframe(cf, &key, &raw)?;
                 if !visit(&key, payload) {
@@ -248,7 +253,7 @@ impl Engine {
                 db.write_opt(inner, &options)
                     .map_err(|e| FatalError::storage("writing a batch", e))
             }
-            (Backend::Memory(memory), BatchInner::Memory(ops)) => memory.write(&ops, sync),
+            (Backend::Memory(memory), BatchInner::Memory(ops)) => memory.write(ops, sync),
             // `Batch::new` makes the batch for the engine it is given, and
             // the node writes it to that engine.
             _ => unreachable!("a batch written to another kind of engine"),
@@ -309,7 +314,7 @@ impl Engine {
                     key: key.to_vec(),
                     value: raw.to_vec(),
                 };
-                memory.write(&[op], true).expect("raw test write");
+                memory.write(vec![op], true).expect("raw test write");
             }
         }
     }
