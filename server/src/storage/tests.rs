@@ -265,3 +265,38 @@ fn truncated_record_is_corruption_not_a_panic() {
     engine.put_raw_for_test(CF_STATE, b"k/short", b"ab");
     assert!(engine.get(CF_STATE, b"k/short").is_err());
 }
+
+#[test]
+fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
+    let disk = MemoryDisk::new();
+    let engine = Engine::open_memory(&disk).unwrap();
+    let mut log = RaftLog::open(engine, &VOTERS, FatalSlot::default()).unwrap();
+    append(&mut log, &(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
+    // Compaction and the commit index are written without sync.
+    log.compact_to(4).unwrap();
+    let mut batch = Batch::new(log.engine());
+    log.set_commit(&mut batch, 8);
+    log.engine().clone().write(batch, false).unwrap();
+    let unsynced = disk.unsynced_bytes();
+    drop(log);
+    let mut seen_compacted = false;
+    for kept in 0..=unsynced {
+        let copy = disk.clone_for_test();
+        copy.lose_power(PowerLoss {
+            kept_bytes: kept,
+            torn_fill: Some(0x00),
+        });
+        let engine = Engine::open_memory(&copy).unwrap();
+        let log = RaftLog::open(engine, &VOTERS, FatalSlot::default())
+            .unwrap_or_else(|e| panic!("cut at {kept}: {e}"));
+        assert_eq!(
+            log.last_index(),
+            10,
+            "synced entries survive (cut at {kept})"
+        );
+        assert!(log.first_index() == 1 || log.first_index() == 5);
+        seen_compacted |= log.first_index() == 5;
+        assert_eq!(all_entries(&log).len() as u64, 11 - log.first_index());
+    }
+    assert!(seen_compacted, "keeping the whole log keeps the compaction");
+}
