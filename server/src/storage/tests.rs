@@ -270,7 +270,7 @@ fn truncated_record_is_corruption_not_a_panic() {
 fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
     let disk = MemoryDisk::new();
     let engine = Engine::open_memory(&disk).unwrap();
-    let mut log = RaftLog::open(engine, &VOTERS, FatalSlot::default()).unwrap();
+    let mut log = RaftLog::open(engine, &[], &[], FatalSlot::default()).unwrap();
     append(&mut log, &(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
     // Compaction and the commit index are written without sync.
     log.compact_to(4).unwrap();
@@ -287,7 +287,7 @@ fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
             torn_fill: Some(0x00),
         });
         let engine = Engine::open_memory(&copy).unwrap();
-        let log = RaftLog::open(engine, &VOTERS, FatalSlot::default())
+        let log = RaftLog::open(engine, &[], &[], FatalSlot::default())
             .unwrap_or_else(|e| panic!("cut at {kept}: {e}"));
         assert_eq!(
             log.last_index(),
