@@ -42,6 +42,7 @@
 //! - `observe` (private): the leader-change stream that
 //!   survives node loss.
 //! - [`kv`]: the fenced key-value store: `put`, `get`, `delete` builders.
+//! - [`maintenance`]: backups ([`Client::save_snapshot`]).
 //! - [`raw`]: calls by lease id and token ([`Client::raw`]) for scripts
 //!   and tools; nothing is kept alive or released for the caller.
 //! - [`fence`]: [`fence::FenceGate`], the same fencing check for stores
@@ -59,6 +60,7 @@ pub(crate) mod keepalive;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod maintenance;
 pub(crate) mod observe;
 pub mod raw;
 pub(crate) mod retry;

@@ -18,6 +18,7 @@
 //! - [`lease`](mod@lease): `latchkey lease grant|keepalive|revoke|ttl|list`.
 //! - [`member`](mod@member): `latchkey member list|add|promote|remove` and
 //!   `latchkey leader transfer`.
+//! - [`snapshot`](mod@snapshot): `latchkey snapshot save|restore|info`.
 //!
 //! # Design
 //! Each command builds its own single-threaded tokio runtime, sends a few
@@ -64,6 +65,7 @@ pub mod lease;
 pub mod lock;
 pub mod member;
 pub mod session;
+pub mod snapshot;
 pub mod status;
 
 use std::error::Error;
@@ -76,6 +78,7 @@ pub use kv::{KvArgs, KvCommand};
 pub use lease::{LeaseArgs, LeaseCommand};
 pub use lock::{AcquireArgs, LockArgs, ReleaseArgs};
 pub use member::MemberArgs;
+pub use snapshot::SnapshotArgs;
 pub use status::StatusArgs;
 
 /// Success.
@@ -144,6 +147,11 @@ pub fn elect(args: ElectArgs) -> Result<ExitCode, Box<dyn Error>> {
 /// `latchkey leader NAME` or `latchkey leader transfer ID`.
 pub fn leader(args: LeaderCommandArgs) -> Result<ExitCode, Box<dyn Error>> {
     run_client(elect::leader_command(args))
+}
+
+/// `latchkey snapshot save|restore|info`.
+pub fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(snapshot::run(args))
 }
 
 /// `latchkey member list|add|promote|remove`.

@@ -14,6 +14,7 @@
 //!   a membership change must pass.
 //! - [`join`]: `serve --join`, a new node joining a running cluster.
 //! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
+//! - [`restore`]: seeding a new cluster's member from a backup, offline.
 //! - [`transport`]: the peer gRPC service and one outbound stream per peer.
 //! - [`api`]: the client gRPC services.
 //! - [`server`]: wires the pieces together, binds listeners, shuts down.
@@ -32,6 +33,7 @@ pub mod lease_clock;
 pub mod logging;
 pub mod membership;
 pub mod node;
+pub mod restore;
 pub mod server;
 pub mod session_clock;
 pub mod state_machine;

@@ -44,6 +44,8 @@ enum Command {
     Release(cli::ReleaseArgs),
     /// List, add, promote and remove cluster members.
     Member(cli::MemberArgs),
+    /// Save a backup of a running cluster, restore a new cluster from one, or check one.
+    Snapshot(cli::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Acquire(args) => cli::acquire(args),
         Command::Release(args) => cli::release(args),
         Command::Member(args) => cli::member(args),
+        Command::Snapshot(args) => cli::snapshot(args),
     };
     match result {
         Ok(code) => code,

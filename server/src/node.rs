@@ -419,6 +419,7 @@ impl Node {
         if switches.any() {
             tracing::warn!(?switches, "invariants are broken on purpose: test use only");
         }
+        raft_log.set_snapshot_dir(&config.data_dir.join("snapshots"))?;
         let state_machine = StateMachine::open(engine.clone(), switches)?;
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;

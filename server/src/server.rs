@@ -74,6 +74,7 @@ impl RunningServer {
                 session_idle_timeout_ms: config.session_idle_timeout_ms,
                 election_timeout_ms: config.timing.election_timeout_ms(),
             },
+            config.data_dir.join("snapshots"),
             stopping_rx,
         );
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
@@ -85,9 +86,15 @@ impl RunningServer {
             .add_service(api.lock_service())
             .add_service(api.election_service())
             .add_service(api.session_service())
+            .add_service(api.maintenance_service())
             .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone());
         let peer_server = tonic::transport::Server::builder()
-            .add_service(PeerService::new(config.id, handle.clone(), directory))
+            .add_service(PeerService::new(
+                config.id,
+                handle.clone(),
+                directory,
+                config.data_dir.join("snapshots"),
+            ))
             .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone());
         let servers = vec![
             spawn_server("client", client_server),

@@ -573,6 +573,11 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// The engine the reader reads (for backups, which read a snapshot of it).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn new(engine: Engine, coordination: SharedCoordination) -> Reader {
         Reader {
             engine,

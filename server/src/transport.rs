@@ -12,9 +12,11 @@
 //! and Raft's retransmission recovers it; the node never blocks on a slow
 //! peer. A broken stream is reopened with exponential backoff between
 //! [`RECONNECT_BACKOFF_MIN`] and [`RECONNECT_BACKOFF_MAX`], and the node is
-//! told the peer was unreachable so raft-rs falls back to probing. Snapshots
-//! travel inside their Raft message (up to [`MAX_PEER_FRAME_BYTES`]); the
-//! node is told when one was handed to the stream or could not be.
+//! told the peer was unreachable so raft-rs falls back to probing. A
+//! snapshot file is streamed in chunks on a call of its own (`snapshots.rs`)
+//! while the main stream goes on; an inline snapshot (the simulator's)
+//! travels inside its Raft message (up to [`MAX_PEER_FRAME_BYTES`]). The
+//! node is told whether each snapshot got through.
 //!
 //! The set of peers follows the membership: the node calls
 //! [`Transport::set_peers`] at start and after every applied conf change,
@@ -36,7 +38,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use latchkey_proto::peer::v1::peer_client::PeerClient;
 use latchkey_proto::peer::v1::peer_server::{Peer, PeerServer};
-use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame};
+use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame, SnapshotChunk};
+
+mod snapshots;
+
+use std::path::PathBuf;
 
 use crate::config::Config;
 use crate::membership::MemberTable;
@@ -322,6 +328,7 @@ impl PeerLink {
         if frames.send(hello).await.is_err() {
             return std::ops::ControlFlow::Continue(());
         }
+        let snapshot_client = client.clone();
         let call = client.raft(Request::new(ReceiverStream::new(rx)));
         tokio::pin!(call);
         loop {
@@ -334,6 +341,10 @@ impl PeerLink {
                 }
                 message = self.queue.recv() => {
                     let Some(message) = message else { return std::ops::ControlFlow::Break(()) };
+                    if snapshots::is_file_snapshot(&message) {
+                        self.spawn_snapshot(snapshot_client.clone(), message);
+                        continue;
+                    }
                     let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
                     let frame = PeerFrame { frame: Some(peer_frame::Frame::RaftMessage(encode(&message))) };
                     let sent = frames.send(frame).await.is_ok();
@@ -349,6 +360,28 @@ impl PeerLink {
     }
 }
 
+impl PeerLink {
+    /// Streams a snapshot file on a call of its own and tells the node how
+    /// it went; raft-rs sends no other snapshot to this peer meanwhile.
+    fn spawn_snapshot(&self, client: PeerClient<Channel>, message: Message) {
+        let peer = self.peer;
+        let hello = self.hello.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let sent = snapshots::send(client, hello, message).await;
+            if let Err(e) = &sent {
+                tracing::warn!(%peer, "snapshot transfer failed: {e}");
+            }
+            if let Some(node) = node.get() {
+                node.report(NodeMsg::SnapshotSent {
+                    to: peer,
+                    ok: sent.is_ok(),
+                });
+            }
+        });
+    }
+}
+
 fn encode(message: &Message) -> Vec<u8> {
     // raft-rs messages have no required fields, so encoding cannot fail.
     message.write_to_bytes().expect("raft message encodes")
@@ -359,14 +392,22 @@ pub struct PeerService {
     id: NodeId,
     node: NodeHandle,
     directory: PeerDirectory,
+    /// Where received snapshot files are written.
+    snapshot_dir: PathBuf,
 }
 
 impl PeerService {
-    pub fn new(id: NodeId, node: NodeHandle, directory: PeerDirectory) -> PeerServer<PeerService> {
+    pub fn new(
+        id: NodeId,
+        node: NodeHandle,
+        directory: PeerDirectory,
+        snapshot_dir: PathBuf,
+    ) -> PeerServer<PeerService> {
         PeerServer::new(PeerService {
             id,
             node,
             directory,
+            snapshot_dir,
         })
         .max_decoding_message_size(MAX_PEER_FRAME_BYTES)
         .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
@@ -375,6 +416,18 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let stream = request.into_inner();
+        snapshots::receive(stream, &self.snapshot_dir, self.id, &self.node, |hello| {
+            self.accept_hello(hello)
+        })
+        .await?;
+        Ok(Response::new(PeerAck {}))
+    }
+
     async fn raft(
         &self,
         request: Request<Streaming<PeerFrame>>,

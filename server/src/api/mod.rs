@@ -21,11 +21,13 @@
 //! - `lock.rs`: Acquire (waiting FIFO), Release, Describe.
 //! - `election.rs`: Campaign, Proclaim, Leader, Observe, Resign.
 //! - `session.rs`: Open and Close of exactly-once sessions.
+//! - `maintenance.rs`: backups (a snapshot streamed to the client).
 
 mod cluster;
 mod election;
 mod lease;
 mod lock;
+mod maintenance;
 mod session;
 
 use std::future::Future;
@@ -88,6 +90,8 @@ pub struct Api {
     reader: Reader,
     directory: PeerDirectory,
     settings: ApiSettings,
+    /// Where backup files are written before they are streamed.
+    snapshot_dir: std::path::PathBuf,
     /// Turns true when the server stops: long-lived streams (Observe,
     /// KeepAlive) then end with `UNAVAILABLE`, so their clients move to
     /// another node instead of waiting on a node that no longer serves.
@@ -101,6 +105,7 @@ impl Api {
         reader: Reader,
         directory: PeerDirectory,
         settings: ApiSettings,
+        snapshot_dir: std::path::PathBuf,
         stopping: watch::Receiver<bool>,
     ) -> Api {
         Api {
@@ -109,6 +114,7 @@ impl Api {
             reader,
             directory,
             settings,
+            snapshot_dir,
             stopping,
         }
     }
@@ -147,6 +153,12 @@ impl Api {
 
     pub fn session_service(&self) -> latchkey_proto::v1::session_server::SessionServer<Api> {
         latchkey_proto::v1::session_server::SessionServer::new(self.clone())
+    }
+
+    pub fn maintenance_service(
+        &self,
+    ) -> latchkey_proto::v1::maintenance_server::MaintenanceServer<Api> {
+        latchkey_proto::v1::maintenance_server::MaintenanceServer::new(self.clone())
     }
 
     fn status(&self, error: RequestError) -> Status {

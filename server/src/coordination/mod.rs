@@ -154,6 +154,9 @@ pub const MAX_LOCKS_PER_LEASE: usize = 10_000;
 pub const MAX_LOCKS: usize = 1_000_000;
 /// Most live leases.
 pub const MAX_LEASES: usize = 1_000_000;
+/// The least a restore moves the token counter past the restored state's,
+/// whatever the floor proposed (`docs/semantics.md`, Invariant 1).
+pub const RESTORE_TOKEN_STEP: u64 = 1 << 32;
 
 /// The range of lease TTLs apply accepts, inclusive. Must be the same on
 /// every replica.
@@ -292,9 +295,13 @@ impl Coordination {
         self.render(&touched)
     }
 
-    /// The counter jumps to at least `floor`, and grants may be made again.
+    /// The counter jumps to at least `floor`, and at least 2^32 past where
+    /// the restored state left it (so a restore moves tokens up even if the
+    /// leader's wall clock that chose `floor` is behind), and grants may be
+    /// made again.
     fn raise_token_floor(&mut self, floor: FencingToken, fx: &mut Effects) -> Outcome {
-        self.next_token = self.next_token.max(floor);
+        let past_restored = FencingToken(self.next_token.0.saturating_add(RESTORE_TOKEN_STEP));
+        self.next_token = self.next_token.max(floor).max(past_restored);
         self.restore_pending = false;
         fx.touched.insert(Record::NextToken);
         fx.touched.insert(Record::RestorePending);

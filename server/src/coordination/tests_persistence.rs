@@ -453,3 +453,19 @@ fn a_restored_state_grants_nothing_until_its_token_floor_is_raised() {
     assert!(after.token >= floor && after.token > before.token);
     assert_eq!(h.reload(), h.state);
 }
+
+#[test]
+fn a_restore_moves_tokens_up_even_when_the_proposed_floor_is_low() {
+    let mut h = Harness::new();
+    let lease = h.grant_lease();
+    let before = h.lock(Kind::Lock, "a", lease);
+    h.store
+        .insert(RESTORE_PENDING_KEY.to_vec(), encode_restore_pending());
+    h.state = h.reload();
+    // A leader whose wall clock reads 1970 proposes floor 0.
+    h.apply(Op::RaiseTokenFloor {
+        floor: FencingToken(0),
+    });
+    let after = h.lock(Kind::Lock, "b", lease);
+    assert!(after.token.0 > before.token.0 + super::RESTORE_TOKEN_STEP - 1);
+}

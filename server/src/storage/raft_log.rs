@@ -18,6 +18,8 @@
 //! existing cluster bootstraps with no voters at all and waits for that
 //! snapshot.
 
+pub mod snapshots;
+
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -26,7 +28,6 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-use latchkey_proto::state::v1::{SnapshotData, SnapshotRecord};
 
 use super::keys::{self, raft_state};
 use super::{corruption, Batch, Engine, LogPosition, CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE};
@@ -51,8 +52,9 @@ pub struct RaftLog {
     last_index: u64,
     last_term: u64,
     fatal: FatalSlot,
-    /// The last snapshot built for a follower, reused while still current.
-    snapshot_cache: RefCell<Option<Snapshot>>,
+    /// Snapshot files and the last snapshot built for a follower, reused
+    /// while still current (see `snapshots.rs`).
+    snapshots: RefCell<snapshots::Snapshots>,
 }
 
 impl RaftLog {
@@ -77,7 +79,7 @@ impl RaftLog {
             last_index: 0,
             last_term: 0,
             fatal,
-            snapshot_cache: RefCell::new(None),
+            snapshots: RefCell::new(snapshots::Snapshots::default()),
         };
         if conf_state.is_none() {
             log.bootstrap(voters, members)?;
@@ -277,12 +279,9 @@ impl RaftLog {
     /// the leader, in one synced batch.
     pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), FatalError> {
         let meta = snapshot.get_metadata();
-        let data = SnapshotData::decode_from(snapshot.get_data())?;
         let mut batch = Batch::new(&self.engine);
         batch.delete_range(CF_STATE, &[], keys::END);
-        for record in &data.records {
-            batch.put_framed(CF_STATE, &record.key, &record.value)?;
-        }
+        self.snapshot_records(snapshot, &mut batch)?;
         batch.delete_range(CF_RAFT_LOG, &keys::log_entry(0), &keys::log_entry(u64::MAX));
         let truncated = LogPosition {
             index: meta.index,
@@ -372,41 +371,6 @@ impl RaftLog {
         Ok(entries)
     }
 
-    fn build_snapshot(&self, request_index: u64) -> Result<Snapshot, FatalError> {
-        if let Some(cached) = self.snapshot_cache.borrow().as_ref() {
-            if cached.get_metadata().index >= request_index
-                && cached.get_metadata().index >= self.truncated.index
-            {
-                return Ok(cached.clone());
-            }
-        }
-        let records = self.engine.state_records()?;
-        let mut applied = None;
-        let mut conf_state = None;
-        for (key, raw) in &records {
-            if key.as_slice() == keys::APPLIED {
-                applied = Some(super::decode::<LogPosition>(CF_STATE, key, &raw[4..])?);
-            } else if key.as_slice() == keys::CONF_STATE {
-                conf_state = Some(decode_pb::<ConfState>(CF_STATE, key, &raw[4..])?);
-            }
-        }
-        let applied = applied.unwrap_or_default();
-        let mut snapshot = Snapshot::default();
-        let meta = snapshot.mut_metadata();
-        meta.index = applied.index;
-        meta.term = applied.term;
-        meta.set_conf_state(conf_state.unwrap_or_else(|| self.conf_state.clone()));
-        let data = SnapshotData {
-            records: records
-                .into_iter()
-                .map(|(key, value)| SnapshotRecord { key, value })
-                .collect(),
-        };
-        snapshot.set_data(prost::Message::encode_to_vec(&data).into());
-        *self.snapshot_cache.borrow_mut() = Some(snapshot.clone());
-        Ok(snapshot)
-    }
-
     /// Converts a storage failure for raft-rs, remembering the real cause.
     fn fail(&self, err: FatalError) -> raft::Error {
         let message = err.to_string();
@@ -461,29 +425,20 @@ impl raft::Storage for RaftLog {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let snapshot = self
+        let built = self
             .build_snapshot(request_index)
             .map_err(|e| self.fail(e))?;
+        let Some(snapshot) = built.filter(|s| s.get_metadata().index >= request_index) else {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        };
         if snapshot.get_metadata().index < request_index {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
         Ok(snapshot)
-    }
-}
-
-trait DecodeFrom: Sized {
-    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError>;
-}
-
-impl DecodeFrom for SnapshotData {
-    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError> {
-        prost::Message::decode(bytes).map_err(|e| FatalError::Corruption {
-            cf: CF_STATE,
-            key: "<received snapshot>".into(),
-            reason: format!("snapshot does not decode: {e}"),
-        })
     }
 }
 

@@ -216,10 +216,15 @@ impl TestCluster {
 
     /// Waits until node `id` has applied everything up to `index`.
     pub async fn wait_applied(&self, id: NodeId, index: u64) {
+        self.wait_applied_within(id, index, DEADLINE).await
+    }
+
+    /// [`TestCluster::wait_applied`] with a deadline of its own.
+    pub async fn wait_applied_within(&self, id: NodeId, index: u64, deadline: Duration) {
         let start = Instant::now();
         while self.servers[&id].node.status().applied_index < index {
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < deadline,
                 "node {id} stuck at {:?}",
                 self.servers[&id].node.status()
             );
