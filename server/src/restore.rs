@@ -105,7 +105,11 @@ fn write_member(
     batch.put(CF_STATE, keys::MEMBERS, &members);
     batch.put(CF_STATE, RESTORE_PENDING_KEY, &encode_restore_pending());
     batch.put(CF_RAFT_STATE, keys::raft_state::CONF_STATE, &conf_state);
-    batch.put(CF_RAFT_STATE, keys::raft_state::HARD_STATE, &encode(&hard_state)?);
+    batch.put(
+        CF_RAFT_STATE,
+        keys::raft_state::HARD_STATE,
+        &encode(&hard_state)?,
+    );
     batch.put_message(CF_RAFT_STATE, keys::raft_state::TRUNCATED, &position);
     engine.write(batch, true).map_err(|e| e.to_string())?;
     engine.flush().map_err(|e| e.to_string())

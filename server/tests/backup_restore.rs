@@ -65,7 +65,11 @@ fn refused_with_one_line(output: &Output, what: &str) -> String {
         Some(EXIT_FAILED),
         "{what} is refused: {stderr}"
     );
-    assert_eq!(stderr.lines().count(), 1, "{what}: one line, got {stderr:?}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{what}: one line, got {stderr:?}"
+    );
     stderr
 }
 
@@ -139,7 +143,11 @@ async fn a_restored_cluster_grants_tokens_above_every_token_of_the_old_one() {
         let config =
             Config::with_defaults(*id, data_dir, client, peer.parse().unwrap(), peers.clone());
         client_endpoints.push(client.to_string());
-        servers.push(RunningServer::start(config).await.expect("restored node starts"));
+        servers.push(
+            RunningServer::start(config)
+                .await
+                .expect("restored node starts"),
+        );
     }
     let endpoints = client_endpoints.join(",");
 
@@ -171,7 +179,10 @@ async fn a_restored_cluster_grants_tokens_above_every_token_of_the_old_one() {
     flipped[middle] ^= 0x40;
     let corrupt = work.path().join("corrupt.lksnap");
     std::fs::write(&corrupt, &flipped).unwrap();
-    for (file, what) in [(&truncated, "a truncated file"), (&corrupt, "a corrupt file")] {
+    for (file, what) in [
+        (&truncated, "a truncated file"),
+        (&corrupt, "a corrupt file"),
+    ] {
         let data_dir = work.path().join("refused");
         let output = latchkey(&[
             "snapshot",

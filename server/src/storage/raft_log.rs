@@ -28,7 +28,6 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-
 use super::keys::{self, raft_state};
 use super::{corruption, Batch, Engine, LogPosition, CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE};
 use crate::error::FatalError;

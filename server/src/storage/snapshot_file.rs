@@ -66,7 +66,10 @@ pub struct SnapshotInfo {
 pub enum SnapshotFileError {
     #[error("cannot read {path}: {reason}")]
     Io { path: String, reason: String },
-    #[error("{path} is not a latchkey snapshot (it does not start with {:?})", String::from_utf8_lossy(MAGIC))]
+    #[error(
+        "{path} is not a latchkey snapshot (it does not start with {:?})",
+        String::from_utf8_lossy(MAGIC)
+    )]
     NotASnapshot { path: String },
     #[error("{path} is truncated: it ends inside {what} after {at} bytes")]
     Truncated {
@@ -124,7 +127,9 @@ pub fn write_from_engine(engine: &Engine, path: &Path) -> Result<SnapshotInfo, F
         created_unix_ms,
     };
     let encoded = trailer.encode_to_vec();
-    writer.write_all(&END_OF_RECORDS.to_be_bytes()).map_err(io)?;
+    writer
+        .write_all(&END_OF_RECORDS.to_be_bytes())
+        .map_err(io)?;
     writer
         .write_all(&(encoded.len() as u32).to_be_bytes())
         .map_err(io)?;

@@ -160,9 +160,7 @@ async fn write_chunks(
     // Bounded by `expected`: more bytes end the transfer.
     while let Some(chunk) = stream.message().await? {
         let Some(snapshot_chunk::Chunk::Data(data)) = chunk.chunk else {
-            return Err(Status::invalid_argument(
-                "only data may follow the header",
-            ));
+            return Err(Status::invalid_argument("only data may follow the header"));
         };
         received += data.len() as u64;
         if received > expected {

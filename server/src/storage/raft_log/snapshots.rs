@@ -73,7 +73,10 @@ impl RaftLog {
     }
 
     /// A snapshot at or past `request_index`, or `None` while one is built.
-    pub(super) fn build_snapshot(&self, request_index: u64) -> Result<Option<Snapshot>, FatalError> {
+    pub(super) fn build_snapshot(
+        &self,
+        request_index: u64,
+    ) -> Result<Option<Snapshot>, FatalError> {
         let mut snapshots = self.snapshots.borrow_mut();
         if let Some((cached, _)) = &snapshots.cached {
             let index = cached.get_metadata().index;
@@ -95,7 +98,9 @@ impl RaftLog {
             Build::Done(Err(e)) => Err(e),
             Build::Done(Ok((info, path))) if info.index >= request_index => {
                 let snapshot = file_snapshot(&info, &path);
-                if let Some((_, Some(old))) = snapshots.cached.replace((snapshot.clone(), Some(path))) {
+                if let Some((_, Some(old))) =
+                    snapshots.cached.replace((snapshot.clone(), Some(path)))
+                {
                     // A transfer still reading the old file keeps it open.
                     let _ = std::fs::remove_file(old);
                 }
@@ -150,9 +155,8 @@ impl RaftLog {
         snapshot: &Snapshot,
         batch: &mut Batch,
     ) -> Result<(), FatalError> {
-        let payload = SnapshotPayload::decode(snapshot.get_data()).map_err(|e| {
-            received(format!("snapshot does not decode: {e}"))
-        })?;
+        let payload = SnapshotPayload::decode(snapshot.get_data())
+            .map_err(|e| received(format!("snapshot does not decode: {e}")))?;
         match payload.payload {
             Some(snapshot_payload::Payload::Inline(data)) => {
                 for record in &data.records {
@@ -203,18 +207,20 @@ fn start_build(engine: &Engine, dir: &Path, slot: Arc<Mutex<Build>>) {
     let number = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
     let path = dir.join(format!("snapshot-{}-{number}.snap", std::process::id()));
     let engine = engine.clone();
-    let spawned = std::thread::Builder::new()
-        .name("snapshot".into())
-        .spawn({
-            let slot = slot.clone();
-            move || {
-                let built = snapshot_file::write_from_engine(&engine, &path).map(|info| {
-                    tracing::info!(index = info.index, bytes = info.bytes, "snapshot file ready");
-                    (info, path)
-                });
-                *slot.lock() = Build::Done(built);
-            }
-        });
+    let spawned = std::thread::Builder::new().name("snapshot".into()).spawn({
+        let slot = slot.clone();
+        move || {
+            let built = snapshot_file::write_from_engine(&engine, &path).map(|info| {
+                tracing::info!(
+                    index = info.index,
+                    bytes = info.bytes,
+                    "snapshot file ready"
+                );
+                (info, path)
+            });
+            *slot.lock() = Build::Done(built);
+        }
+    });
     if let Err(e) = spawned {
         *slot.lock() = Build::Done(Err(FatalError::storage("starting a snapshot build", e)));
     }

@@ -8,15 +8,26 @@ fn engine_with_records(dir: &Path, count: u64) -> Engine {
     batch.put_message(CF_STATE, keys::APPLIED, &LogPosition { index: 42, term: 7 });
     let mut conf_state = ConfState::default();
     conf_state.set_voters(vec![1, 2, 3]);
-    batch.put(CF_STATE, keys::CONF_STATE, &conf_state.write_to_bytes().unwrap());
+    batch.put(
+        CF_STATE,
+        keys::CONF_STATE,
+        &conf_state.write_to_bytes().unwrap(),
+    );
     for i in 0..count {
-        batch.put(CF_STATE, &keys::kv(format!("key-{i:05}").as_bytes()), &[i as u8; 100]);
+        batch.put(
+            CF_STATE,
+            &keys::kv(format!("key-{i:05}").as_bytes()),
+            &[i as u8; 100],
+        );
     }
     engine.write(batch, true).expect("write");
     engine
 }
 
-fn records_of(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SnapshotFileError> {
+/// A record of a snapshot file: key and framed value.
+type Record = (Vec<u8>, Vec<u8>);
+
+fn records_of(path: &Path) -> Result<Vec<Record>, SnapshotFileError> {
     let mut records = Vec::new();
     read(path, |key, raw| {
         records.push((key.to_vec(), raw.to_vec()));
@@ -55,7 +66,10 @@ fn a_truncated_or_damaged_file_is_refused_with_one_line() {
         let error = verify(&copy).expect_err("truncated");
         let text = error.to_string();
         assert!(
-            matches!(error, SnapshotFileError::Truncated { .. } | SnapshotFileError::NotASnapshot { .. }),
+            matches!(
+                error,
+                SnapshotFileError::Truncated { .. } | SnapshotFileError::NotASnapshot { .. }
+            ),
             "cut at {cut}: {text}"
         );
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -66,12 +80,20 @@ fn a_truncated_or_damaged_file_is_refused_with_one_line() {
         std::fs::write(&copy, &bad).unwrap();
         let error = verify(&copy).expect_err("damaged");
         assert!(
-            matches!(error, SnapshotFileError::Checksum { .. } | SnapshotFileError::Malformed { .. } | SnapshotFileError::Truncated { .. }),
+            matches!(
+                error,
+                SnapshotFileError::Checksum { .. }
+                    | SnapshotFileError::Malformed { .. }
+                    | SnapshotFileError::Truncated { .. }
+            ),
             "flip at {flip}: {error}"
         );
     }
     std::fs::write(&copy, b"hello, not a snapshot").unwrap();
-    assert!(matches!(verify(&copy), Err(SnapshotFileError::NotASnapshot { .. })));
+    assert!(matches!(
+        verify(&copy),
+        Err(SnapshotFileError::NotASnapshot { .. })
+    ));
     let mut longer = good.clone();
     longer.push(0);
     std::fs::write(&copy, &longer).unwrap();
