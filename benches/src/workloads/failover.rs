@@ -71,14 +71,14 @@ const QUEUE_POLL: Duration = Duration::from_millis(5);
 
 pub async fn failover(run: &mut Run<'_>) -> Result<Vec<Measurement>, String> {
     let count = run.settings.failover_clients;
+    // Every client must find the new leader itself: all get every endpoint.
+    let endpoints = run.cluster.endpoints();
     let clients: Vec<(Conn, Arc<Lease>)> = run
-        .clients_with_leases(count, FAILOVER_LEASE_TTL)
+        .clients_on(&endpoints, count, FAILOVER_LEASE_TTL)
         .await?
         .into_iter()
         .map(|(conn, lease)| (conn, Arc::new(lease)))
         .collect();
-    // The probe must find the new leader itself: it is given every endpoint.
-    let endpoints = run.cluster.endpoints();
     let probe = Conn::connect(run.system, &endpoints).await?;
     let probe_lease = Arc::new(probe.lease(FAILOVER_LEASE_TTL).await?);
     let mut samples = Recorder::new();

@@ -237,17 +237,29 @@ impl Run<'_> {
         Ok(all)
     }
 
-    /// `count` clients, each with its own connection and a lease of `ttl`.
+    /// `count` clients, each with its own connection (to
+    /// [`Run::client_endpoints`]) and a lease of `ttl`.
     pub async fn clients_with_leases(
         &self,
         count: usize,
         ttl: Duration,
     ) -> Result<Vec<(Conn, Lease)>, String> {
         let endpoints = self.client_endpoints().await?;
+        self.clients_on(&endpoints, count, ttl).await
+    }
+
+    /// `count` clients given `endpoints`, each with its own connection and
+    /// a lease of `ttl`.
+    pub async fn clients_on(
+        &self,
+        endpoints: &[String],
+        count: usize,
+        ttl: Duration,
+    ) -> Result<Vec<(Conn, Lease)>, String> {
         let system = self.system;
         let made: Vec<Result<(Conn, Lease), String>> = stream::iter(0..count)
             .map(|_| {
-                let endpoints = endpoints.clone();
+                let endpoints = endpoints.to_vec();
                 async move {
                     let conn = Conn::connect(system, &endpoints).await?;
                     let lease = conn.lease(ttl).await?;
