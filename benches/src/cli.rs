@@ -136,27 +136,8 @@ pub struct CompareOptions {
 
 impl CompareArgs {
     pub fn resolve(self) -> Result<CompareOptions, String> {
-        let workloads = match &self.workloads {
-            None => Workload::ALL.to_vec(),
-            Some(names) => names
-                .iter()
-                .map(|n| {
-                    Workload::parse(n.trim()).ok_or_else(|| {
-                        let all: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
-                        format!("unknown workload {n:?}; known: {}", all.join(", "))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let systems = self
-            .systems
-            .iter()
-            .map(|s| match s.trim() {
-                "latchkey" => Ok(System::Latchkey),
-                "etcd" => Ok(System::Etcd),
-                other => Err(format!("unknown system {other:?}; known: latchkey, etcd")),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let workloads = parse_workloads(self.workloads.as_deref())?;
+        let systems = parse_systems(&self.systems)?;
         if systems.is_empty() || workloads.is_empty() {
             return Err("nothing to run: give at least one system and one workload".into());
         }
@@ -210,6 +191,33 @@ impl CompareArgs {
             data_parent: self.data_dir,
         })
     }
+}
+
+/// The named workloads in the order given; all of them when none is named.
+fn parse_workloads(names: Option<&[String]>) -> Result<Vec<Workload>, String> {
+    let Some(names) = names else {
+        return Ok(Workload::ALL.to_vec());
+    };
+    names
+        .iter()
+        .map(|n| {
+            Workload::parse(n.trim()).ok_or_else(|| {
+                let all: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown workload {n:?}; known: {}", all.join(", "))
+            })
+        })
+        .collect()
+}
+
+fn parse_systems(names: &[String]) -> Result<Vec<System>, String> {
+    names
+        .iter()
+        .map(|s| match s.trim() {
+            "latchkey" => Ok(System::Latchkey),
+            "etcd" => Ok(System::Etcd),
+            other => Err(format!("unknown system {other:?}; known: latchkey, etcd")),
+        })
+        .collect()
 }
 
 /// `500ms`, `2s`, `1.5s`, `1m`, or plain seconds.

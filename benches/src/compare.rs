@@ -12,8 +12,9 @@
 //!    workload to the next, so neither always runs first (on a warmer or
 //!    cooler machine). A workload that fails on one system is reported
 //!    and the run goes on.
-//! 5. Read the load average again, judge the targets, print the report and
-//!    write the JSON file if asked.
+//! 5. Measure the floor again (it moves with whatever else uses the disk),
+//!    read the load average again, judge the targets against the first
+//!    floor, print the report and write the JSON file if asked.
 
 use std::path::{Path, PathBuf};
 
@@ -42,23 +43,9 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
     let machine = Machine::describe(&run_dir.path);
     let load_before = load_average();
     say(format!("run directory {}", run_dir.path.display()));
-    let samples = if options.settings.quick {
-        QUICK_SAMPLES
-    } else {
-        floor::DEFAULT_SAMPLES
-    };
-    let floor_dir = run_dir.path.clone();
-    let measured = tokio::task::spawn_blocking(move || floor::measure(&floor_dir, samples))
-        .await
-        .map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
-    let floor = match measured {
-        Ok(floor) => {
-            for line in floor.lines() {
-                say(format!("floor: {line}"));
-            }
-            Some(floor)
-        }
+    let floor = match measure_floor(&run_dir.path, options.settings.quick).await {
+        Ok(floor) => Some(floor),
         Err(e) => {
             problems.push(format!("floor not measured: {e}"));
             None
@@ -82,6 +69,12 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
             }
         }
     }
+    // The floor again: on a shared or virtual disk it moves with whatever
+    // else syncs at the time, and the report should show by how much.
+    let floor_after = measure_floor(&run_dir.path, options.settings.quick)
+        .await
+        .map_err(|e| problems.push(format!("floor not measured at the end: {e}")))
+        .ok();
     let targets = crate::targets::evaluate(&measurements, floor.as_ref());
     let report = Report {
         command,
@@ -92,6 +85,7 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
         etcd_binary: binaries.etcd.as_ref().map(|p| p.display().to_string()),
         settings: options.settings.clone(),
         floor,
+        floor_after,
         measurements,
         problems,
         targets,
@@ -99,6 +93,23 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
     };
     run_dir.remove();
     Ok(report)
+}
+
+/// Measures the floor in `dir` off the async workers, and prints it.
+async fn measure_floor(dir: &Path, quick: bool) -> Result<floor::Floor, String> {
+    let samples = if quick {
+        QUICK_SAMPLES
+    } else {
+        floor::DEFAULT_SAMPLES
+    };
+    let dir = dir.to_path_buf();
+    let floor = tokio::task::spawn_blocking(move || floor::measure(&dir, samples))
+        .await
+        .map_err(|e| e.to_string())??;
+    for line in floor.lines() {
+        say(format!("floor: {line}"));
+    }
+    Ok(floor)
 }
 
 /// latchkey first on even workloads, etcd first on odd ones.

@@ -44,7 +44,10 @@ pub struct Report {
     pub latchkey_binary: String,
     pub etcd_binary: Option<String>,
     pub settings: Settings,
+    /// Measured before the workloads; the table and targets use it.
     pub floor: Option<Floor>,
+    /// Measured again after the workloads.
+    pub floor_after: Option<Floor>,
     pub measurements: Vec<Measurement>,
     /// One line per thing that was skipped or failed.
     pub problems: Vec<String>,
@@ -93,10 +96,11 @@ impl Report {
                 ""
             }
         );
-        if let Some(floor) = &self.floor {
+        for (when, floor) in [("before", &self.floor), ("after", &self.floor_after)] {
+            let Some(floor) = floor else { continue };
             let _ = writeln!(
                 out,
-                "\nmeasured floor (synced RocksDB writes on the data disk):"
+                "\nmeasured floor {when} the workloads (synced RocksDB writes on the data disk):"
             );
             for line in floor.lines() {
                 let _ = writeln!(out, "  {line}");
