@@ -383,6 +383,9 @@ fn resources(measurements: &[Measurement], floor: Option<&Floor>) -> String {
             ]);
         }
     }
+    if rows.len() == 1 {
+        return String::new();
+    }
     format!(
         "resources during each window (% of one core unless it says machine):\n{}",
         align(&rows)
