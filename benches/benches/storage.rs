@@ -33,7 +33,7 @@ impl Log {
         // A benchmark cannot run without its scratch directory and database.
         let dir = tempfile::tempdir().expect("temp dir");
         let engine = Engine::open(dir.path()).expect("open RocksDB");
-        let log = RaftLog::open(engine.clone(), &[1], FatalSlot::default()).expect("open log");
+        let log = RaftLog::open(engine.clone(), &[1], &[], FatalSlot::default()).expect("open log");
         Log {
             _dir: dir,
             engine,
