@@ -24,6 +24,10 @@
 //! A node that exits on its own is reported in one line; the rest keep
 //! running, and the command exits 1 once none is left.
 //!
+//! `latchkey dev --nodes N` on a directory whose cluster has another
+//! number of nodes grows or shrinks it through Raft membership changes once
+//! it is up ([`resize`]).
+//!
 //! # Not done yet
 //! - Restarting a node that exited (run `latchkey dev` again instead).
 //! - Free ports are found by binding port 0 and releasing it; another
@@ -31,6 +35,7 @@
 //!   (its log says why). `--base-port` avoids the race.
 
 pub mod manifest;
+mod resize;
 pub mod supervisor;
 
 use std::error::Error;
@@ -86,6 +91,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
 async fn run_cluster(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
     let dir = std::path::absolute(args.data_dir.clone().unwrap_or_else(default_data_dir))?;
     let (manifest, reused) = prepare(&args, &dir)?;
+    // Another --nodes on an existing cluster grows or shrinks it.
+    let target = args.nodes.unwrap_or(manifest.nodes.len());
+    let added = manifest.growth(&dir, target, args.base_port)?;
     let mut signals = StopSignals::register()?;
     let exe = std::env::current_exe()?;
     let nodes = supervisor::spawn_all(&exe, &manifest)?;
@@ -96,6 +104,15 @@ async fn run_cluster(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
     };
     cluster.record_pids();
     cluster.print_endpoints(reused);
+    if target != cluster.manifest.nodes.len() {
+        if let Some(code) = cluster
+            .resize_when_ready(&exe, added, target, &mut signals)
+            .await
+        {
+            cluster.stop(&mut signals).await;
+            return Ok(code);
+        }
+    }
     let code = cluster.supervise(&mut signals).await;
     cluster.stop(&mut signals).await;
     Ok(code)
@@ -169,6 +186,54 @@ enum Event {
 }
 
 impl Cluster {
+    /// Waits until the nodes agree on a leader, then grows the cluster by
+    /// `added` or shrinks it to `target` (see [`resize`]). A failure is
+    /// reported and the cluster keeps running as it is. Returns an exit
+    /// code if a stop signal came first.
+    async fn resize_when_ready(
+        &mut self,
+        exe: &Path,
+        added: Vec<manifest::NodeEntry>,
+        target: usize,
+        signals: &mut StopSignals,
+    ) -> Option<ExitCode> {
+        let from = self.manifest.nodes.len();
+        let work = async {
+            wait_for_leader(
+                self.manifest
+                    .nodes
+                    .iter()
+                    .map(|n| n.client_addr.clone())
+                    .collect(),
+                Instant::now() + READY_TIMEOUT,
+            )
+            .await?;
+            say(format!(
+                "resizing the cluster from {from} to {target} nodes"
+            ));
+            self.resize(exe, added, target).await
+        };
+        tokio::select! {
+            name = signals.recv() => {
+                say(format!("received {name}"));
+                Some(ExitCode::SUCCESS)
+            }
+            result = work => {
+                match result {
+                    Ok(()) => say(format!(
+                        "cluster resized to {target} nodes; client endpoints now --endpoints {}",
+                        self.manifest.endpoints()
+                    )),
+                    Err(error) => warn(format!(
+                        "resizing stopped at {} nodes: {error}",
+                        self.manifest.nodes.len()
+                    )),
+                }
+                None
+            }
+        }
+    }
+
     /// Waits for readiness, then for a stop signal; returns the exit code.
     async fn supervise(&mut self, signals: &mut StopSignals) -> ExitCode {
         let endpoints: Vec<String> = self

@@ -644,3 +644,94 @@ fn client_commands_with_no_reachable_endpoint_exit_3_with_one_line_error() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr:?}");
     }
 }
+
+/// `latchkey member list --json` through `endpoints`: id → role.
+fn member_roles(endpoints: &str) -> Result<BTreeMap<u64, String>, String> {
+    let output = latchkey(&["member", "list", "--json", "--endpoints", endpoints]);
+    if !output.status.success() {
+        return Err(text(&output.stderr));
+    }
+    let members: Value = serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+    let members = members.as_array().ok_or("not a JSON array")?;
+    Ok(members
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap_or(0),
+                m["role"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn dev_cluster_grows_and_shrinks_through_membership_changes() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path().join("cluster");
+    let mut cluster = DevCluster::start(&dir, &["--nodes", "3"]);
+    let nodes = cluster.running_nodes(3);
+    let endpoints = client_endpoints(&nodes);
+    cluster.settled_leader(&endpoints);
+    let output = kv_put(&endpoints.join(","), "kept", "across resizes");
+    assert_success(&output, "kv put");
+    let acknowledged = BTreeMap::from([("kept".to_string(), "across resizes".to_string())]);
+    cluster.stop_and_check_every_node_is_gone(&nodes);
+
+    // Grow: the same directory with --nodes 5 adds nodes 4 and 5.
+    let mut grown = DevCluster::start(&dir, &["--nodes", "5"]);
+    grown.poll("the report of the resize", STARTUP_DEADLINE, |cluster| {
+        let output = cluster.output_text();
+        output
+            .contains("cluster resized to 5 nodes")
+            .then_some(())
+            .ok_or(output)
+    });
+    let five = grown.running_nodes(5);
+    assert_eq!(
+        addresses(&five[..3]),
+        addresses(&nodes),
+        "the first three keep their ids and addresses"
+    );
+    let all = client_endpoints(&five).join(",");
+    let roles = member_roles(&all).expect("member list");
+    assert_eq!(
+        roles,
+        (1..=5).map(|id| (id, "voter".to_string())).collect(),
+        "five voters"
+    );
+    // The new node serves the data the cluster had.
+    assert_values(&five[4].client_addr, &acknowledged);
+    grown.stop_and_check_every_node_is_gone(&five);
+
+    // It restarts as five, with no resize.
+    let mut again = DevCluster::start(&dir, &[]);
+    let same = again.running_nodes(5);
+    again.settled_leader(&client_endpoints(&same));
+    again.stop_and_check_every_node_is_gone(&same);
+
+    // Shrink to two: nodes 5, 4 and 3 are removed and their data deleted.
+    let mut shrunk = DevCluster::start(&dir, &["--nodes", "2"]);
+    shrunk.poll("the report of the resize", STARTUP_DEADLINE, |cluster| {
+        let output = cluster.output_text();
+        output
+            .contains("cluster resized to 2 nodes")
+            .then_some(())
+            .ok_or(output)
+    });
+    let two = shrunk.running_nodes(2);
+    assert_eq!(two.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2]);
+    let roles = member_roles(&client_endpoints(&two).join(",")).expect("member list");
+    assert_eq!(
+        roles,
+        (1..=2).map(|id| (id, "voter".to_string())).collect(),
+        "two voters"
+    );
+    for id in 3..=5 {
+        assert!(
+            !dir.join(format!("node-{id}")).exists(),
+            "node {id}'s data dir is deleted"
+        );
+    }
+    assert_values(&client_endpoints(&two).join(","), &acknowledged);
+    shrunk.stop_and_check_every_node_is_gone(&two);
+}

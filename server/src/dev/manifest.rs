@@ -120,17 +120,16 @@ impl Manifest {
             "drop the flag to restart that cluster, or pass another --data-dir (or remove {}) for a new one",
             dir.display()
         );
-        if let Some(count) = nodes.filter(|&count| count != self.nodes.len()) {
+        if let Some(count) = nodes.filter(|&count| count == 0 || count > MAX_NODES) {
             return Err(format!(
-                "{} describes a {}-node cluster but --nodes {count} was given; {advice}",
-                dir.join(MANIFEST_FILE).display(),
-                self.nodes.len()
+                "--nodes {count}: a dev cluster has 1 to {MAX_NODES} nodes"
             ));
         }
         let Some(base) = base_port else {
             return Ok(());
         };
-        let wanted = ports_from_base(base, self.nodes.len())?;
+        let count = nodes.unwrap_or(self.nodes.len()).max(self.nodes.len());
+        let wanted = ports_from_base(base, count)?;
         for (node, pair) in self.nodes.iter().zip(wanted.chunks_exact(2)) {
             let client = format!("127.0.0.1:{}", pair[0]);
             if node.client_addr != client {
@@ -143,6 +142,46 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The nodes that grow this cluster to `count`: ids after the highest,
+    /// ports from `base_port` at their positions (as [`Manifest::plan`]
+    /// would place them) or free ones. None if it has `count` or more.
+    pub fn growth(
+        &self,
+        dir: &Path,
+        count: usize,
+        base_port: Option<u16>,
+    ) -> Result<Vec<NodeEntry>, String> {
+        let have = self.nodes.len();
+        if count <= have {
+            return Ok(Vec::new());
+        }
+        let ports = match base_port {
+            Some(base) => ports_from_base(base, count)?[2 * have..].to_vec(),
+            None => free_ports(2 * (count - have))
+                .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
+        };
+        let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let added = Manifest {
+            nodes: (first..)
+                .zip(ports.chunks_exact(2))
+                .map(|(id, pair)| NodeEntry {
+                    id,
+                    pid: 0,
+                    client_addr: format!("127.0.0.1:{}", pair[0]),
+                    peer_addr: format!("127.0.0.1:{}", pair[1]),
+                    data_dir: PathBuf::new(),
+                    log: PathBuf::new(),
+                })
+                .collect(),
+        }
+        .placed_in(dir);
+        let mut all = self.clone();
+        all.nodes.extend(added.nodes.iter().cloned());
+        all.validate()?;
+        check_ports_free(&added, dir, false)?;
+        Ok(added.nodes)
     }
 
     /// Sets each node's data dir and log under `dir`, so a moved directory
@@ -344,18 +383,34 @@ mod tests {
     }
 
     #[test]
+    fn growth_continues_the_ids_and_the_base_port_layout() {
+        let dir = Path::new("/d");
+        let manifest = Manifest::plan(dir, 3, Some(47001)).expect("plan");
+        assert!(manifest.growth(dir, 3, None).expect("none").is_empty());
+        assert!(manifest.growth(dir, 2, None).expect("none").is_empty());
+        let added = manifest.growth(dir, 5, Some(47001)).expect("growth");
+        let planned = Manifest::plan(dir, 5, Some(47001)).expect("plan");
+        assert_eq!(added, planned.nodes[3..].to_vec());
+        let free = manifest.growth(dir, 4, None).expect("growth");
+        assert_eq!(free.len(), 1);
+        assert_eq!(free[0].id, 4);
+        assert_eq!(free[0].data_dir, dir.join("node-4"));
+        assert!(manifest.growth(dir, 10, None).is_err(), "too many nodes");
+    }
+
+    #[test]
     fn flags_that_contradict_an_existing_cluster_are_rejected() {
         let dir = Path::new("/d");
         let manifest = Manifest::plan(dir, 3, Some(7001)).expect("plan");
         assert!(manifest.check_flags(dir, None, None).is_ok());
         assert!(manifest.check_flags(dir, Some(3), Some(7001)).is_ok());
+        // Another count grows or shrinks the cluster; out of range, it is refused.
+        assert!(manifest.check_flags(dir, Some(5), Some(7001)).is_ok());
+        assert!(manifest.check_flags(dir, Some(1), None).is_ok());
         let err = manifest
-            .check_flags(dir, Some(5), None)
-            .expect_err("node count differs");
-        assert!(
-            err.contains("3-node cluster") && err.contains("--nodes 5"),
-            "{err}"
-        );
+            .check_flags(dir, Some(10), None)
+            .expect_err("too many nodes");
+        assert!(err.contains("--nodes 10"), "{err}");
         let err = manifest
             .check_flags(dir, None, Some(8001))
             .expect_err("ports differ");

@@ -45,6 +45,33 @@ impl Node {
     pub fn is_running(&self) -> bool {
         self.exit.is_none()
     }
+
+    /// Waits up to `wait` for the node to exit by itself, then SIGTERMs it
+    /// and waits [`STOP_GRACE`], then kills it. Returns how it exited.
+    pub async fn wait_exit(&mut self, wait: Duration) -> String {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let status = match tokio::time::timeout(wait, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                terminate_all(std::slice::from_ref(self));
+                match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        let _ = self.child.start_kill();
+                        self.child.wait().await
+                    }
+                }
+            }
+        };
+        let exit = match status {
+            Ok(status) => describe_exit(status),
+            Err(err) => format!("unknown status ({err})"),
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
 }
 
 /// Starts one `serve` child per manifest entry. If one fails to start, the
@@ -72,12 +99,30 @@ pub fn spawn_all(exe: &Path, manifest: &Manifest) -> Result<Vec<Node>, String> {
 }
 
 fn spawn_one(exe: &Path, entry: &NodeEntry, initial_cluster: &str) -> io::Result<Node> {
+    spawn_with(exe, entry, serve_args(entry, initial_cluster))
+}
+
+/// Starts a new node that joins the running cluster at `endpoints`
+/// (`latchkey serve --join`): it adds itself as a learner.
+pub fn spawn_joining(exe: &Path, entry: &NodeEntry, endpoints: &str) -> io::Result<Node> {
+    let mut args = serve_args(entry, "");
+    let at = args.len() - 2;
+    args.truncate(at);
+    args.extend([
+        "--advertise-peer".into(),
+        entry.peer_addr.clone(),
+        "--join".into(),
+        endpoints.to_string(),
+    ]);
+    spawn_with(exe, entry, args)
+}
+
+fn spawn_with(exe: &Path, entry: &NodeEntry, args: Vec<String>) -> io::Result<Node> {
     std::fs::create_dir_all(&entry.data_dir)?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&entry.log)?;
-    let args = serve_args(entry, initial_cluster);
     writeln!(
         log,
         "--- latchkey dev: starting {} {}",
