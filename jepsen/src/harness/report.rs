@@ -52,7 +52,7 @@ pub fn render(ops: &[Op], results: &Results, info: &RunInfo) -> String {
     );
     summary_table(&mut html, info, ops.len());
     checker_table(&mut html, results);
-    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#c9a227\">clock</span>. Hover a bar for the op.</p>");
+    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#16a085\">client partition</span>, <span style=\"color:#c9a227\">clock (restart skew or clock rate)</span>. Hover a band for the fault, a bar for the op.</p>");
     timeline(&mut html, &spans, &standalone, &intervals, ops, end);
     html.push_str("<h2>Latency</h2>");
     latency(&mut html, &spans, &intervals, end);
@@ -108,16 +108,19 @@ fn summary_table(html: &mut String, info: &RunInfo, ops: usize) {
         (
             "cluster",
             format!(
-                "{} nodes, {} workers, lease TTL {} ms{}",
+                "{} nodes, {} workers, lease TTL {} ms{}{}",
                 info.nodes,
                 info.concurrency,
                 info.ttl_ms,
-                if info.unsafe_no_fencing { ", <b>--unsafe-no-fencing</b>" } else { "" }
+                if info.unsafe_no_fencing { ", <b>--unsafe-no-fencing</b>" } else { "" },
+                if info.unsafe_unconfirmed_renewals { ", <b>--unsafe-unconfirmed-renewals</b>" } else { "" }
             ),
         ),
         ("duration", format!("{:.1} s of {:.0} s workload; checking took {:.1} s", info.duration_s, info.time_limit_s, info.check_s)),
         ("ops recorded", ops.to_string()),
         ("faults", format!("{} ({})", info.nemesis.faults, escape(&faults))),
+        ("nemesis", escape(&info.nemeses.join(", "))),
+        ("clocks", clocks(info)),
         ("nemesis notes", escape(&info.nemesis.notes.join("; "))),
         ("nodes that exited on their own", escape(&info.node_crashes.join("; "))),
         ("files", "<a href=\"history.jsonl\">history.jsonl</a>, <a href=\"results.json\">results.json</a>, <a href=\"nodes/\">nodes/</a> (logs), <a href=\"workers/\">workers/</a>".into()),
@@ -127,6 +130,20 @@ fn summary_table(html: &mut String, info: &RunInfo, ops: usize) {
         let _ = write!(html, "<tr><th>{name}</th><td>{value}</td></tr>");
     }
     html.push_str("</table>\n");
+}
+
+/// The drift bound and the rates the clock faults drew from.
+fn clocks(info: &RunInfo) -> String {
+    let rates: Vec<String> = info.clock_rates.iter().map(|r| format!("x{r}")).collect();
+    let mut text = format!(
+        "drift bound {} ppm; clock faults draw rates {}",
+        info.max_clock_drift_ppm,
+        rates.join(", ")
+    );
+    if info.clock_rates_beyond_bound {
+        text.push_str(" — <b>beyond the bound: lease overlaps are expected</b>");
+    }
+    text
 }
 
 fn checker_table(html: &mut String, results: &Results) {
@@ -207,35 +224,17 @@ fn intervals(ops: &[Op], end: u64) -> Vec<Interval> {
         .filter(|op| op.process == Process::Nemesis && op.kind == OpType::Info)
     {
         let label = value_str(&op.value, "description").unwrap_or_else(|| op.f.clone());
-        let client = value_str(&op.value, "target").as_deref() == Some("client");
-        let slot = value_str(&op.value, "slot").unwrap_or_default();
-        let (key, kind, opens) = match op.f.as_str() {
-            "partition" => ("net".to_string(), "partition", true),
-            "heal" => ("net".to_string(), "partition", false),
-            "kill" => ("kill".to_string(), "kill", true),
-            "start" => ("kill".to_string(), "kill", false),
-            "clock" => ("clock".to_string(), "clock", true),
-            "clock-reset" => ("clock".to_string(), "clock", false),
-            "pause" if value_str(&op.value, "variant").as_deref() == Some("client-at-write") => {
-                continue
+        for (key, kind, opens) in fault_edges(op) {
+            if opens {
+                open.insert(key, (kind, op.time, label.clone()));
+            } else if let Some((kind, start, label)) = open.remove(&key) {
+                done.push(Interval {
+                    kind,
+                    start,
+                    end: op.time,
+                    label,
+                });
             }
-            "client-pause" => (format!("client-{slot}"), "pause", true),
-            "client-resume" => (format!("client-{slot}"), "pause", false),
-            "pause" if client => (format!("client-{slot}"), "pause", true),
-            "resume" if client => (format!("client-{slot}"), "pause", false),
-            "pause" => ("node-pause".to_string(), "pause", true),
-            "resume" => ("node-pause".to_string(), "pause", false),
-            _ => continue,
-        };
-        if opens {
-            open.insert(key, (kind, op.time, label));
-        } else if let Some((kind, start, label)) = open.remove(&key) {
-            done.push(Interval {
-                kind,
-                start,
-                end: op.time,
-                label,
-            });
         }
     }
     for (_, (kind, start, label)) in open {
@@ -249,11 +248,53 @@ fn intervals(ops: &[Op], end: u64) -> Vec<Interval> {
     done
 }
 
+/// The fault intervals a nemesis `info` op opens or closes: `(key, kind,
+/// opens)`, where an op closes the interval its key opened. Arming a
+/// client fault opens nothing: the `client-pause` or `client-cut` that
+/// follows when it fires does.
+fn fault_edges(op: &Op) -> Vec<(String, &'static str, bool)> {
+    let client = value_str(&op.value, "target").as_deref() == Some("client");
+    let variant = value_str(&op.value, "variant");
+    let slot = value_str(&op.value, "slot").unwrap_or_default();
+    let edge = |key: String, kind, opens| vec![(key, kind, opens)];
+    match op.f.as_str() {
+        "partition" => edge("net".into(), "partition", true),
+        "heal" => edge("net".into(), "partition", false),
+        "kill" => edge("kill".into(), "kill", true),
+        "start" => edge("kill".into(), "kill", false),
+        "clock" => edge("clock".into(), "clock", true),
+        "clock-reset" => edge("clock".into(), "clock", false),
+        "clock-rate" => edge("clock-rate".into(), "clock", true),
+        "clock-rate-reset" => edge("clock-rate".into(), "clock", false),
+        "pause" if variant.as_deref() == Some("client-at-write") => Vec::new(),
+        "client-partition" if variant.as_deref() == Some("holder") => Vec::new(),
+        "client-pause" => edge(format!("client-{slot}"), "pause", true),
+        "client-resume" => edge(format!("client-{slot}"), "pause", false),
+        "pause" if client => edge(format!("client-{slot}"), "pause", true),
+        "resume" if client => edge(format!("client-{slot}"), "pause", false),
+        "pause" => edge("node-pause".into(), "pause", true),
+        "resume" => edge("node-pause".into(), "pause", false),
+        "client-partition" | "client-cut" => {
+            edge(format!("client-net-{slot}"), "client-partition", true)
+        }
+        // The schedule's heal names every slot it reconnects.
+        "client-heal" => match op.value.get("slots").and_then(Value::as_array) {
+            Some(slots) => slots
+                .iter()
+                .map(|s| (format!("client-net-{s}"), "client-partition", false))
+                .collect(),
+            None => edge(format!("client-net-{slot}"), "client-partition", false),
+        },
+        _ => Vec::new(),
+    }
+}
+
 fn interval_color(kind: &str) -> &'static str {
     match kind {
         "partition" => "#3b6fd6",
         "kill" => "#d63b3b",
         "pause" => "#8e44ad",
+        "client-partition" => "#16a085",
         _ => "#c9a227",
     }
 }
@@ -626,6 +667,47 @@ mod tests {
     }
 
     #[test]
+    fn client_cuts_and_clock_rate_steps_shade_until_their_own_heals() {
+        let info = |time, f: &str, value| op(0, time, Process::Nemesis, OpType::Info, f, value);
+        let ops = vec![
+            info(
+                5,
+                "client-partition",
+                json!({"target": "client", "variant": "holder"}),
+            ),
+            info(
+                10,
+                "client-cut",
+                json!({"target": "client", "slot": 3, "description": "cut 3"}),
+            ),
+            info(
+                20,
+                "clock-rate",
+                json!({"rate": 2.0, "description": "n1 x2"}),
+            ),
+            info(
+                30,
+                "client-partition",
+                json!({"target": "client", "variant": "random", "slot": 4}),
+            ),
+            info(40, "client-heal", json!({"target": "client", "slot": 3})),
+            info(50, "clock-rate-reset", json!({"rate": 1.0})),
+            info(60, "client-heal", json!({"target": "client", "slots": [4]})),
+        ];
+        let found = intervals(&ops, 100);
+        let spans: Vec<(&str, u64, u64)> = found.iter().map(|i| (i.kind, i.start, i.end)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("client-partition", 10, 40),
+                ("clock", 20, 50),
+                ("client-partition", 30, 60)
+            ]
+        );
+        assert_eq!(found[1].label, "n1 x2");
+    }
+
+    #[test]
     fn the_page_has_no_external_assets() {
         let results = Results {
             valid: Validity::Valid,
@@ -643,6 +725,10 @@ mod tests {
             time_limit_s: 1.0,
             ttl_ms: 2000,
             unsafe_no_fencing: false,
+            unsafe_unconfirmed_renewals: false,
+            max_clock_drift_ppm: 10_000,
+            clock_rates: vec![0.99, 1.01],
+            clock_rates_beyond_bound: false,
             nemeses: Vec::new(),
             nemesis: Default::default(),
             node_crashes: Vec::new(),

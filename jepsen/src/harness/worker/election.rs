@@ -66,7 +66,10 @@ pub(super) async fn election(
             continue;
         };
         let watcher = watch_leadership(spec, &leadership);
-        let lead = lead(spec, link, rng, &leadership, &mut values).await;
+        let lead = match link.cut_if_armed(leadership.token().0).await {
+            Ok(()) => lead(spec, link, rng, &leadership, &mut values).await,
+            Err(finished) => Err(finished),
+        };
         let resigned = resign(spec, link, leadership).await;
         watcher.abort();
         lead?;
