@@ -7,6 +7,11 @@
 //!   fault intervals shaded behind, and the leader as the observer saw it;
 //! - latency over time (log scale) and throughput per second;
 //! - the nemesis's steps, and the command line and seed to rerun.
+//!
+//! # Not done yet
+//! - A client fault is shaded across every row, not only on the row of the
+//!   process it hit; each node's clock rate over time has no track of its
+//!   own (the band's description names the rates).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;

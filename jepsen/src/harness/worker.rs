@@ -44,6 +44,10 @@
 //! lock, revision mismatch, lease not found) is `fail`; a timeout, an
 //! unavailable cluster or a lease lost locally is `info`. Failed *reads*
 //! are `fail` whatever the cause, since a read changes nothing.
+//!
+//! # Not done yet
+//! - `lock-fenced` contends for one lock and one counter; several locks
+//!   would test that tokens stay unique across locks under faults.
 
 use std::io::Write;
 use std::process::ExitCode;

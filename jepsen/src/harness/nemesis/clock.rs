@@ -7,6 +7,12 @@
 //! trusting it (docs/semantics.md, Invariant 4); beyond it, `lease-overlap`
 //! is expected to find two holders at once, which is how the harness shows
 //! that the checker bites. Each step's value carries the rates it set.
+//!
+//! # Not done yet
+//! - No clock *jumps* on a running node: its rate file changes the rate
+//!   only; a wall-clock offset needs `clock`, which restarts the node.
+//! - The workers' clocks always run at rate 1; a slow client clock is the
+//!   other half of the drift bound and is not injected.
 
 use std::time::Duration;
 

@@ -8,6 +8,10 @@
 //!   which is what makes a leader that renews without its peers dangerous.
 //! - `clients-cut-from-leader`: no worker reaches the leader, which still
 //!   leads its peers; workers must go through followers or wait.
+//!
+//! # Not done yet
+//! - The client variants treat every worker alike: no split where some
+//!   workers reach only the minority and others only the majority.
 
 use std::collections::BTreeSet;
 

@@ -7,6 +7,10 @@
 //! or leadership until its own lease deadline passes. In namespace mode the
 //! cut is an iptables rule pair between the worker's namespace and each
 //! node's; on loopback, its proxies stop carrying its bytes.
+//!
+//! # Not done yet
+//! - A client cut from *some* nodes only (say, the leader's followers) is
+//!   a `partition` variant for every worker at once, not a per-worker one.
 
 use rand::seq::SliceRandom;
 use rand::Rng;
