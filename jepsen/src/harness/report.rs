@@ -4,14 +4,14 @@
 //! - the verdicts of every checker, with witnesses;
 //! - a timeline: one row per process, a bar per op from invoke to
 //!   completion (green ok, red fail, orange info, grey never completed),
-//!   fault intervals shaded behind, and the leader as the observer saw it;
+//!   fault intervals shaded behind (a client fault also outlines the row
+//!   of the process it hit), and the leader as the observer saw it;
 //! - latency over time (log scale) and throughput per second;
 //! - the nemesis's steps, and the command line and seed to rerun.
 //!
 //! # Not done yet
-//! - A client fault is shaded across every row, not only on the row of the
-//!   process it hit; each node's clock rate over time has no track of its
-//!   own (the band's description names the rates).
+//! - Each node's clock rate over time has no track of its own (the clock
+//!   band's description names the rates).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -40,6 +40,8 @@ struct Interval {
     start: u64,
     end: u64,
     label: String,
+    /// The client process a client fault hit, when the step names it.
+    process: Option<u64>,
 }
 
 pub fn render(ops: &[Op], results: &Results, info: &RunInfo) -> String {
@@ -222,34 +224,32 @@ fn value_str(value: &Value, field: &str) -> Option<String> {
 }
 
 fn intervals(ops: &[Op], end: u64) -> Vec<Interval> {
-    let mut open: BTreeMap<String, (&'static str, u64, String)> = BTreeMap::new();
+    let mut open: BTreeMap<String, Interval> = BTreeMap::new();
     let mut done = Vec::new();
     for op in ops
         .iter()
         .filter(|op| op.process == Process::Nemesis && op.kind == OpType::Info)
     {
-        let label = value_str(&op.value, "description").unwrap_or_else(|| op.f.clone());
         for (key, kind, opens) in fault_edges(op) {
             if opens {
-                open.insert(key, (kind, op.time, label.clone()));
-            } else if let Some((kind, start, label)) = open.remove(&key) {
-                done.push(Interval {
+                let interval = Interval {
                     kind,
-                    start,
+                    start: op.time,
+                    end,
+                    label: value_str(&op.value, "description").unwrap_or_else(|| op.f.clone()),
+                    process: op.value.get("process").and_then(Value::as_u64),
+                };
+                open.insert(key, interval);
+            } else if let Some(interval) = open.remove(&key) {
+                done.push(Interval {
                     end: op.time,
-                    label,
+                    ..interval
                 });
             }
         }
     }
-    for (_, (kind, start, label)) in open {
-        done.push(Interval {
-            kind,
-            start,
-            end,
-            label,
-        });
-    }
+    // Still open at the end of the history: they run to its end.
+    done.extend(open.into_values());
     done
 }
 
@@ -396,21 +396,7 @@ fn timeline(
     let bottom = height - 20.0;
     time_axis(html, end, bottom, top);
     shade(html, intervals, end, top, bottom - top);
-    // The leader track: who the observer saw leading, and in which term.
-    let _ = write!(html, "<text x=\"2\" y=\"{:.1}\">leader</text>", top + 10.0);
-    for op in ops
-        .iter()
-        .filter(|op| op.f == "status" && value_str(&op.value, "role").as_deref() == Some("leader"))
-    {
-        let x = x_of(op.time, end);
-        let node = value_str(&op.value, "node").unwrap_or_default();
-        let term = value_str(&op.value, "term").unwrap_or_default();
-        let _ = write!(
-            html,
-            "<text x=\"{x:.1}\" y=\"{:.1}\" fill=\"#555\">n{node}<title>node {node} leads in term {term}</title></text>",
-            top + 10.0
-        );
-    }
+    leader_track(html, ops, end, top + 10.0);
     let row_of: HashMap<Process, usize> = rows.iter().enumerate().map(|(i, p)| (*p, i)).collect();
     let first_row = top + leader_row;
     for (i, process) in rows.iter().enumerate() {
@@ -438,6 +424,12 @@ fn timeline(
             describe_span(span)
         );
     }
+    let rows_at = Rows {
+        of: &row_of,
+        top: first_row,
+        height: row_height,
+    };
+    outline_client_faults(html, intervals, &rows_at, end);
     for op in standalone {
         let Some(&row) = row_of.get(&op.process) else {
             continue;
@@ -452,6 +444,52 @@ fn timeline(
         );
     }
     html.push_str("</svg>\n");
+}
+
+/// Who the observer saw leading, and in which term, along baseline `y`.
+fn leader_track(html: &mut String, ops: &[Op], end: u64, y: f64) {
+    let _ = write!(html, "<text x=\"2\" y=\"{y:.1}\">leader</text>");
+    for op in ops
+        .iter()
+        .filter(|op| op.f == "status" && value_str(&op.value, "role").as_deref() == Some("leader"))
+    {
+        let x = x_of(op.time, end);
+        let node = value_str(&op.value, "node").unwrap_or_default();
+        let term = value_str(&op.value, "term").unwrap_or_default();
+        let _ = write!(
+            html,
+            "<text x=\"{x:.1}\" y=\"{y:.1}\" fill=\"#555\">n{node}<title>node {node} leads in term {term}</title></text>"
+        );
+    }
+}
+
+/// Where each process's timeline row is.
+struct Rows<'a> {
+    of: &'a HashMap<Process, usize>,
+    top: f64,
+    height: f64,
+}
+
+/// Outlines, on the row of the process a client fault hit, the time it
+/// was stopped or cut off.
+fn outline_client_faults(html: &mut String, intervals: &[Interval], rows: &Rows<'_>, end: u64) {
+    for interval in intervals {
+        let Some(&row) = interval
+            .process
+            .and_then(|p| rows.of.get(&Process::Client(p)))
+        else {
+            continue;
+        };
+        let x = x_of(interval.start, end);
+        let w = (x_of(interval.end, end) - x).max(1.0);
+        let (y, height) = (rows.top + row as f64 * rows.height, rows.height);
+        let _ = write!(
+            html,
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{height:.1}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"><title>{}</title></rect>",
+            interval_color(interval.kind),
+            escape(&interval.label)
+        );
+    }
 }
 
 fn latency(html: &mut String, spans: &[Span<'_>], intervals: &[Interval], end: u64) {
@@ -683,7 +721,7 @@ mod tests {
             info(
                 10,
                 "client-cut",
-                json!({"target": "client", "slot": 3, "description": "cut 3"}),
+                json!({"target": "client", "slot": 3, "process": 7, "description": "cut 3"}),
             ),
             info(
                 20,
@@ -710,6 +748,7 @@ mod tests {
             ]
         );
         assert_eq!(found[1].label, "n1 x2");
+        assert_eq!(found[0].process, Some(7), "a holder cut names its process");
     }
 
     #[test]
