@@ -500,8 +500,17 @@ fn write_outputs(
         .map(|c| format!("  {}: {} — {}", c.name, verdict(c.valid), c.summary))
         .collect::<Vec<_>>()
         .join("\n");
+    // Not a checker's verdict, but a server bug all the same: say so.
+    let crashes = if info.node_crashes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nWARNING: nodes exited on their own (see nodes/nI.log): {}",
+            info.node_crashes.join("; ")
+        )
+    };
     let summary = format!(
-        "{}: {} ops, {} faults, network {}{}\n{}\nreport: {}",
+        "{}: {} ops, {} faults, network {}{}\n{}{crashes}\nreport: {}",
         verdict(results.valid),
         info.ops,
         info.nemesis.faults,
