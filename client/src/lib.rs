@@ -35,6 +35,8 @@
 //! - `keepalive` (private): the task that renews a lease.
 //! - [`lock`]: `Lease::lock` / `try_lock` / `lock_with_timeout` and
 //!   [`LockGuard`].
+//! - [`cluster`]: membership and leadership for operators: list, add,
+//!   promote and remove members, transfer leadership.
 //! - [`election`]: [`Election`] (campaign, leader, observe) and
 //!   [`Leadership`].
 //! - `observe` (private): the leader-change stream that
@@ -49,6 +51,7 @@
 //!   [`Fence`].
 
 pub mod client;
+pub mod cluster;
 pub mod election;
 pub mod error;
 pub mod fence;

@@ -16,6 +16,8 @@
 //! - [`lock`](mod@lock): `latchkey lock`, `acquire`, `release`.
 //! - [`elect`](mod@elect): `latchkey elect`, `leader`, `observe`, `resign`.
 //! - [`lease`](mod@lease): `latchkey lease grant|keepalive|revoke|ttl|list`.
+//! - [`member`](mod@member): `latchkey member list|add|promote|remove` and
+//!   `latchkey leader transfer`.
 //!
 //! # Design
 //! Each command builds its own single-threaded tokio runtime, sends a few
@@ -60,6 +62,7 @@ pub mod hold;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod member;
 pub mod session;
 pub mod status;
 
@@ -68,10 +71,11 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub use elect::{ElectArgs, LeaderArgs, ResignArgs};
+pub use elect::{ElectArgs, LeaderArgs, LeaderCommandArgs, ResignArgs};
 pub use kv::{KvArgs, KvCommand};
 pub use lease::{LeaseArgs, LeaseCommand};
 pub use lock::{AcquireArgs, LockArgs, ReleaseArgs};
+pub use member::MemberArgs;
 pub use status::StatusArgs;
 
 /// Success.
@@ -137,9 +141,14 @@ pub fn elect(args: ElectArgs) -> Result<ExitCode, Box<dyn Error>> {
     run_client(elect::elect(args))
 }
 
-/// `latchkey leader NAME`.
-pub fn leader(args: LeaderArgs) -> Result<ExitCode, Box<dyn Error>> {
-    run_client(elect::leader(args))
+/// `latchkey leader NAME` or `latchkey leader transfer ID`.
+pub fn leader(args: LeaderCommandArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::leader_command(args))
+}
+
+/// `latchkey member list|add|promote|remove`.
+pub fn member(args: MemberArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(member::run(args))
 }
 
 /// `latchkey observe NAME`.

@@ -10,6 +10,9 @@
 //! - [`lease_clock`]: the leader's lease deadlines, the confirmation rounds
 //!   that renewals wait for, and expiry.
 //! - [`session_clock`]: the leader's idle times of exactly-once sessions.
+//! - [`membership`]: who the members are, where they listen, and the rules
+//!   a membership change must pass.
+//! - [`join`]: `serve --join`, a new node joining a running cluster.
 //! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
 //! - [`transport`]: the peer gRPC service and one outbound stream per peer.
 //! - [`api`]: the client gRPC services.
@@ -24,8 +27,10 @@ pub mod config;
 pub mod coordination;
 pub mod dev;
 pub mod error;
+pub mod join;
 pub mod lease_clock;
 pub mod logging;
+pub mod membership;
 pub mod node;
 pub mod server;
 pub mod session_clock;

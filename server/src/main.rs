@@ -30,8 +30,8 @@ enum Command {
     Lock(cli::LockArgs),
     /// Campaign in an election and lead while a command runs (or until Ctrl-C).
     Elect(cli::ElectArgs),
-    /// Print an election's leader.
-    Leader(cli::LeaderArgs),
+    /// Print an election's leader; `leader transfer ID` hands the cluster's leadership to node ID.
+    Leader(cli::LeaderCommandArgs),
     /// Print an election's leader and every change, one line each.
     Observe(cli::LeaderArgs),
     /// End a leadership by its token.
@@ -42,6 +42,8 @@ enum Command {
     Acquire(cli::AcquireArgs),
     /// Release a lock by its token.
     Release(cli::ReleaseArgs),
+    /// List, add, promote and remove cluster members.
+    Member(cli::MemberArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Lease(args) => cli::lease(args),
         Command::Acquire(args) => cli::acquire(args),
         Command::Release(args) => cli::release(args),
+        Command::Member(args) => cli::member(args),
     };
     match result {
         Ok(code) => code,

@@ -15,6 +15,12 @@
 //! told the peer was unreachable so raft-rs falls back to probing. Snapshots
 //! travel inside their Raft message (up to [`MAX_PEER_FRAME_BYTES`]); the
 //! node is told when one was handed to the stream or could not be.
+//!
+//! The set of peers follows the membership: the node calls
+//! [`Transport::set_peers`] at start and after every applied conf change,
+//! and the transport opens links to new members and closes those to
+//! departed ones (dropping a link's queue ends its task). The
+//! [`PeerDirectory`] follows too, so only members may open a stream here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -33,6 +39,7 @@ use latchkey_proto::peer::v1::peer_server::{Peer, PeerServer};
 use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame};
 
 use crate::config::Config;
+use crate::membership::MemberTable;
 use crate::node::{NodeHandle, NodeMsg, Transport};
 use crate::types::NodeId;
 
@@ -94,6 +101,20 @@ impl PeerDirectory {
         self.members.read().clone()
     }
 
+    /// Follows the membership: members that left are forgotten, new ones
+    /// added; a client address the record lacks keeps the one learnt.
+    fn follow(&self, members: &MemberTable) {
+        let mut directory = self.members.write();
+        directory.retain(|id, _| members.contains_key(id));
+        for (id, member) in members {
+            let info = directory.entry(*id).or_default();
+            info.peer_addr = member.peer_addr.clone();
+            if !member.client_addr.is_empty() {
+                info.client_addr = member.client_addr.clone();
+            }
+        }
+    }
+
     fn learn_client_addr(&self, id: NodeId, client_addr: &str) {
         if let Some(info) = self.members.write().get_mut(&id) {
             if info.client_addr != client_addr {
@@ -105,43 +126,75 @@ impl PeerDirectory {
 
 /// The node's side of the transport: one bounded queue per peer.
 pub struct GrpcTransport {
-    queues: HashMap<NodeId, mpsc::Sender<Message>>,
-    node: Arc<OnceLock<NodeHandle>>,
-}
-
-/// The receiving ends of the per-peer queues, handed to [`spawn_outbound`].
-pub struct Outbound {
-    queues: Vec<(NodeId, String, mpsc::Receiver<Message>)>,
+    me: NodeId,
+    queues: HashMap<NodeId, PeerQueue>,
     node: Arc<OnceLock<NodeHandle>>,
     hello: Hello,
+    directory: PeerDirectory,
+    /// Links made before the node's handle existed; started by
+    /// [`spawn_outbound`].
+    unstarted: Arc<parking_lot::Mutex<Vec<PeerLink>>>,
+}
+
+/// The sending end of one peer's queue, and the address its link dials.
+struct PeerQueue {
+    addr: String,
+    sender: mpsc::Sender<Message>,
+}
+
+/// What [`spawn_outbound`] starts: the links made so far.
+pub struct Outbound {
+    node: Arc<OnceLock<NodeHandle>>,
+    unstarted: Arc<parking_lot::Mutex<Vec<PeerLink>>>,
 }
 
 impl GrpcTransport {
-    pub fn new(config: &Config) -> (GrpcTransport, Outbound) {
+    pub fn new(config: &Config, directory: PeerDirectory) -> (GrpcTransport, Outbound) {
         let node = Arc::new(OnceLock::new());
-        let mut queues = HashMap::new();
-        let mut receivers = Vec::new();
-        for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
-            queues.insert(*id, tx);
-            receivers.push((*id, addr.clone(), rx));
-        }
+        let unstarted = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let hello = Hello {
             from: config.id.0,
             to: 0,
             client_addr: config.advertise_client.clone(),
             peer_addr: config.peers[&config.id].clone(),
         };
-        let transport = GrpcTransport {
-            queues,
+        let mut transport = GrpcTransport {
+            me: config.id,
+            queues: HashMap::new(),
             node: node.clone(),
-        };
-        let outbound = Outbound {
-            queues: receivers,
-            node,
             hello,
+            directory,
+            unstarted: unstarted.clone(),
         };
-        (transport, outbound)
+        for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
+            transport.open(*id, addr);
+        }
+        (transport, Outbound { node, unstarted })
+    }
+
+    /// Makes the queue and link to `peer`; the link starts now if the node
+    /// runs, else in [`spawn_outbound`].
+    fn open(&mut self, peer: NodeId, addr: &str) {
+        let (sender, queue) = mpsc::channel(PEER_QUEUE_CAPACITY);
+        let mut hello = self.hello.clone();
+        hello.to = peer.0;
+        let link = PeerLink {
+            peer,
+            addr: addr.to_string(),
+            hello,
+            queue,
+            node: self.node.clone(),
+        };
+        if self.node.get().is_some() {
+            tokio::spawn(link.run());
+        } else {
+            self.unstarted.lock().push(link);
+        }
+        let queue = PeerQueue {
+            addr: addr.to_string(),
+            sender,
+        };
+        self.queues.insert(peer, queue);
     }
 }
 
@@ -151,34 +204,39 @@ impl Transport for GrpcTransport {
             let to = NodeId(message.to);
             let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
             let Some(queue) = self.queues.get(&to) else {
-                tracing::warn!(to = %to, "message for an unknown peer dropped");
+                tracing::debug!(to = %to, "message for a peer that is not a member dropped");
                 continue;
             };
-            if queue.try_send(message).is_err() && is_snapshot {
+            if queue.sender.try_send(message).is_err() && is_snapshot {
                 if let Some(node) = self.node.get() {
                     node.report(NodeMsg::SnapshotSent { to, ok: false });
                 }
             }
         }
     }
+
+    fn set_peers(&mut self, members: &MemberTable) {
+        self.directory.follow(members);
+        self.queues
+            .retain(|id, _| members.contains_key(id) && *id != self.me);
+        let me = self.me;
+        for (id, member) in members.iter().filter(|(id, _)| **id != me) {
+            let current = self.queues.get(id).map(|queue| queue.addr.as_str());
+            if current != Some(member.peer_addr.as_str()) {
+                self.open(*id, &member.peer_addr);
+            }
+        }
+    }
 }
 
-/// Starts one outbound task per peer. They stop when the node's transport
-/// (and with it every queue sender) is dropped.
+/// Starts the links made before the node ran. Later ones start as they are
+/// made; each stops when its queue is dropped (the peer left, or the node
+/// stopped).
 pub fn spawn_outbound(outbound: Outbound, node: NodeHandle) {
     // Set once here; `spawn_outbound` is called once per transport.
     let _ = outbound.node.set(node);
-    for (peer, addr, queue) in outbound.queues {
-        let mut hello = outbound.hello.clone();
-        hello.to = peer.0;
-        let task = PeerLink {
-            peer,
-            addr,
-            hello,
-            queue,
-            node: outbound.node.clone(),
-        };
-        tokio::spawn(task.run());
+    for link in outbound.unstarted.lock().drain(..) {
+        tokio::spawn(link.run());
     }
 }
 

@@ -1,4 +1,5 @@
-//! Durable storage: one RocksDB database per node, three column families.
+//! Durable storage: one RocksDB database per node, three column families
+//! (or, in the deterministic simulator, an in-memory model of one).
 //!
 //! | column family | keys | values |
 //! |---|---|---|
@@ -26,12 +27,16 @@
 //!
 //! # Layout
 //! - this file: [`Engine`], the opened database with checksummed get/put/scan.
+//! - [`memory`]: the in-memory backend of [`Engine`] ([`Engine::open_memory`]),
+//!   which models what survives a power loss; for the simulator only.
 //! - [`raft_log`]: [`RaftLog`], raft-rs's `Storage` over the first two families.
 //! - [`keys`]: the key layout of the `state` family.
 
 pub mod keys;
+pub mod memory;
 pub mod raft_log;
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -41,7 +46,10 @@ use rocksdb::{
 };
 
 pub use latchkey_proto::state::v1::LogPosition;
+pub use memory::{MemoryDisk, PowerLoss};
 pub use raft_log::RaftLog;
+
+use memory::{MemoryEngine, Op};
 
 use crate::error::FatalError;
 
@@ -59,11 +67,22 @@ const COLUMN_FAMILIES: [&str; 3] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE];
 
 /// Bytes of the checksum that prefixes every stored value.
 const CHECKSUM_LEN: usize = 4;
+/// Records a scan of the memory backend copies out per lock taken: the
+/// first chunk is small (most scans read a few log entries), later ones
+/// double up to the largest.
+const MEMORY_SCAN_FIRST_CHUNK: usize = 8;
+const MEMORY_SCAN_LARGEST_CHUNK: usize = 256;
 
-/// The opened database. Cheap to clone; every clone shares one RocksDB.
+/// The opened database. Cheap to clone; every clone shares one database.
 #[derive(Clone)]
 pub struct Engine {
-    db: Arc<DB>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Rocks(Arc<DB>),
+    Memory(Arc<MemoryEngine>),
 }
 
 impl Engine {
@@ -81,25 +100,45 @@ impl Engine {
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&options, dir, descriptors)
             .map_err(|e| FatalError::storage(format!("opening {}", dir.display()), e))?;
-        let engine = Engine { db: Arc::new(db) };
+        let engine = Engine {
+            backend: Backend::Rocks(Arc::new(db)),
+        };
         engine.verify_all()?;
         Ok(engine)
     }
 
-    fn cf(&self, name: &'static str) -> &ColumnFamily {
+    /// Opens the in-memory backend on `disk` (see [`memory`]), replaying
+    /// what survived of its unsynced writes and verifying every record's
+    /// checksum. For the deterministic simulator; production uses [`Engine::open`].
+    pub fn open_memory(disk: &MemoryDisk) -> Result<Engine, FatalError> {
+        let engine = Engine {
+            backend: Backend::Memory(Arc::new(MemoryEngine::open(disk)?)),
+        };
+        engine.verify_all()?;
+        Ok(engine)
+    }
+
+    fn rocks_cf<'a>(db: &'a DB, name: &'static str) -> &'a ColumnFamily {
         // Every column family in COLUMN_FAMILIES is created by `open`.
-        self.db
-            .cf_handle(name)
-            .expect("column family created at open")
+        db.cf_handle(name).expect("column family created at open")
     }
 
     /// Reads and verifies one record; `None` when the key is absent.
     pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, FatalError> {
-        let raw = self
-            .db
-            .get_pinned_cf(self.cf(cf), key)
-            .map_err(|e| FatalError::storage(format!("reading {cf}/{}", display_key(key)), e))?;
-        raw.map(|raw| unframe(cf, key, &raw)).transpose()
+        match &self.backend {
+            Backend::Rocks(db) => {
+                let raw = db
+                    .get_pinned_cf(Engine::rocks_cf(db, cf), key)
+                    .map_err(|e| {
+                        FatalError::storage(format!("reading {cf}/{}", display_key(key)), e)
+                    })?;
+                raw.map(|raw| unframe(cf, key, &raw)).transpose()
+            }
+            Backend::Memory(memory) => memory
+                .get(cf_index(cf), key)?
+                .map(|raw| unframe(cf, key, &raw))
+                .transpose(),
+        }
     }
 
     /// Reads, verifies and decodes one protobuf record.
@@ -135,9 +174,40 @@ impl Engine {
         start: &[u8],
         mut visit: impl FnMut(&[u8], Vec<u8>) -> bool,
     ) -> Result<(), FatalError> {
-        let iter = self
-            .db
-            .iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward));
+        let memory = match &self.backend {
+            Backend::Rocks(db) => return Engine::rocks_scan(db, cf, start, visit),
+            Backend::Memory(memory) => memory,
+        };
+        // In chunks, so that `visit` runs without the disk's lock held.
+        let mut from = Bound::Included(start.to_vec());
+        let mut size = MEMORY_SCAN_FIRST_CHUNK;
+        loop {
+            let chunk = memory.scan(cf_index(cf), as_slice(&from), size)?;
+            let complete = chunk.len() < size;
+            size = (size * 2).min(MEMORY_SCAN_LARGEST_CHUNK);
+            for (key, raw) in chunk {
+                let payload = unframe(cf, &key, &raw)?;
+                if !visit(&key, payload) {
+                    return Ok(());
+                }
+                from = Bound::Excluded(key);
+            }
+            if complete {
+                return Ok(());
+            }
+        }
+    }
+
+    fn rocks_scan(
+        db: &DB,
+        cf: &'static str,
+        start: &[u8],
+        mut visit: impl FnMut(&[u8], Vec<u8>) -> bool,
+    ) -> Result<(), FatalError> {
+        let iter = db.iterator_cf(
+            Engine::rocks_cf(db, cf),
+            IteratorMode::From(start, Direction::Forward),
+        );
         for item in iter {
             let (key, raw) = item.map_err(|e| FatalError::storage(format!("scanning {cf}"), e))?;
             let payload = unframe(cf, &key, &raw)?;
@@ -151,31 +221,54 @@ impl Engine {
     /// Every record of the `state` family, still framed, as seen at one
     /// instant; the payload of a snapshot.
     pub fn state_records(&self) -> Result<Vec<RawRecord>, FatalError> {
-        let snapshot = self.db.snapshot();
-        let mut records = Vec::new();
-        for item in snapshot.iterator_cf(self.cf(CF_STATE), IteratorMode::Start) {
-            let (key, raw) = item.map_err(|e| FatalError::storage("reading a snapshot", e))?;
-            unframe(CF_STATE, &key, &raw)?;
-            records.push((key.to_vec(), raw.to_vec()));
+        let records = match &self.backend {
+            Backend::Rocks(db) => {
+                let snapshot = db.snapshot();
+                let iter =
+                    snapshot.iterator_cf(Engine::rocks_cf(db, CF_STATE), IteratorMode::Start);
+                let mut records = Vec::new();
+                for item in iter {
+                    let (key, raw) =
+                        item.map_err(|e| FatalError::storage("reading a snapshot", e))?;
+                    records.push((key.to_vec(), raw.to_vec()));
+                }
+                records
+            }
+            Backend::Memory(memory) => {
+                memory.scan(cf_index(CF_STATE), Bound::Unbounded, usize::MAX)?
+            }
+        };
+        for (key, raw) in &records {
+            unframe(CF_STATE, key, raw)?;
         }
         Ok(records)
     }
 
     /// Applies a batch; `sync` forces it to disk before returning.
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), FatalError> {
-        let mut options = WriteOptions::default();
-        options.set_sync(sync);
-        self.db
-            .write_opt(batch.inner, &options)
-            .map_err(|e| FatalError::storage("writing a batch", e))
+        match (&self.backend, batch.inner) {
+            (Backend::Rocks(db), BatchInner::Rocks(inner)) => {
+                let mut options = WriteOptions::default();
+                options.set_sync(sync);
+                db.write_opt(inner, &options)
+                    .map_err(|e| FatalError::storage("writing a batch", e))
+            }
+            (Backend::Memory(memory), BatchInner::Memory(ops)) => memory.write(ops, sync),
+            // `Batch::new` makes the batch for the engine it is given, and
+            // the node writes it to that engine.
+            _ => unreachable!("a batch written to another kind of engine"),
+        }
     }
 
     /// Flushes memtables to table files (used on clean shutdown so that a
     /// restart does not need to replay the write-ahead log).
     pub fn flush(&self) -> Result<(), FatalError> {
+        let db = match &self.backend {
+            Backend::Rocks(db) => db,
+            Backend::Memory(memory) => return memory.flush(),
+        };
         for cf in COLUMN_FAMILIES {
-            self.db
-                .flush_cf(self.cf(cf))
+            db.flush_cf(Engine::rocks_cf(db, cf))
                 .map_err(|e| FatalError::storage(format!("flushing {cf}"), e))?;
         }
         Ok(())
@@ -184,14 +277,20 @@ impl Engine {
     /// Reads every record of every column family, checking RocksDB's block
     /// checksums and ours.
     fn verify_all(&self) -> Result<(), FatalError> {
+        let db = match &self.backend {
+            Backend::Rocks(db) => db,
+            Backend::Memory(_) => {
+                for cf in COLUMN_FAMILIES {
+                    self.scan_from(cf, &[], |_, _| true)?;
+                }
+                return Ok(());
+            }
+        };
         for cf in COLUMN_FAMILIES {
             let mut options = ReadOptions::default();
             options.set_verify_checksums(true);
             options.fill_cache(false);
-            for item in self
-                .db
-                .iterator_cf_opt(self.cf(cf), options, IteratorMode::Start)
-            {
+            for item in db.iterator_cf_opt(Engine::rocks_cf(db, cf), options, IteratorMode::Start) {
                 let (key, raw) =
                     item.map_err(|e| FatalError::storage(format!("verifying {cf}"), e))?;
                 unframe(cf, &key, &raw)?;
@@ -205,30 +304,80 @@ impl Engine {
     #[doc(hidden)]
     pub fn put_raw_for_test(&self, cf: &'static str, key: &[u8], raw: &[u8]) {
         // Test-only helper: a failed write is a broken test environment.
-        self.db
-            .put_cf(self.cf(cf), key, raw)
-            .expect("raw test write");
+        match &self.backend {
+            Backend::Rocks(db) => db
+                .put_cf(Engine::rocks_cf(db, cf), key, raw)
+                .expect("raw test write"),
+            Backend::Memory(memory) => {
+                let op = Op::Put {
+                    cf: cf_index(cf),
+                    key: key.to_vec(),
+                    value: raw.to_vec(),
+                };
+                memory.write(vec![op], true).expect("raw test write");
+            }
+        }
+    }
+}
+
+/// The position of `cf` in [`COLUMN_FAMILIES`].
+fn cf_index(cf: &'static str) -> usize {
+    // Callers name one of the three families by its constant.
+    COLUMN_FAMILIES
+        .iter()
+        .position(|name| *name == cf)
+        .expect("a known column family")
+}
+
+fn as_slice(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key),
+        Bound::Excluded(key) => Bound::Excluded(key),
+        Bound::Unbounded => Bound::Unbounded,
     }
 }
 
 /// A set of writes applied atomically by [`Engine::write`].
 pub struct Batch {
-    inner: WriteBatch,
+    inner: BatchInner,
     engine: Engine,
+}
+
+enum BatchInner {
+    Rocks(WriteBatch),
+    Memory(Vec<Op>),
 }
 
 impl Batch {
     pub fn new(engine: &Engine) -> Batch {
+        let inner = match engine.backend {
+            Backend::Rocks(_) => BatchInner::Rocks(WriteBatch::default()),
+            Backend::Memory(_) => BatchInner::Memory(Vec::new()),
+        };
         Batch {
-            inner: WriteBatch::default(),
+            inner,
             engine: engine.clone(),
+        }
+    }
+
+    fn put_raw(&mut self, cf: &'static str, key: &[u8], raw: Vec<u8>) {
+        match (&mut self.inner, &self.engine.backend) {
+            (BatchInner::Rocks(inner), Backend::Rocks(db)) => {
+                inner.put_cf(Engine::rocks_cf(db, cf), key, raw)
+            }
+            (BatchInner::Memory(ops), _) => ops.push(Op::Put {
+                cf: cf_index(cf),
+                key: key.to_vec(),
+                value: raw,
+            }),
+            _ => unreachable!("a batch matches its engine (Batch::new)"),
         }
     }
 
     /// Stores `payload` under `key`, framed with its checksum.
     pub fn put(&mut self, cf: &'static str, key: &[u8], payload: &[u8]) {
         let framed = frame(key, payload);
-        self.inner.put_cf(self.engine.cf(cf), key, framed);
+        self.put_raw(cf, key, framed);
     }
 
     /// Stores a protobuf record.
@@ -244,21 +393,43 @@ impl Batch {
         raw: &[u8],
     ) -> Result<(), FatalError> {
         unframe(cf, key, raw)?;
-        self.inner.put_cf(self.engine.cf(cf), key, raw);
+        self.put_raw(cf, key, raw.to_vec());
         Ok(())
     }
 
     pub fn delete(&mut self, cf: &'static str, key: &[u8]) {
-        self.inner.delete_cf(self.engine.cf(cf), key);
+        match (&mut self.inner, &self.engine.backend) {
+            (BatchInner::Rocks(inner), Backend::Rocks(db)) => {
+                inner.delete_cf(Engine::rocks_cf(db, cf), key)
+            }
+            (BatchInner::Memory(ops), _) => ops.push(Op::Delete {
+                cf: cf_index(cf),
+                key: key.to_vec(),
+            }),
+            _ => unreachable!("a batch matches its engine (Batch::new)"),
+        }
     }
 
     /// Deletes every key in `[from, to)`.
     pub fn delete_range(&mut self, cf: &'static str, from: &[u8], to: &[u8]) {
-        self.inner.delete_range_cf(self.engine.cf(cf), from, to);
+        match (&mut self.inner, &self.engine.backend) {
+            (BatchInner::Rocks(inner), Backend::Rocks(db)) => {
+                inner.delete_range_cf(Engine::rocks_cf(db, cf), from, to)
+            }
+            (BatchInner::Memory(ops), _) => ops.push(Op::DeleteRange {
+                cf: cf_index(cf),
+                from: from.to_vec(),
+                to: to.to_vec(),
+            }),
+            _ => unreachable!("a batch matches its engine (Batch::new)"),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
+        match &self.inner {
+            BatchInner::Rocks(inner) => inner.is_empty(),
+            BatchInner::Memory(ops) => ops.is_empty(),
+        }
     }
 }
 

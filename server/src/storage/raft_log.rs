@@ -6,6 +6,17 @@
 //! before the first one it has. Snapshots are not stored separately: the
 //! state machine in the `state` family *is* the snapshot, read at one
 //! instant together with its applied position and membership.
+//!
+//! # Bootstrap
+//! A node of a new cluster starts as if it had installed a snapshot at
+//! index 1, term 1 that holds the initial membership (as raft-rs's own
+//! examples bootstrap): the log is empty and starts at 2, the hard state is
+//! at term 1 with commit 1, and the state machine is applied to 1. So every
+//! node that ever joins later, with an empty log, is brought up to date by
+//! a snapshot — which carries the membership — rather than by replaying a
+//! log whose first membership was never an entry. A node that joins an
+//! existing cluster bootstraps with no voters at all and waits for that
+//! snapshot.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -26,6 +37,11 @@ use crate::error::FatalError;
 /// panic.
 pub type FatalSlot = Arc<Mutex<Option<FatalError>>>;
 
+/// Index of the bootstrap snapshot a new cluster starts from.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// Term of the bootstrap snapshot.
+pub const BOOTSTRAP_TERM: u64 = 1;
+
 /// The Raft log and hard state of one node.
 pub struct RaftLog {
     engine: Engine,
@@ -40,9 +56,15 @@ pub struct RaftLog {
 }
 
 impl RaftLog {
-    /// Loads the log; on a node that has never run, records `voters` as the
-    /// initial membership.
-    pub fn open(engine: Engine, voters: &[u64], fatal: FatalSlot) -> Result<RaftLog, FatalError> {
+    /// Loads the log; on a node that has never run, bootstraps it (see the
+    /// module docs) with `voters` as the initial membership and `members`
+    /// (encoded `Members`) as their addresses. No voters: a node that joins.
+    pub fn open(
+        engine: Engine,
+        voters: &[u64],
+        members: &[u8],
+        fatal: FatalSlot,
+    ) -> Result<RaftLog, FatalError> {
         let hard_state = load_pb::<HardState>(&engine, raft_state::HARD_STATE)?;
         let conf_state = load_pb::<ConfState>(&engine, raft_state::CONF_STATE)?;
         let truncated: Option<LogPosition> =
@@ -58,19 +80,40 @@ impl RaftLog {
             snapshot_cache: RefCell::new(None),
         };
         if conf_state.is_none() {
-            log.bootstrap(voters)?;
+            log.bootstrap(voters, members)?;
         }
         log.load_last()?;
         Ok(log)
     }
 
-    fn bootstrap(&mut self, voters: &[u64]) -> Result<(), FatalError> {
+    fn bootstrap(&mut self, voters: &[u64], members: &[u8]) -> Result<(), FatalError> {
         let mut conf_state = ConfState::default();
         conf_state.set_voters(voters.to_vec());
         let encoded = encode_pb(&conf_state);
         let mut batch = Batch::new(&self.engine);
         batch.put(CF_RAFT_STATE, raft_state::CONF_STATE, &encoded);
-        batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+        if !voters.is_empty() {
+            let start = LogPosition {
+                index: BOOTSTRAP_INDEX,
+                term: BOOTSTRAP_TERM,
+            };
+            let hard_state = HardState {
+                term: BOOTSTRAP_TERM,
+                commit: BOOTSTRAP_INDEX,
+                ..HardState::default()
+            };
+            batch.put(
+                CF_RAFT_STATE,
+                raft_state::HARD_STATE,
+                &encode_pb(&hard_state),
+            );
+            batch.put_message(CF_RAFT_STATE, raft_state::TRUNCATED, &start);
+            batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+            batch.put(CF_STATE, keys::MEMBERS, members);
+            batch.put_message(CF_STATE, keys::APPLIED, &start);
+            self.hard_state = hard_state;
+            self.truncated = start;
+        }
         self.engine.write(batch, true)?;
         self.conf_state = conf_state;
         Ok(())

@@ -135,7 +135,13 @@ impl Checker {
             }
             return;
         }
-        let last = self.canonical.keys().next_back().copied().unwrap_or(0);
+        // A new cluster starts from its bootstrap snapshot at index 1.
+        let last = self
+            .canonical
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(latchkey_server::storage::raft_log::BOOTSTRAP_INDEX);
         if entry.index != last + 1 {
             self.fail(format!(
                 "node {node} applied index {} first, but the history ends at {last}",

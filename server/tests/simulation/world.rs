@@ -21,7 +21,7 @@ use latchkey_server::config::{Config, RaftTiming, UnsafeSwitches};
 use latchkey_server::node::{
     AppliedEvents, Clock, Node, NodeHandle, NodeMsg, NodeOptions, Role, Transport,
 };
-use latchkey_server::storage::Engine;
+use latchkey_server::storage::{Engine, MemoryDisk};
 use latchkey_server::types::NodeId;
 
 use crate::checker::{fnv, AppliedEntry, Checker, Trace};
@@ -132,7 +132,8 @@ pub struct World {
     next_seq: u64,
     pub nodes: BTreeMap<u64, Option<Running>>,
     configs: BTreeMap<u64, Config>,
-    _dirs: Vec<tempfile::TempDir>,
+    /// Each node's data, kept across its crashes and restarts.
+    disks: BTreeMap<u64, MemoryDisk>,
     incarnations: BTreeMap<u64, u64>,
     paused_until_us: BTreeMap<u64, u64>,
     /// Unordered pairs that cannot talk.
@@ -153,9 +154,7 @@ impl World {
             .map(|id| (NodeId(id), format!("127.0.0.1:{}", 20000 + id)))
             .collect();
         let mut configs = BTreeMap::new();
-        let mut dirs = Vec::new();
         for id in 1..=NODES {
-            let dir = temp_dir();
             let config = Config {
                 advertise_client: format!("sim-{id}"),
                 timing: RaftTiming {
@@ -170,14 +169,14 @@ impl World {
                 },
                 ..Config::with_defaults(
                     NodeId(id),
-                    dir.path().to_path_buf(),
+                    // Unused: the node's storage is a `MemoryDisk`.
+                    format!("/nonexistent/latchkey-sim-{id}").into(),
                     "127.0.0.1:0".parse().expect("literal address"),
                     "127.0.0.1:0".parse().expect("literal address"),
                     peers.clone(),
                 )
             };
             configs.insert(id, config);
-            dirs.push(dir);
         }
         let mut world = World {
             rng,
@@ -187,7 +186,7 @@ impl World {
             next_seq: 0,
             nodes: BTreeMap::new(),
             configs,
-            _dirs: dirs,
+            disks: (1..=NODES).map(|id| (id, MemoryDisk::new())).collect(),
             incarnations: BTreeMap::new(),
             paused_until_us: BTreeMap::new(),
             cut: BTreeSet::new(),
@@ -216,8 +215,7 @@ impl World {
 
     fn start(&mut self, id: u64, election_ticks: usize) {
         let config = &self.configs[&id];
-        let engine =
-            Engine::open(&config.data_dir.join("db")).expect("simulated node's data opens");
+        let engine = Engine::open_memory(&self.disks[&id]).expect("simulated node's data opens");
         let outbox = Arc::new(Mutex::new(Vec::new()));
         let applied = Arc::new(Mutex::new(Vec::new()));
         let sink = applied.clone();
@@ -547,17 +545,4 @@ impl World {
             })
             .collect()
     }
-}
-
-/// RocksDB in tmpfs when there is one: the nodes fsync often, and a real
-/// disk would make the simulation I/O bound without changing what it tests.
-fn temp_dir() -> tempfile::TempDir {
-    let shm = std::path::Path::new("/dev/shm");
-    let builder = tempfile::Builder::new().prefix("latchkey-sim-").to_owned();
-    if shm.is_dir() {
-        if let Ok(dir) = builder.tempdir_in(shm) {
-            return dir;
-        }
-    }
-    builder.tempdir().expect("temp dir")
 }
