@@ -448,7 +448,10 @@ fn a_restored_state_grants_nothing_until_its_token_floor_is_raised() {
     let floor = FencingToken(1 << 40);
     h.apply(Op::RaiseTokenFloor { floor });
     assert!(!h.state.restore_pending());
-    assert!(!h.store.contains_key(RESTORE_PENDING_KEY), "the mark is gone");
+    assert!(
+        !h.store.contains_key(RESTORE_PENDING_KEY),
+        "the mark is gone"
+    );
     let after = h.lock(Kind::Lock, "b", lease);
     assert!(after.token >= floor && after.token > before.token);
     assert_eq!(h.reload(), h.state);

@@ -241,9 +241,7 @@ impl Node {
             .collect();
         self.members.retain(|id, _| current.contains(&id.0));
         for id in &current {
-            self.members
-                .entry(NodeId(*id))
-                .or_default();
+            self.members.entry(NodeId(*id)).or_default();
         }
         Ok(())
     }
