@@ -38,6 +38,13 @@
 //! # Not done yet
 //! - Cuts drop whole hosts; no port-level or rate-limited (lossy, slow)
 //!   links.
+//! - Loopback and snapshots: the server keeps its members' peer addresses
+//!   in the state machine (bootstrapped from `--initial-cluster`), and a
+//!   node that installs a snapshot takes the sender's table. In loopback
+//!   the tables differ (each names that node's own proxies), so from then
+//!   on the node dials its peers through the sender's proxies, and the
+//!   sender directly: cuts of its own links no longer reach it. Namespace
+//!   mode, where every node is given the same addresses, is unaffected.
 
 pub mod namespaces;
 
