@@ -112,7 +112,11 @@ async fn campaign(
         .await
     {
         Ok(leadership) => {
-            let record = elected(leadership.token().0, lease_id, &value);
+            // The value the server answered with: a lease that already led
+            // (an earlier campaign that timed out but won) gets its
+            // leadership back with the value it led with, not this one.
+            let shown = String::from_utf8_lossy(leadership.value());
+            let record = elected(leadership.token().0, lease_id, &shown);
             link.complete("campaign", key, Outcome::ok(record));
             Ok(Some(leadership))
         }
