@@ -4,7 +4,11 @@
 //! [`Leadership`], whose token is the leadership term: fence every write the
 //! leader makes with it, and a deposed leader that has not noticed yet is
 //! refused. Candidates are elected in the order they campaigned. A lease
-//! that already leads gets its leadership back.
+//! that already leads gets its leadership back, with the value it leads
+//! with: campaigning again does not publish the new value
+//! ([`Leadership::value`] says what is published; [`Leadership::proclaim`]
+//! replaces it). One way to get there: a campaign that gave up (a timeout)
+//! raced its own election, and the grant that won stays with the lease.
 //!
 //! As with locks, leadership lives as long as the lease, unless it is
 //! resigned elsewhere with its token: [`Leadership::lost`] completes when
@@ -63,6 +67,8 @@ pub struct Leadership {
     lease: Lease,
     name: String,
     token: FencingToken,
+    /// The value the election showed when the grant was made or given back.
+    value: Vec<u8>,
     /// When the grant reached this client: renewals sent after it list it.
     granted_at: Instant,
     resigned: bool,
@@ -151,6 +157,7 @@ impl Election {
             lease: lease.clone(),
             name: self.name.clone(),
             token: FencingToken(grant.token),
+            value: grant.value,
             granted_at: Instant::now(),
             resigned: false,
         })
@@ -188,6 +195,14 @@ impl Leadership {
     /// The leadership term's fencing token.
     pub fn token(&self) -> FencingToken {
         self.token
+    }
+
+    /// The value the election showed for this leadership when the server
+    /// answered the campaign: the campaign's own value, or, for a lease that
+    /// already led, the value it led with (see the module docs). Later
+    /// proclaims are not reflected here.
+    pub fn value(&self) -> &[u8] {
+        &self.value
     }
 
     /// The lease the leadership is held by.

@@ -137,6 +137,27 @@ async fn deposed_leaders_fenced_write_is_rejected_with_stale_token() {
     cluster.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigning_again_gives_the_leadership_back_with_the_value_it_leads_with() {
+    let cluster = TestCluster::start(5).await;
+    let client = cluster.client().await;
+    let election = client.election("primary");
+    let first = client.grant_lease(TTL).await.expect("grant");
+    let one = election.campaign(&first, "one").await.expect("elected");
+    assert_eq!(one.value(), b"one");
+
+    let again = election
+        .campaign(&first, "one-again")
+        .await
+        .expect("given back");
+    assert_eq!(again.token(), one.token());
+    assert_eq!(again.value(), b"one", "a second campaign publishes nothing");
+    let leader = election.leader().await.expect("leader").expect("a leader");
+    assert_eq!((leader.token, leader.value), (one.token(), b"one".to_vec()));
+    again.resign().await.expect("resign");
+    cluster.shutdown().await;
+}
+
 async fn campaign(
     election: Election,
     lease: Lease,

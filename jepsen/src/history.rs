@@ -56,7 +56,9 @@
 //!
 //! Elections (workload `election`); `key` is the election name:
 //! - `campaign`: invoke `{"lease": L, "value": S}`; ok
-//!   `{"token": T, "lease": L, "value": S}`.
+//!   `{"token": T, "lease": L, "value": S'}`, where S' is the value the
+//!   server answered with: S, or, when the lease already led (an earlier
+//!   campaign of it that ended `info` won after all), the value it led with.
 //! - `proclaim`: `{"token": T, "value": S}`.
 //! - `resign`: `{"token": T, "lease": L}`.
 //! - `observe`: info `{"token": T, "lease": L, "value": S}` or `null` (no

@@ -95,6 +95,35 @@ fn election_run_with_observers_passes_every_checker() {
     );
 }
 
+/// A campaign that timed out but won, then the same lease campaigning
+/// again with a new value: the server gives the leadership back with the
+/// first value, and the ok reports that value (campaign `election` seed 4
+/// of the first campaign, reduced).
+#[test]
+fn a_leadership_given_back_with_its_first_value_passes_every_checker() {
+    assert_valid(
+        "good-election-campaign-given-back.jsonl",
+        &[
+            "fenced-mutex",
+            "fencing-tokens",
+            "lease-overlap",
+            "election-leaders",
+        ],
+    );
+}
+
+#[test]
+fn a_campaign_answered_with_a_value_its_lease_never_campaigned_with_is_caught() {
+    let result = assert_caught(
+        "bad-election-campaign-answer-from-nowhere.jsonl",
+        "election-leaders",
+    );
+    assert!(
+        result.summary.contains("never campaigned with"),
+        "{result:#?}"
+    );
+}
+
 #[test]
 fn a_token_granted_to_two_leases_is_caught() {
     let result = assert_caught("bad-duplicate-token.jsonl", "fencing-tokens");

@@ -14,6 +14,12 @@
 //!   (process and election) sees tokens that never go down.
 //! - An observed value must be one the leader published under that token
 //!   (its campaign value or a `proclaim` that did not fail).
+//! - A campaign's value is the one its `ok` reports: a lease that already
+//!   leads (an earlier campaign of it ended `info` but won) gets its
+//!   leadership back with the value it leads with, and campaigning again
+//!   publishes nothing. So an `ok` may report another value than its
+//!   invoke's, but only one that its lease campaigned with (in that
+//!   election) or that was proclaimed under its token.
 //!
 //! Uniqueness of campaign tokens and their real-time order are checked by
 //! `fencing-tokens`, the mutual exclusion of leaderships by `fenced-mutex`.
@@ -22,7 +28,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::calls::{field, field_u64, in_history_order, Event, Outcome, Paired, Unreadable};
+use super::calls::{field, field_u64, in_history_order, Call, Event, Outcome, Paired, Unreadable};
 use super::register::unwrap_value;
 use super::tokens::{grants, Grant};
 use super::violations::{self, Violation};
@@ -90,7 +96,7 @@ pub fn check_elections(paired: &Paired<'_>) -> Option<CheckerResult> {
     }
     let published = published_values(paired);
     let mut last_seen: HashMap<(String, &str), &Event<'_>> = HashMap::new();
-    let mut violations = Vec::new();
+    let mut violations = answers_from_nowhere(paired);
     for event in &observations {
         let value = &event.op.value;
         if value.is_null() {
@@ -131,23 +137,80 @@ pub fn check_elections(paired: &Paired<'_>) -> Option<CheckerResult> {
     ))
 }
 
-/// Values published under each election token: campaign values and
-/// proclaims that did not fail.
+/// Values published under each election token: the values campaign `ok`s
+/// report (their invoke's when they report none) and proclaims that did
+/// not fail.
 fn published_values<'a>(paired: &'a Paired<'a>) -> HashMap<u64, Vec<&'a Value>> {
     let mut published: HashMap<u64, Vec<&Value>> = HashMap::new();
     for call in &paired.calls {
-        let token = match (call.f(), call.outcome()) {
+        let (token, value) = match (call.f(), call.outcome()) {
             ("campaign", Outcome::Ok) => {
-                call.completion.and_then(|op| field_u64(&op.value, "token"))
+                let answer = call.completion.map(|op| &op.value);
+                (
+                    answer.and_then(|value| field_u64(value, "token")),
+                    answer
+                        .and_then(|value| field(value, "value"))
+                        .or_else(|| field(&call.invoke.value, "value")),
+                )
             }
-            ("proclaim", Outcome::Ok | Outcome::Unknown) => field_u64(&call.invoke.value, "token"),
-            _ => None,
+            ("proclaim", Outcome::Ok | Outcome::Unknown) => (
+                field_u64(&call.invoke.value, "token"),
+                field(&call.invoke.value, "value"),
+            ),
+            _ => (None, None),
         };
-        if let (Some(token), Some(value)) = (token, field(&call.invoke.value, "value")) {
+        if let (Some(token), Some(value)) = (token, value) {
             published.entry(token).or_default().push(value);
         }
     }
     published
+}
+
+/// Campaign `ok`s that report a value other than their own which neither
+/// their lease campaigned with in that election nor anyone proclaimed
+/// under their token: a value from nowhere.
+fn answers_from_nowhere(paired: &Paired<'_>) -> Vec<Violation> {
+    let campaigns: Vec<&Call<'_>> = paired
+        .calls
+        .iter()
+        .filter(|call| call.f() == "campaign")
+        .collect();
+    let mut violations = Vec::new();
+    for call in &campaigns {
+        let Some(answer) = call.completion.filter(|_| call.outcome() == Outcome::Ok) else {
+            continue;
+        };
+        let (Some(shown), Some(token)) = (
+            field(&answer.value, "value"),
+            field_u64(&answer.value, "token"),
+        ) else {
+            continue;
+        };
+        if field(&call.invoke.value, "value") == Some(shown) {
+            continue;
+        }
+        let lease = field(&call.invoke.value, "lease");
+        let campaigned = campaigns.iter().any(|other| {
+            other.key() == call.key()
+                && field(&other.invoke.value, "lease") == lease
+                && field(&other.invoke.value, "value") == Some(shown)
+        });
+        let proclaimed = paired.calls.iter().any(|other| {
+            other.f() == "proclaim"
+                && field_u64(&other.invoke.value, "token") == Some(token)
+                && field(&other.invoke.value, "value") == Some(shown)
+        });
+        if !campaigned && !proclaimed {
+            violations.push(Violation {
+                message: format!(
+                    "campaign op {} was answered with token {token} and value {shown}, which its lease never campaigned with and nobody proclaimed",
+                    answer.index
+                ),
+                ops: in_history_order(&[call], &[]),
+            });
+        }
+    }
+    violations
 }
 
 /// What an observation of `grant`'s token shows that the grant does not.

@@ -20,9 +20,15 @@
 //!   (`fenced-writes` checks that it was stopped);
 //! - the end of the history.
 //!
-//! Two grants of the same lock, or of the same election, with different
-//! tokens must not be believed held at the same time for longer than
-//! [`CheckOptions::drift_bound`]. latchkey's client reports a lease lost
+//! No grant of a lock or election may be made while an earlier grant of
+//! it, with another token, is still believed held, more than
+//! [`CheckOptions::drift_bound`] before that belief ends: the overlap is
+//! measured from the later grant to the end of the earlier belief, however
+//! soon the later holder lets go. (A stale holder trusting its lock for a
+//! second while twenty short holds come and go has overlapped every one of
+//! them; measuring each pair's common time alone, as this checker did
+//! until the harness could cut a live holder off, let holds shorter than
+//! the bound hide it.) latchkey's client reports a lease lost
 //! from its own monotonic deadline, which the server never undercuts
 //! (`docs/semantics.md`, invariant 4), so an overlap means the client
 //! trusted a lock or leadership that was already someone else's. A holder
@@ -235,9 +241,9 @@ fn is_client(value: &Value) -> bool {
     field(value, "target").and_then(Value::as_str) == Some("client")
 }
 
-/// Pairs of holds of one lock or election that overlap by more than
-/// `drift`: each hold is compared with the earlier-starting hold that ends
-/// last, which is the one it overlaps most.
+/// Holds of one lock or election granted more than `drift` before an
+/// earlier hold's belief ended: each hold is compared with the
+/// earlier-starting hold that ends last, whose belief it undercuts most.
 fn overlaps(
     namespace: &str,
     name: &str,
@@ -250,10 +256,8 @@ fn overlaps(
     let mut longest: Option<&Hold<'_>> = None;
     for hold in holds.iter() {
         if let Some(earlier) = longest {
-            let overlap_ns = earlier
-                .end_ns
-                .min(hold.end_ns)
-                .saturating_sub(hold.start_ns);
+            // Not `min(earlier.end, hold.end)`: see the module docs.
+            let overlap_ns = earlier.end_ns.saturating_sub(hold.start_ns);
             if overlap_ns > drift_ns {
                 violations.push(violation(namespace, name, earlier, hold, overlap_ns));
             }
@@ -287,5 +291,112 @@ fn violation(
             later.grant.describe()
         ),
         ops: in_history_order(&[earlier.grant.call, later.grant.call], &evidence),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::check::{check_history, CheckOptions, Validity};
+    use crate::history::{Op, OpType, Process};
+    use serde_json::{json, Value};
+
+    fn op(time_ms: u64, process: u64, kind: OpType, f: &str, value: Value) -> Op {
+        Op {
+            index: 0,
+            time: time_ms * 1_000_000,
+            process: Process::Client(process),
+            kind,
+            f: f.into(),
+            key: Some("L".into()),
+            value,
+            term: None,
+            raft_index: None,
+            error: None,
+        }
+    }
+
+    /// Holder 0 trusts token 1 until its deadline at 1 000 ms; holder 1 is
+    /// granted token 2 at `granted_ms` and releases it 20 ms later.
+    fn history(granted_ms: u64) -> Vec<Op> {
+        let mut ops = vec![
+            op(0, 0, OpType::Invoke, "acquire", json!({"lease": 1})),
+            op(
+                10,
+                0,
+                OpType::Ok,
+                "acquire",
+                json!({"lease": 1, "token": 1}),
+            ),
+            op(20, 1, OpType::Invoke, "acquire", json!({"lease": 2})),
+            op(
+                granted_ms,
+                1,
+                OpType::Ok,
+                "acquire",
+                json!({"lease": 2, "token": 2}),
+            ),
+            op(
+                granted_ms + 20,
+                1,
+                OpType::Invoke,
+                "release",
+                json!({"lease": 2, "token": 2}),
+            ),
+            op(
+                granted_ms + 25,
+                1,
+                OpType::Ok,
+                "release",
+                json!({"lease": 2, "token": 2}),
+            ),
+            op(
+                1200,
+                0,
+                OpType::Info,
+                "hold-lost",
+                json!({"lease": 1, "token": 1, "deadline": 1_000_000_000}),
+            ),
+            op(
+                1210,
+                0,
+                OpType::Invoke,
+                "release",
+                json!({"lease": 1, "token": 1}),
+            ),
+            op(
+                1220,
+                0,
+                OpType::Fail,
+                "release",
+                json!({"lease": 1, "token": 1}),
+            ),
+        ];
+        ops.sort_by_key(|op| op.time);
+        for (index, op) in ops.iter_mut().enumerate() {
+            op.index = index as u64;
+        }
+        ops
+    }
+
+    fn verdict(ops: &[Op]) -> Validity {
+        let results = check_history(ops, &CheckOptions::default());
+        results
+            .checkers
+            .iter()
+            .find(|c| c.name == "lease-overlap")
+            .map(|c| c.valid)
+            .expect("lease-overlap ran")
+    }
+
+    #[test]
+    fn a_short_hold_granted_while_an_earlier_holder_still_trusts_its_lock_is_an_overlap() {
+        // Token 2 is held for 20 ms only, well under the 50 ms bound, but
+        // granted 700 ms before holder 0 stopped trusting token 1.
+        assert_eq!(verdict(&history(300)), Validity::Invalid);
+    }
+
+    #[test]
+    fn a_grant_within_the_drift_bound_of_the_earlier_deadline_is_no_overlap() {
+        assert_eq!(verdict(&history(960)), Validity::Valid);
     }
 }

@@ -68,6 +68,16 @@ pub trait Model {
         None
     }
 
+    /// Adds to `ops`, before a search, constraints that every
+    /// linearization obeys anyway, so that the search cuts dead branches
+    /// early (an op's `ret` says whether its outcome is known in this
+    /// search; the witness reducer makes ops unknown, so this runs again
+    /// on each history it searches). Must not change which histories are
+    /// linearizable. By default, none.
+    fn prepare(&self, ops: &mut [Timed<Self::Op>]) {
+        let _ = ops;
+    }
+
     /// Heap bytes a cached state holds, for the memory bound.
     fn state_heap_bytes(&self, state: &Self::State) -> usize {
         let _ = state;
@@ -135,6 +145,9 @@ pub fn check_from_any<M: Model>(
     ops: &[Timed<M::Op>],
     limits: &Limits,
 ) -> Verdict {
+    let mut prepared = ops.to_vec();
+    model.prepare(&mut prepared);
+    let ops = &prepared[..];
     let mut list = EntryList::new(ops);
     let mut cache: Cache<M::State> = Cache::new(ops.len().div_ceil(64));
     let twins = earlier_twins(ops);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::nemesis::FaultKind;
+use super::nemesis::{parse_nemesis, rates_within};
 use super::run::{self, RunOptions};
 use crate::check::Validity;
 
@@ -23,7 +23,9 @@ pub struct TestArgs {
     /// resign, observe) or `lease` (grant, keepalive, revoke, expiry).
     #[arg(long, default_value = "lock-fenced")]
     pub workload: String,
-    /// Comma-separated faults: partition, kill, pause, clock; or `none`.
+    /// Comma-separated faults: partition, kill, pause, clock, clock-rate,
+    /// client-partition; `kind:variant` narrows one to a variant, and
+    /// `a+b` applies faults together in one cycle; or `none`.
     #[arg(long, default_value = "partition,kill,pause")]
     pub nemesis: String,
     /// Seconds of workload (faults stop one quiet period before the end).
@@ -45,6 +47,20 @@ pub struct TestArgs {
     /// catch what fencing prevents.
     #[arg(long)]
     pub unsafe_no_fencing: bool,
+    /// Start every node with `--unsafe-unconfirmed-renewals`: keepalives are
+    /// answered without a confirmation round, so a leader cut off from its
+    /// peers keeps renewing leases; the control run for `lease-overlap`.
+    #[arg(long)]
+    pub unsafe_unconfirmed_renewals: bool,
+    /// The drift bound the nodes and the workers' clients are given.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_clock_drift_ppm: u64,
+    /// Comma-separated clock rates the `clock` and `clock-rate` faults draw
+    /// from (default: four rates within the drift bound). Rates beyond the
+    /// bound break the lease guarantee on purpose: `lease-overlap` is then
+    /// expected to find overlaps.
+    #[arg(long)]
+    pub clock_rates: Option<String>,
     /// Lease TTL of the lock, election and lease workers (`2s`, `1500ms`, plain seconds).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub ttl: Duration,
@@ -139,17 +155,15 @@ fn options(args: &TestArgs) -> Result<RunOptions, String> {
             WORKLOADS.join(", ")
         ));
     }
-    let nemeses = if args.nemesis.trim() == "none" {
-        Vec::new()
-    } else {
-        let mut kinds = args
-            .nemesis
-            .split(',')
-            .map(|name| FaultKind::parse(name.trim()))
-            .collect::<Result<Vec<_>, _>>()?;
-        kinds.sort();
-        kinds.dedup();
-        kinds
+    let nemeses = parse_nemesis(&args.nemesis)?;
+    if args.max_clock_drift_ppm > MAX_DRIFT_PPM {
+        return Err(format!(
+            "--max-clock-drift-ppm must be at most {MAX_DRIFT_PPM} (10 %), as the server requires"
+        ));
+    }
+    let clock_rates = match &args.clock_rates {
+        Some(text) => parse_rates(text)?,
+        None => rates_within(args.max_clock_drift_ppm),
     };
     if !(1..=9).contains(&args.nodes) {
         return Err(format!("--nodes must be 1 to 9, not {}", args.nodes));
@@ -190,6 +204,9 @@ fn options(args: &TestArgs) -> Result<RunOptions, String> {
         store: args.store.clone(),
         binary,
         unsafe_no_fencing: args.unsafe_no_fencing,
+        unsafe_unconfirmed_renewals: args.unsafe_unconfirmed_renewals,
+        max_clock_drift_ppm: args.max_clock_drift_ppm,
+        clock_rates,
         ttl: args.ttl,
         nodes: args.nodes,
         fault_interval: args.fault_interval,
@@ -197,6 +214,33 @@ fn options(args: &TestArgs) -> Result<RunOptions, String> {
         loopback_only,
         command_line: command_line(),
     })
+}
+
+/// The server's largest `--max-clock-drift-ppm`.
+const MAX_DRIFT_PPM: u64 = 100_000;
+/// Clock rates the server's rate file accepts.
+const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
+
+/// `1.5,2.0` → rates, each one the server accepts.
+fn parse_rates(text: &str) -> Result<Vec<f64>, String> {
+    let rates = text
+        .split(',')
+        .map(|part| {
+            let rate: f64 = part
+                .trim()
+                .parse()
+                .map_err(|_| format!("--clock-rates: {part:?} is not a number"))?;
+            if RATE_RANGE.contains(&rate) {
+                Ok(rate)
+            } else {
+                Err(format!("--clock-rates: {rate} is outside 0.01 to 100"))
+            }
+        })
+        .collect::<Result<Vec<f64>, String>>()?;
+    if rates.is_empty() {
+        return Err("--clock-rates needs at least one rate".into());
+    }
+    Ok(rates)
 }
 
 /// `latchkey` next to this executable (same cargo target directory).
@@ -238,5 +282,12 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn clock_rates_parse_and_rates_the_server_would_ignore_are_refused() {
+        assert_eq!(parse_rates("1.5, 2"), Ok(vec![1.5, 2.0]));
+        assert!(parse_rates("0").is_err());
+        assert!(parse_rates("fast").is_err());
     }
 }

@@ -7,23 +7,33 @@
 //!
 //! Each node runs in its own process group (a Ctrl-C in the terminal reaches
 //! only the harness, which then tears down in order), in its namespace when
-//! there is one (`setns` in the forked child, before exec), with its
-//! stdout/stderr appended to `RUN/nodes/nI.log`, and asks the kernel to
-//! SIGKILL it if the thread that spawned it dies (`PR_SET_PDEATHSIG`). The
-//! spawning threads are the runtime's worker threads, which live until the
-//! runtime shuts down, i.e. until the harness is done. `kill_on_drop` covers
-//! a panic that unwinds past the cluster.
+//! there is one, with its stdout/stderr appended to `RUN/nodes/nI.log`, and
+//! dies with the harness (`spawn`). `kill_on_drop` covers a panic that
+//! unwinds past the cluster.
 //!
-//! # Clock skew
-//! A node started with a [`ClockSkew`] runs under libfaketime
-//! (`LD_PRELOAD`, `FAKETIME="+OFFSETs xRATE"`), which fakes its monotonic
-//! clock too: at rate 2 its Raft ticks and lease deadlines run twice as
-//! fast. The skew is fixed at exec, so changing it means a restart.
+//! Every node gets `--max-clock-drift-ppm` (the run's drift bound), and
+//! `--unsafe-no-fencing` / `--unsafe-unconfirmed-renewals` when the run
+//! asks for them.
+//!
+//! # Clocks
+//! Two ways to make a node's clock run at another rate:
+//! - **on a running node** ([`Cluster::set_clock_rate`]): with
+//!   `clock_rate_files`, every node is started with
+//!   `--unsafe-clock-rate-file RUN/nodes/nI.clock-rate`; the node re-reads
+//!   the file every 100 ms and its lease deadlines *and* Raft ticks follow
+//!   the rate written there from then on, without a jump. This is how a
+//!   clock fault hits a leader mid-term.
+//! - **at a restart** ([`ClockSkew`]): the node runs under libfaketime
+//!   (`LD_PRELOAD`, `FAKETIME="+OFFSETs xRATE"`), which fakes its monotonic
+//!   clock too, and also offsets its wall clock. The skew is fixed at exec.
+//!
+//! # Not done yet
+//! - A node restarted by `kill` keeps the rate its file says; the nemesis
+//!   writes every file back to 1 at its heal.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -35,6 +45,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use super::net::NodeAddrs;
+use super::spawn::spawn_child;
 
 /// How long a node gets to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -52,7 +63,8 @@ pub struct ClockSkew {
 
 impl ClockSkew {
     fn faketime_spec(&self) -> String {
-        format!("{:+}s x{:.2}", self.offset_s, self.rate)
+        // Rates within a drift bound need more than two decimals (0.995).
+        format!("{:+}s x{}", self.offset_s, self.rate)
     }
 }
 
@@ -61,6 +73,12 @@ impl ClockSkew {
 pub struct NodeOptions {
     pub binary: PathBuf,
     pub unsafe_no_fencing: bool,
+    pub unsafe_unconfirmed_renewals: bool,
+    /// The drift bound every node is told (`--max-clock-drift-ppm`).
+    pub max_clock_drift_ppm: u64,
+    /// Start every node with `--unsafe-clock-rate-file`, so that
+    /// [`Cluster::set_clock_rate`] works.
+    pub clock_rate_files: bool,
     /// libfaketime's shared object, when installed.
     pub faketime_lib: Option<PathBuf>,
 }
@@ -69,6 +87,8 @@ struct Node {
     addrs: NodeAddrs,
     data_dir: PathBuf,
     log: PathBuf,
+    /// `RUN/nodes/nI.clock-rate`, read by the node when `clock_rate_files`.
+    rate_file: PathBuf,
     child: Option<Child>,
     paused: bool,
     clock: Option<ClockSkew>,
@@ -110,6 +130,7 @@ impl Cluster {
                 Ok(Node {
                     data_dir: nodes_dir.join(format!("n{}-data", addrs.id)),
                     log: nodes_dir.join(format!("n{}.log", addrs.id)),
+                    rate_file: nodes_dir.join(format!("n{}.clock-rate", addrs.id)),
                     addrs: addrs.clone(),
                     child: None,
                     paused: false,
@@ -163,6 +184,17 @@ impl Cluster {
     /// Sets the clock node `id` gets at its next start.
     pub fn set_clock(&mut self, id: u64, clock: Option<ClockSkew>) {
         self.node(id).clock = clock;
+    }
+
+    /// Makes node `id`'s clock run at `rate` from now on (within 100 ms, the
+    /// node's polling interval), whether or not it is running; see the
+    /// module docs.
+    pub fn set_clock_rate(&mut self, id: u64, rate: f64) -> Result<(), String> {
+        if !self.options.clock_rate_files {
+            return Err("the nodes were started without --unsafe-clock-rate-file".into());
+        }
+        let path = self.node(id).rate_file.clone();
+        write_rate_file(&path, rate)
     }
 
     pub fn start_all(&mut self) -> Result<(), String> {
@@ -308,9 +340,7 @@ fn spawn_node(options: &NodeOptions, node: &Node) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log.try_clone()?))
-        .env("NO_COLOR", "1")
-        .process_group(0)
-        .kill_on_drop(true);
+        .env("NO_COLOR", "1");
     let mut clock_note = String::new();
     if let (Some(clock), Some(lib)) = (node.clock, &options.faketime_lib) {
         command
@@ -325,37 +355,7 @@ fn spawn_node(options: &NodeOptions, node: &Node) -> std::io::Result<Child> {
         options.binary.display(),
         args.join(" ")
     )?;
-    let netns = node
-        .addrs
-        .netns
-        .as_ref()
-        .map(std::fs::File::open)
-        .transpose()?;
-    let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setns, prctl, getppid) without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            if let Some(fd) = netns_fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let child = command.spawn();
-    // The namespace file must stay open until the child has entered it.
-    drop(netns);
-    child
+    spawn_child(&mut command, node.addrs.netns.as_deref())
 }
 
 fn serve_args(options: &NodeOptions, node: &Node) -> Vec<String> {
@@ -374,10 +374,28 @@ fn serve_args(options: &NodeOptions, node: &Node) -> Vec<String> {
         "--initial-cluster".into(),
         node.addrs.initial_cluster.clone(),
     ];
+    args.push("--max-clock-drift-ppm".into());
+    args.push(options.max_clock_drift_ppm.to_string());
     if options.unsafe_no_fencing {
         args.push("--unsafe-no-fencing".into());
     }
+    if options.unsafe_unconfirmed_renewals {
+        args.push("--unsafe-unconfirmed-renewals".into());
+    }
+    if options.clock_rate_files {
+        args.push("--unsafe-clock-rate-file".into());
+        args.push(node.rate_file.display().to_string());
+    }
     args
+}
+
+/// Writes `rate` to `path` through a rename, so that the node never reads
+/// a half-written file.
+fn write_rate_file(path: &Path, rate: f64) -> Result<(), String> {
+    let temporary = path.with_extension("clock-rate.new");
+    std::fs::write(&temporary, format!("{rate}\n"))
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("cannot write the clock rate to {}: {e}", path.display()))
 }
 
 /// `signal 9`, `exit code 1`, …
@@ -435,11 +453,21 @@ mod tests {
             offset_s: -3,
             rate: 1.5,
         };
-        assert_eq!(skew.faketime_spec(), "-3s x1.50");
+        assert_eq!(skew.faketime_spec(), "-3s x1.5");
         let skew = ClockSkew {
             offset_s: 7,
-            rate: 0.5,
+            rate: 0.995,
         };
-        assert_eq!(skew.faketime_spec(), "+7s x0.50");
+        assert_eq!(skew.faketime_spec(), "+7s x0.995");
+    }
+
+    #[test]
+    fn a_clock_rate_file_holds_just_the_rate_and_no_temporary_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("n1.clock-rate");
+        write_rate_file(&path, 1.005).expect("write");
+        write_rate_file(&path, 2.0).expect("overwrite");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "2\n");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1);
     }
 }

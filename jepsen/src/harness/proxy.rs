@@ -1,9 +1,11 @@
-//! The loopback fallback's fault injector: a TCP proxy per directed peer
-//! link that stops carrying bytes in a cut direction.
+//! The loopback fallback's fault injector: a TCP proxy per directed link
+//! (node to node, or client worker to node) that stops carrying bytes in a
+//! cut direction.
 //!
 //! The proxy for `a → b` listens on 127.0.0.1 (port chosen by the kernel)
-//! and is the address node `a` dials for node `b`. Each accepted connection
-//! is joined to `b`'s real peer address by two pumps: bytes from `a` to `b`
+//! and is the address member `a` (a node, or a worker: `net` numbers them)
+//! dials for node `b`. Each accepted connection
+//! is joined to `b`'s real address (peer or client port) by two pumps: bytes from `a` to `b`
 //! and the answers from `b` to `a`. A pump holds the chunk it has read
 //! while its direction is cut and sends it once the cut is healed, and
 //! stops reading meanwhile, so TCP back-pressure holds the rest: what a
@@ -14,6 +16,10 @@
 //! Not the same as the namespace network: new connections are accepted
 //! even while cut (their handshake completes, their bytes wait), and
 //! nothing ever times out at the TCP level, only in the applications.
+//!
+//! # Not done yet
+//! - Bytes are held, never lost: a cut cannot reset a connection or make a
+//!   write vanish, as a real network can.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -48,6 +54,11 @@ impl LinkTable {
     /// Replaces the set of cut links.
     pub fn set(&self, cuts: BTreeSet<(u64, u64)>) {
         self.cuts.send_replace(cuts);
+    }
+
+    /// The cut links in force.
+    pub fn current(&self) -> BTreeSet<(u64, u64)> {
+        self.cuts.borrow().clone()
     }
 
     /// Waits until bytes may travel from `from` to `to` (or the table is
@@ -133,7 +144,7 @@ async fn accept_loop(
     }
 }
 
-/// Copies bytes travelling from node `from` to node `to`, holding them while
+/// Copies bytes travelling from member `from` to member `to`, holding them while
 /// that direction is cut.
 async fn pump(
     mut reader: OwnedReadHalf,

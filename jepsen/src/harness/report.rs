@@ -4,9 +4,14 @@
 //! - the verdicts of every checker, with witnesses;
 //! - a timeline: one row per process, a bar per op from invoke to
 //!   completion (green ok, red fail, orange info, grey never completed),
-//!   fault intervals shaded behind, and the leader as the observer saw it;
+//!   fault intervals shaded behind (a client fault also outlines the row
+//!   of the process it hit), and the leader as the observer saw it;
 //! - latency over time (log scale) and throughput per second;
 //! - the nemesis's steps, and the command line and seed to rerun.
+//!
+//! # Not done yet
+//! - Each node's clock rate over time has no track of its own (the clock
+//!   band's description names the rates).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -35,6 +40,8 @@ struct Interval {
     start: u64,
     end: u64,
     label: String,
+    /// The client process a client fault hit, when the step names it.
+    process: Option<u64>,
 }
 
 pub fn render(ops: &[Op], results: &Results, info: &RunInfo) -> String {
@@ -52,7 +59,7 @@ pub fn render(ops: &[Op], results: &Results, info: &RunInfo) -> String {
     );
     summary_table(&mut html, info, ops.len());
     checker_table(&mut html, results);
-    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#c9a227\">clock</span>. Hover a bar for the op.</p>");
+    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#16a085\">client partition</span>, <span style=\"color:#c9a227\">clock (restart skew or clock rate)</span>. Hover a band for the fault, a bar for the op.</p>");
     timeline(&mut html, &spans, &standalone, &intervals, ops, end);
     html.push_str("<h2>Latency</h2>");
     latency(&mut html, &spans, &intervals, end);
@@ -108,16 +115,19 @@ fn summary_table(html: &mut String, info: &RunInfo, ops: usize) {
         (
             "cluster",
             format!(
-                "{} nodes, {} workers, lease TTL {} ms{}",
+                "{} nodes, {} workers, lease TTL {} ms{}{}",
                 info.nodes,
                 info.concurrency,
                 info.ttl_ms,
-                if info.unsafe_no_fencing { ", <b>--unsafe-no-fencing</b>" } else { "" }
+                if info.unsafe_no_fencing { ", <b>--unsafe-no-fencing</b>" } else { "" },
+                if info.unsafe_unconfirmed_renewals { ", <b>--unsafe-unconfirmed-renewals</b>" } else { "" }
             ),
         ),
         ("duration", format!("{:.1} s of {:.0} s workload; checking took {:.1} s", info.duration_s, info.time_limit_s, info.check_s)),
         ("ops recorded", ops.to_string()),
         ("faults", format!("{} ({})", info.nemesis.faults, escape(&faults))),
+        ("nemesis", escape(&info.nemeses.join(", "))),
+        ("clocks", clocks(info)),
         ("nemesis notes", escape(&info.nemesis.notes.join("; "))),
         ("nodes that exited on their own", escape(&info.node_crashes.join("; "))),
         ("files", "<a href=\"history.jsonl\">history.jsonl</a>, <a href=\"results.json\">results.json</a>, <a href=\"nodes/\">nodes/</a> (logs), <a href=\"workers/\">workers/</a>".into()),
@@ -127,6 +137,20 @@ fn summary_table(html: &mut String, info: &RunInfo, ops: usize) {
         let _ = write!(html, "<tr><th>{name}</th><td>{value}</td></tr>");
     }
     html.push_str("</table>\n");
+}
+
+/// The drift bound and the rates the clock faults drew from.
+fn clocks(info: &RunInfo) -> String {
+    let rates: Vec<String> = info.clock_rates.iter().map(|r| format!("x{r}")).collect();
+    let mut text = format!(
+        "drift bound {} ppm; clock faults draw rates {}",
+        info.max_clock_drift_ppm,
+        rates.join(", ")
+    );
+    if info.clock_rates_beyond_bound {
+        text.push_str(" — <b>beyond the bound: lease overlaps are expected</b>");
+    }
+    text
 }
 
 fn checker_table(html: &mut String, results: &Results) {
@@ -200,53 +224,74 @@ fn value_str(value: &Value, field: &str) -> Option<String> {
 }
 
 fn intervals(ops: &[Op], end: u64) -> Vec<Interval> {
-    let mut open: BTreeMap<String, (&'static str, u64, String)> = BTreeMap::new();
+    let mut open: BTreeMap<String, Interval> = BTreeMap::new();
     let mut done = Vec::new();
     for op in ops
         .iter()
         .filter(|op| op.process == Process::Nemesis && op.kind == OpType::Info)
     {
-        let label = value_str(&op.value, "description").unwrap_or_else(|| op.f.clone());
-        let client = value_str(&op.value, "target").as_deref() == Some("client");
-        let slot = value_str(&op.value, "slot").unwrap_or_default();
-        let (key, kind, opens) = match op.f.as_str() {
-            "partition" => ("net".to_string(), "partition", true),
-            "heal" => ("net".to_string(), "partition", false),
-            "kill" => ("kill".to_string(), "kill", true),
-            "start" => ("kill".to_string(), "kill", false),
-            "clock" => ("clock".to_string(), "clock", true),
-            "clock-reset" => ("clock".to_string(), "clock", false),
-            "pause" if value_str(&op.value, "variant").as_deref() == Some("client-at-write") => {
-                continue
+        for (key, kind, opens) in fault_edges(op) {
+            if opens {
+                let interval = Interval {
+                    kind,
+                    start: op.time,
+                    end,
+                    label: value_str(&op.value, "description").unwrap_or_else(|| op.f.clone()),
+                    process: op.value.get("process").and_then(Value::as_u64),
+                };
+                open.insert(key, interval);
+            } else if let Some(interval) = open.remove(&key) {
+                done.push(Interval {
+                    end: op.time,
+                    ..interval
+                });
             }
-            "client-pause" => (format!("client-{slot}"), "pause", true),
-            "client-resume" => (format!("client-{slot}"), "pause", false),
-            "pause" if client => (format!("client-{slot}"), "pause", true),
-            "resume" if client => (format!("client-{slot}"), "pause", false),
-            "pause" => ("node-pause".to_string(), "pause", true),
-            "resume" => ("node-pause".to_string(), "pause", false),
-            _ => continue,
-        };
-        if opens {
-            open.insert(key, (kind, op.time, label));
-        } else if let Some((kind, start, label)) = open.remove(&key) {
-            done.push(Interval {
-                kind,
-                start,
-                end: op.time,
-                label,
-            });
         }
     }
-    for (_, (kind, start, label)) in open {
-        done.push(Interval {
-            kind,
-            start,
-            end,
-            label,
-        });
-    }
+    // Still open at the end of the history: they run to its end.
+    done.extend(open.into_values());
     done
+}
+
+/// The fault intervals a nemesis `info` op opens or closes: `(key, kind,
+/// opens)`, where an op closes the interval its key opened. Arming a
+/// client fault opens nothing: the `client-pause` or `client-cut` that
+/// follows when it fires does.
+fn fault_edges(op: &Op) -> Vec<(String, &'static str, bool)> {
+    let client = value_str(&op.value, "target").as_deref() == Some("client");
+    let variant = value_str(&op.value, "variant");
+    let slot = value_str(&op.value, "slot").unwrap_or_default();
+    let edge = |key: String, kind, opens| vec![(key, kind, opens)];
+    match op.f.as_str() {
+        "partition" => edge("net".into(), "partition", true),
+        "heal" => edge("net".into(), "partition", false),
+        "kill" => edge("kill".into(), "kill", true),
+        "start" => edge("kill".into(), "kill", false),
+        "clock" => edge("clock".into(), "clock", true),
+        "clock-reset" => edge("clock".into(), "clock", false),
+        "clock-rate" => edge("clock-rate".into(), "clock", true),
+        "clock-rate-reset" => edge("clock-rate".into(), "clock", false),
+        "pause" if variant.as_deref() == Some("client-at-write") => Vec::new(),
+        "client-partition" if variant.as_deref() == Some("holder") => Vec::new(),
+        "client-pause" => edge(format!("client-{slot}"), "pause", true),
+        "client-resume" => edge(format!("client-{slot}"), "pause", false),
+        "pause" if client => edge(format!("client-{slot}"), "pause", true),
+        "resume" if client => edge(format!("client-{slot}"), "pause", false),
+        "pause" => edge("node-pause".into(), "pause", true),
+        "resume" => edge("node-pause".into(), "pause", false),
+        "client-partition" | "client-cut" => {
+            edge(format!("client-net-{slot}"), "client-partition", true)
+        }
+        // The schedule's heal names every slot it reconnects.
+        "client-heal" => match op.value.get("slots").and_then(Value::as_array) {
+            Some(slots) => slots
+                .iter()
+                .map(|s| (format!("client-net-{s}"), "client-partition", false))
+                .collect(),
+            None => edge(format!("client-net-{slot}"), "client-partition", false),
+        },
+        _ => Vec::new(),
+    }
 }
 
 fn interval_color(kind: &str) -> &'static str {
@@ -254,6 +299,7 @@ fn interval_color(kind: &str) -> &'static str {
         "partition" => "#3b6fd6",
         "kill" => "#d63b3b",
         "pause" => "#8e44ad",
+        "client-partition" => "#16a085",
         _ => "#c9a227",
     }
 }
@@ -350,21 +396,7 @@ fn timeline(
     let bottom = height - 20.0;
     time_axis(html, end, bottom, top);
     shade(html, intervals, end, top, bottom - top);
-    // The leader track: who the observer saw leading, and in which term.
-    let _ = write!(html, "<text x=\"2\" y=\"{:.1}\">leader</text>", top + 10.0);
-    for op in ops
-        .iter()
-        .filter(|op| op.f == "status" && value_str(&op.value, "role").as_deref() == Some("leader"))
-    {
-        let x = x_of(op.time, end);
-        let node = value_str(&op.value, "node").unwrap_or_default();
-        let term = value_str(&op.value, "term").unwrap_or_default();
-        let _ = write!(
-            html,
-            "<text x=\"{x:.1}\" y=\"{:.1}\" fill=\"#555\">n{node}<title>node {node} leads in term {term}</title></text>",
-            top + 10.0
-        );
-    }
+    leader_track(html, ops, end, top + 10.0);
     let row_of: HashMap<Process, usize> = rows.iter().enumerate().map(|(i, p)| (*p, i)).collect();
     let first_row = top + leader_row;
     for (i, process) in rows.iter().enumerate() {
@@ -392,6 +424,12 @@ fn timeline(
             describe_span(span)
         );
     }
+    let rows_at = Rows {
+        of: &row_of,
+        top: first_row,
+        height: row_height,
+    };
+    outline_client_faults(html, intervals, &rows_at, end);
     for op in standalone {
         let Some(&row) = row_of.get(&op.process) else {
             continue;
@@ -406,6 +444,52 @@ fn timeline(
         );
     }
     html.push_str("</svg>\n");
+}
+
+/// Who the observer saw leading, and in which term, along baseline `y`.
+fn leader_track(html: &mut String, ops: &[Op], end: u64, y: f64) {
+    let _ = write!(html, "<text x=\"2\" y=\"{y:.1}\">leader</text>");
+    for op in ops
+        .iter()
+        .filter(|op| op.f == "status" && value_str(&op.value, "role").as_deref() == Some("leader"))
+    {
+        let x = x_of(op.time, end);
+        let node = value_str(&op.value, "node").unwrap_or_default();
+        let term = value_str(&op.value, "term").unwrap_or_default();
+        let _ = write!(
+            html,
+            "<text x=\"{x:.1}\" y=\"{y:.1}\" fill=\"#555\">n{node}<title>node {node} leads in term {term}</title></text>"
+        );
+    }
+}
+
+/// Where each process's timeline row is.
+struct Rows<'a> {
+    of: &'a HashMap<Process, usize>,
+    top: f64,
+    height: f64,
+}
+
+/// Outlines, on the row of the process a client fault hit, the time it
+/// was stopped or cut off.
+fn outline_client_faults(html: &mut String, intervals: &[Interval], rows: &Rows<'_>, end: u64) {
+    for interval in intervals {
+        let Some(&row) = interval
+            .process
+            .and_then(|p| rows.of.get(&Process::Client(p)))
+        else {
+            continue;
+        };
+        let x = x_of(interval.start, end);
+        let w = (x_of(interval.end, end) - x).max(1.0);
+        let (y, height) = (rows.top + row as f64 * rows.height, rows.height);
+        let _ = write!(
+            html,
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{height:.1}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"><title>{}</title></rect>",
+            interval_color(interval.kind),
+            escape(&interval.label)
+        );
+    }
 }
 
 fn latency(html: &mut String, spans: &[Span<'_>], intervals: &[Interval], end: u64) {
@@ -626,6 +710,48 @@ mod tests {
     }
 
     #[test]
+    fn client_cuts_and_clock_rate_steps_shade_until_their_own_heals() {
+        let info = |time, f: &str, value| op(0, time, Process::Nemesis, OpType::Info, f, value);
+        let ops = vec![
+            info(
+                5,
+                "client-partition",
+                json!({"target": "client", "variant": "holder"}),
+            ),
+            info(
+                10,
+                "client-cut",
+                json!({"target": "client", "slot": 3, "process": 7, "description": "cut 3"}),
+            ),
+            info(
+                20,
+                "clock-rate",
+                json!({"rate": 2.0, "description": "n1 x2"}),
+            ),
+            info(
+                30,
+                "client-partition",
+                json!({"target": "client", "variant": "random", "slot": 4}),
+            ),
+            info(40, "client-heal", json!({"target": "client", "slot": 3})),
+            info(50, "clock-rate-reset", json!({"rate": 1.0})),
+            info(60, "client-heal", json!({"target": "client", "slots": [4]})),
+        ];
+        let found = intervals(&ops, 100);
+        let spans: Vec<(&str, u64, u64)> = found.iter().map(|i| (i.kind, i.start, i.end)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("client-partition", 10, 40),
+                ("clock", 20, 50),
+                ("client-partition", 30, 60)
+            ]
+        );
+        assert_eq!(found[1].label, "n1 x2");
+        assert_eq!(found[0].process, Some(7), "a holder cut names its process");
+    }
+
+    #[test]
     fn the_page_has_no_external_assets() {
         let results = Results {
             valid: Validity::Valid,
@@ -643,6 +769,10 @@ mod tests {
             time_limit_s: 1.0,
             ttl_ms: 2000,
             unsafe_no_fencing: false,
+            unsafe_unconfirmed_renewals: false,
+            max_clock_drift_ppm: 10_000,
+            clock_rates: vec![0.99, 1.01],
+            clock_rates_beyond_bound: false,
             nemeses: Vec::new(),
             nemesis: Default::default(),
             node_crashes: Vec::new(),

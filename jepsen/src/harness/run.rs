@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::cluster::{find_faketime_lib, Cluster, NodeOptions};
-use super::nemesis::{FaultKind, Nemesis, NemesisOptions, NemesisSummary};
+use super::nemesis::{FaultKind, FaultMix, Nemesis, NemesisOptions, NemesisSummary};
 use super::net::Network;
 use super::observer::{self, Views};
 use super::recorder::{Event, Recorder};
@@ -56,19 +56,41 @@ const FINAL_READ_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub workload: String,
-    pub nemeses: Vec<FaultKind>,
+    pub nemeses: Vec<FaultMix>,
     pub time_limit: Duration,
     pub concurrency: u64,
     pub seed: u64,
     pub store: PathBuf,
     pub binary: PathBuf,
     pub unsafe_no_fencing: bool,
+    pub unsafe_unconfirmed_renewals: bool,
+    pub max_clock_drift_ppm: u64,
+    /// Rates the clock faults draw from.
+    pub clock_rates: Vec<f64>,
     pub ttl: Duration,
     pub nodes: u64,
     pub fault_interval: Duration,
     pub quiet: Duration,
     pub loopback_only: bool,
     pub command_line: String,
+}
+
+impl RunOptions {
+    /// Whether some clock rate lies outside `[1 − ρ, 1 + ρ]`.
+    pub fn rates_beyond_bound(&self) -> bool {
+        let rho = self.max_clock_drift_ppm as f64 / 1e6;
+        let uses_rates = self
+            .nemeses
+            .iter()
+            .any(|m| m.has(FaultKind::Clock) || m.has(FaultKind::ClockRate));
+        // A hair of slack for rates written as decimals (1.01 vs 1 + 0.01).
+        let slack = 1e-9;
+        uses_rates
+            && self
+                .clock_rates
+                .iter()
+                .any(|r| (r - 1.0).abs() > rho + slack)
+    }
 }
 
 /// What the caller prints and how it exits.
@@ -91,7 +113,14 @@ pub struct RunInfo {
     pub time_limit_s: f64,
     pub ttl_ms: u64,
     pub unsafe_no_fencing: bool,
-    pub nemeses: Vec<FaultKind>,
+    #[serde(default)]
+    pub unsafe_unconfirmed_renewals: bool,
+    pub max_clock_drift_ppm: u64,
+    pub clock_rates: Vec<f64>,
+    /// Some clock rate breaks the drift bound: overlaps are expected.
+    pub clock_rates_beyond_bound: bool,
+    /// The `--nemesis` mixes, as written.
+    pub nemeses: Vec<String>,
     pub nemesis: NemesisSummary,
     pub node_crashes: Vec<String>,
     pub ops: usize,
@@ -119,11 +148,11 @@ async fn run_async(options: RunOptions) -> Result<RunOutcome, String> {
     let started = Instant::now();
     let (network, network_note) = if options.loopback_only {
         (
-            Network::create_loopback(options.nodes).await?,
+            Network::create_loopback(options.nodes, options.concurrency).await?,
             Some("--network loopback".to_string()),
         )
     } else {
-        Network::create(options.nodes).await?
+        Network::create(options.nodes, options.concurrency).await?
     };
     let network = Arc::new(network);
     if let Some(note) = &network_note {
@@ -133,8 +162,17 @@ async fn run_async(options: RunOptions) -> Result<RunOutcome, String> {
     let node_options = NodeOptions {
         binary: options.binary.clone(),
         unsafe_no_fencing: options.unsafe_no_fencing,
+        unsafe_unconfirmed_renewals: options.unsafe_unconfirmed_renewals,
+        max_clock_drift_ppm: options.max_clock_drift_ppm,
+        clock_rate_files: options.nemeses.iter().any(|m| m.has(FaultKind::ClockRate)),
         faketime_lib: faketime_lib.clone(),
     };
+    if options.rates_beyond_bound() {
+        eprintln!(
+            "latchkey-jepsen: clock rates {:?} break the drift bound of {} ppm: lease-overlap is expected to find overlaps",
+            options.clock_rates, options.max_clock_drift_ppm
+        );
+    }
     let cluster = Cluster::new(node_options, network.nodes(), &run_dir)?;
     let cluster = Arc::new(Mutex::new(cluster));
     let views = Views::default();
@@ -195,7 +233,11 @@ async fn run_async(options: RunOptions) -> Result<RunOutcome, String> {
         time_limit_s: options.time_limit.as_secs_f64(),
         ttl_ms: options.ttl.as_millis() as u64,
         unsafe_no_fencing: options.unsafe_no_fencing,
-        nemeses: options.nemeses.clone(),
+        unsafe_unconfirmed_renewals: options.unsafe_unconfirmed_renewals,
+        max_clock_drift_ppm: options.max_clock_drift_ppm,
+        clock_rates: options.clock_rates.clone(),
+        clock_rates_beyond_bound: options.rates_beyond_bound(),
+        nemeses: options.nemeses.iter().map(ToString::to_string).collect(),
         nemesis: nemesis_summary,
         node_crashes: crashes,
         ops: recorder.ops().len(),
@@ -228,12 +270,13 @@ impl Phase<'_> {
         );
         let endpoints = self.cluster.lock().await.endpoints();
         let client_pause = options.ttl * 2 + Duration::from_millis(500);
-        let specs = worker_specs(options, &endpoints, self.recorder.start_monotonic_ns());
+        let specs = worker_specs(options, self.network, self.recorder.start_monotonic_ns());
         let workers = Arc::new(WorkerPool::spawn(
             specs,
             self.recorder,
             self.run_dir,
             client_pause,
+            self.network.clone(),
         )?);
         let start = Instant::now();
         let faults_until = start + options.time_limit.saturating_sub(options.quiet);
@@ -244,11 +287,13 @@ impl Phase<'_> {
             self.recorder.clone(),
             self.views.clone(),
             NemesisOptions {
-                kinds: options.nemeses.clone(),
+                mixes: options.nemeses.clone(),
                 seed: options.seed,
                 interval: options.fault_interval,
                 fenced_clients: options.workload == "lock-fenced",
+                holders: matches!(options.workload.as_str(), "lock-fenced" | "election"),
                 clock_available: self.clock_available,
+                clock_rates: options.clock_rates.clone(),
             },
         );
         let nemesis_result = nemesis.run(faults_until).await;
@@ -319,14 +364,14 @@ fn register_keys() -> Vec<String> {
 
 fn worker_specs(
     options: &RunOptions,
-    endpoints: &[String],
+    network: &Network,
     run_start_monotonic_ns: u64,
 ) -> Vec<WorkerSpec> {
     (0..options.concurrency)
         .map(|slot| WorkerSpec {
             slot,
             workload: options.workload.clone(),
-            endpoints: endpoints.to_vec(),
+            endpoints: network.worker_endpoints(slot),
             ttl_ms: options.ttl.as_millis() as u64,
             // Each worker its own stream, all from the run's seed.
             seed: options.seed ^ (slot + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -337,6 +382,7 @@ fn worker_specs(
             observer: options.workload == "election" && is_observer(slot, options.concurrency),
             call_timeout_ms: CALL_TIMEOUT.as_millis() as u64,
             retry_timeout_ms: RETRY_TIMEOUT.as_millis() as u64,
+            max_clock_drift_ppm: options.max_clock_drift_ppm,
             run_start_monotonic_ns,
         })
         .collect()
@@ -454,8 +500,17 @@ fn write_outputs(
         .map(|c| format!("  {}: {} — {}", c.name, verdict(c.valid), c.summary))
         .collect::<Vec<_>>()
         .join("\n");
+    // Not a checker's verdict, but a server bug all the same: say so.
+    let crashes = if info.node_crashes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nWARNING: nodes exited on their own (see nodes/nI.log): {}",
+            info.node_crashes.join("; ")
+        )
+    };
     let summary = format!(
-        "{}: {} ops, {} faults, network {}{}\n{}\nreport: {}",
+        "{}: {} ops, {} faults, network {}{}\n{}{crashes}\nreport: {}",
         verdict(results.valid),
         info.ops,
         info.nemesis.faults,

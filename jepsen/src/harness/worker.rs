@@ -16,6 +16,13 @@
 //! fencing case — a holder frozen between its check and its write for
 //! longer than its lease — at exactly the moment that matters.
 //!
+//! `arm-cut` asks the worker to tell the harness the next time it is
+//! granted the lock or a leadership: it writes `cutting` and waits for
+//! `ack`, which the harness sends once it has cut the worker off from every
+//! node (or decided not to: another worker took the cut). The process then
+//! carries on, its keepalives failing, trusting its grant until its local
+//! deadline: the classic stale holder, alive and unreachable.
+//!
 //! # Workloads
 //! - `lock-fenced`: grant a lease (reused until lost), `acquire` the lock,
 //!   `read` the counter register, fenced `write` of value+1, `release`.
@@ -37,6 +44,10 @@
 //! lock, revision mismatch, lease not found) is `fail`; a timeout, an
 //! unavailable cluster or a lease lost locally is `info`. Failed *reads*
 //! are `fail` whatever the cause, since a read changes nothing.
+//!
+//! # Not done yet
+//! - `lock-fenced` contends for one lock and one counter; several locks
+//!   would test that tokens stay unique across locks under faults.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -84,8 +95,15 @@ pub struct WorkerSpec {
     pub observer: bool,
     pub call_timeout_ms: u64,
     pub retry_timeout_ms: u64,
+    /// The client's drift bound (`ClientBuilder::max_clock_drift_ppm`).
+    #[serde(default = "default_drift_ppm")]
+    pub max_clock_drift_ppm: u64,
     /// The history's time zero as CLOCK_MONOTONIC nanoseconds.
     pub run_start_monotonic_ns: u64,
+}
+
+fn default_drift_ppm() -> u64 {
+    10_000
 }
 
 /// A line from the worker.
@@ -113,6 +131,8 @@ pub enum FromWorker {
     },
     /// About to SIGSTOP itself, holding `token`.
     Pausing { token: u64 },
+    /// Just granted `token` while armed to be cut off; waits for `ack`.
+    Cutting { token: u64 },
 }
 
 /// A line to the worker.
@@ -121,6 +141,8 @@ pub enum FromWorker {
 pub enum ToWorker {
     Ack,
     ArmPause,
+    ArmCut,
+    /// Withdraws both arms.
     Disarm,
     Finish,
 }
@@ -161,6 +183,7 @@ pub fn main(spec: &str) -> ExitCode {
 struct Link {
     acks: mpsc::Receiver<()>,
     armed: Arc<AtomicBool>,
+    cut_armed: Arc<AtomicBool>,
     finish: Arc<AtomicBool>,
 }
 
@@ -179,8 +202,9 @@ impl Link {
     fn start() -> Link {
         let (ack_tx, acks) = mpsc::channel(1);
         let armed = Arc::new(AtomicBool::new(false));
+        let cut_armed = Arc::new(AtomicBool::new(false));
         let finish = Arc::new(AtomicBool::new(false));
-        let (armed_in, finish_in) = (armed.clone(), finish.clone());
+        let (armed_in, cut_in, finish_in) = (armed.clone(), cut_armed.clone(), finish.clone());
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -189,7 +213,11 @@ impl Link {
                         let _ = ack_tx.send(()).await;
                     }
                     Ok(ToWorker::ArmPause) => armed_in.store(true, Ordering::SeqCst),
-                    Ok(ToWorker::Disarm) => armed_in.store(false, Ordering::SeqCst),
+                    Ok(ToWorker::ArmCut) => cut_in.store(true, Ordering::SeqCst),
+                    Ok(ToWorker::Disarm) => {
+                        armed_in.store(false, Ordering::SeqCst);
+                        cut_in.store(false, Ordering::SeqCst);
+                    }
                     // Ops already under way (a hold) still need their acks.
                     Ok(ToWorker::Finish) => finish_in.store(true, Ordering::SeqCst),
                     Err(_) => break,
@@ -201,8 +229,19 @@ impl Link {
         Link {
             acks,
             armed,
+            cut_armed,
             finish,
         }
+    }
+
+    /// Just granted `token`: if armed to be cut off, asks the harness to
+    /// cut this worker off and waits until it has (module docs).
+    async fn cut_if_armed(&mut self, token: u64) -> Result<(), Finished> {
+        if !self.cut_armed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        send(&FromWorker::Cutting { token });
+        self.acks.recv().await.ok_or(Finished)
     }
 
     fn finished(&self) -> bool {
@@ -307,6 +346,7 @@ async fn run(spec: WorkerSpec) -> Result<(), String> {
     let client = Client::builder(spec.endpoints.clone())
         .call_timeout(Duration::from_millis(spec.call_timeout_ms))
         .retry_timeout(Duration::from_millis(spec.retry_timeout_ms))
+        .max_clock_drift_ppm(spec.max_clock_drift_ppm)
         .connect()
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
@@ -357,7 +397,11 @@ async fn lock_fenced(
             continue;
         };
         let watcher = watch_hold(&guard, spec.run_start_monotonic_ns);
-        let held = hold(spec, client, link, rng, &guard).await;
+        let cut = link.cut_if_armed(guard.token().0).await;
+        let held = match cut {
+            Ok(()) => hold(spec, client, link, rng, &guard).await,
+            Err(finished) => Err(finished),
+        };
         let released = release(spec, link, guard, current.id().0).await;
         watcher.abort();
         held?;
@@ -662,9 +706,14 @@ mod tests {
     fn protocol_lines_are_tagged_json() {
         let line = serde_json::to_string(&ToWorker::ArmPause).expect("encode");
         assert_eq!(line, r#"{"msg":"arm-pause"}"#);
+        let line = serde_json::to_string(&ToWorker::ArmCut).expect("encode");
+        assert_eq!(line, r#"{"msg":"arm-cut"}"#);
         let back: FromWorker =
             serde_json::from_str(r#"{"msg":"pausing","token":7}"#).expect("decode");
         assert!(matches!(back, FromWorker::Pausing { token: 7 }));
+        let back: FromWorker =
+            serde_json::from_str(r#"{"msg":"cutting","token":9}"#).expect("decode");
+        assert!(matches!(back, FromWorker::Cutting { token: 9 }));
     }
 
     #[test]

@@ -7,9 +7,24 @@
 //! unknown stays open forever, and a process has at most one open op.
 //!
 //! Each worker is a child process (`latchkey-jepsen test --worker SPEC`),
-//! in its own process group, killed by the kernel if the harness dies
-//! (`PR_SET_PDEATHSIG`), its stderr in `RUN/workers/wK.log`. See `worker`
-//! for the protocol.
+//! in its own process group and, in namespace mode, its own network
+//! namespace, killed by the kernel if the harness dies (`spawn`), its
+//! stderr in `RUN/workers/wK.log`. See `worker` for the protocol, which
+//! runs over the worker's stdin and stdout and so does not care which
+//! namespace it is in.
+//!
+//! # Client faults on their own timers
+//! A worker armed to stop at its fenced write (`client-pause`) or to be
+//! cut off when next granted the lock or a leadership (`client-cut`) tells
+//! the harness at that moment; the pump records it, and heals it after the
+//! client pause (2 × TTL + 0.5 s) whatever the schedule does meanwhile.
+//! A cut is in force before the worker is told to go on, so the holder
+//! never makes a request past it. The holder cut is armed on every worker
+//! at once and taken by the first to be granted; the others are answered
+//! at once.
+//!
+//! # Not done yet
+//! - A worker that dies on its own is not restarted; its slot stays silent.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -24,7 +39,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::net::Network;
 use super::recorder::{Event, Recorder};
+use super::spawn::spawn_child;
 use super::worker::{FromWorker, ToWorker, WorkerSpec};
 use crate::history::{OpType, Process};
 
@@ -51,13 +68,25 @@ impl Processes {
     }
 }
 
-/// Client pauses in progress, shared with the nemesis.
+/// Client pauses and cuts in progress, shared with the nemesis.
 #[derive(Default)]
 pub struct ClientPauses {
     /// Slots armed to stop at their next fenced write.
     pub armed: BTreeSet<u64>,
     /// Slots stopped right now.
     pub stopped: BTreeSet<u64>,
+    /// Whether the next worker granted a lock or leadership is to be cut off.
+    pub cut_armed: bool,
+    /// Slots cut off on their own timer right now.
+    pub cut: BTreeSet<u64>,
+}
+
+/// What [`WorkerPool::disarm_all`] withdrew.
+pub struct Disarmed {
+    /// Slots armed to pause at their write.
+    pub paused: Vec<u64>,
+    /// Whether a holder cut was armed.
+    pub cut: bool,
 }
 
 struct WorkerHandle {
@@ -73,6 +102,7 @@ pub struct WorkerPool {
     workers: Mutex<Vec<WorkerHandle>>,
     pub pauses: Arc<Mutex<ClientPauses>>,
     pub processes: Arc<Processes>,
+    client_pause: Duration,
 }
 
 /// How pumps behave.
@@ -82,6 +112,7 @@ struct PumpContext {
     processes: Arc<Processes>,
     pauses: Arc<Mutex<ClientPauses>>,
     client_pause: Duration,
+    network: Arc<Network>,
 }
 
 impl WorkerPool {
@@ -91,6 +122,7 @@ impl WorkerPool {
         recorder: &Recorder,
         run_dir: &Path,
         client_pause: Duration,
+        network: Arc<Network>,
     ) -> Result<WorkerPool, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
         let logs = run_dir.join("workers");
@@ -103,6 +135,7 @@ impl WorkerPool {
             processes: processes.clone(),
             pauses: pauses.clone(),
             client_pause,
+            network,
         };
         let mut workers = Vec::new();
         for spec in specs {
@@ -116,7 +149,13 @@ impl WorkerPool {
             workers: Mutex::new(workers),
             pauses,
             processes,
+            client_pause,
         })
+    }
+
+    /// How long a client pause or holder cut lasts.
+    pub fn client_pause(&self) -> Duration {
+        self.client_pause
     }
 
     pub fn slots(&self) -> Vec<u64> {
@@ -136,15 +175,27 @@ impl WorkerPool {
         self.send(slot, ToWorker::ArmPause);
     }
 
-    /// Withdraws every armed pause that has not fired; returns the slots.
-    pub fn disarm_all(&self) -> Vec<u64> {
-        let armed: Vec<u64> = std::mem::take(&mut lock(&self.pauses).armed)
-            .into_iter()
-            .collect();
-        for &slot in &armed {
+    /// Arms every worker: the next to be granted a lock or leadership is
+    /// cut off from every node (module docs).
+    pub fn arm_cut(&self) {
+        lock(&self.pauses).cut_armed = true;
+        for slot in self.slots() {
+            self.send(slot, ToWorker::ArmCut);
+        }
+    }
+
+    /// Withdraws every armed pause or cut that has not fired.
+    pub fn disarm_all(&self) -> Disarmed {
+        let (paused, cut) = {
+            let mut pauses = lock(&self.pauses);
+            let paused: Vec<u64> = std::mem::take(&mut pauses.armed).into_iter().collect();
+            (paused, std::mem::take(&mut pauses.cut_armed))
+        };
+        let slots = if cut { self.slots() } else { paused.clone() };
+        for slot in slots {
             self.send(slot, ToWorker::Disarm);
         }
-        armed
+        Disarmed { paused, cut }
     }
 
     /// Sends SIGSTOP (or SIGCONT) to worker `slot` now.
@@ -160,10 +211,15 @@ impl WorkerPool {
         }
     }
 
-    /// Waits (bounded) until no worker is stopped by an armed pause.
+    /// Waits (bounded) until no worker is stopped or cut off by an armed
+    /// fault.
     pub async fn wait_unpaused(&self, bound: Duration) {
         let deadline = tokio::time::Instant::now() + bound;
-        while !lock(&self.pauses).stopped.is_empty() && tokio::time::Instant::now() < deadline {
+        let busy = || {
+            let pauses = lock(&self.pauses);
+            !pauses.stopped.is_empty() || !pauses.cut.is_empty()
+        };
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -214,24 +270,9 @@ fn spawn_worker(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
-        .env("NO_COLOR", "1")
-        .process_group(0)
-        .kill_on_drop(true);
-    let parent = std::process::id();
-    // SAFETY: runs in the forked child before exec; only async-signal-safe
-    // calls (prctl, getppid), no allocation.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn()?;
+        .env("NO_COLOR", "1");
+    let netns = context.network.worker_netns(spec.slot);
+    let mut child = spawn_child(&mut command, netns.as_deref())?;
     let stdout = child
         .stdout
         .take()
@@ -270,7 +311,12 @@ async fn pump(
                 let Ok(message) = serde_json::from_str::<FromWorker>(&line) else {
                     continue;
                 };
-                handle_line(slot, pid, &mut process, message, &context)
+                if let FromWorker::Cutting { token } = message {
+                    client_cut(slot, process, token, &context).await;
+                    Some(ToWorker::Ack)
+                } else {
+                    handle_line(slot, pid, &mut process, message, &context)
+                }
             }
             message = inbox.recv() => message,
         };
@@ -329,7 +375,62 @@ fn handle_line(
             client_paused(slot, pid, *process, token, context);
             None
         }
+        // Handled by the pump, which must wait for the cut.
+        FromWorker::Cutting { .. } => Some(ToWorker::Ack),
     }
+}
+
+/// Worker `slot` was just granted `token` while armed to be cut off: if
+/// the cut is still armed (no other worker took it), cut the worker from
+/// every node, record it, and heal it after the client pause.
+async fn client_cut(slot: u64, process: u64, token: u64, context: &PumpContext) {
+    {
+        let mut pauses = lock(&context.pauses);
+        if !std::mem::take(&mut pauses.cut_armed) {
+            return;
+        }
+        pauses.cut.insert(slot);
+    }
+    let layer = format!("client-{slot}");
+    let network = context.network.clone();
+    let cuts = network.client_isolation(slot);
+    let (name, set) = (layer.clone(), cuts.clone());
+    let applied = tokio::task::spawn_blocking(move || network.set_layer(&name, &set)).await;
+    let description = match applied {
+        Ok(Ok(())) => format!(
+            "client worker {slot} (process {process}), granted token {token}, cut from every node for {:?}",
+            context.client_pause
+        ),
+        Ok(Err(error)) => format!("cutting client worker {slot} off failed: {error}"),
+        Err(error) => format!("cutting client worker {slot} off failed: {error}"),
+    };
+    let value = json!({"target": "client", "variant": "holder", "slot": slot, "process": process, "token": token, "description": description});
+    context.recorder.record(Event::new(
+        Process::Nemesis,
+        OpType::Info,
+        "client-cut",
+        value,
+    ));
+    let context = context.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(context.client_pause).await;
+        let network = context.network.clone();
+        let healed =
+            tokio::task::spawn_blocking(move || network.set_layer(&layer, &Default::default()))
+                .await;
+        let mut description = format!("reconnect client worker {slot}");
+        if let Ok(Err(error)) = healed {
+            description.push_str(&format!(" failed: {error}"));
+        }
+        let value = json!({"target": "client", "slot": slot, "process": process, "description": description});
+        context.recorder.record(Event::new(
+            Process::Nemesis,
+            OpType::Info,
+            "client-heal",
+            value,
+        ));
+        lock(&context.pauses).cut.remove(&slot);
+    });
 }
 
 /// A worker stopped itself holding `token`: record it and SIGCONT it later.

@@ -66,7 +66,10 @@ pub(super) async fn election(
             continue;
         };
         let watcher = watch_leadership(spec, &leadership);
-        let lead = lead(spec, link, rng, &leadership, &mut values).await;
+        let lead = match link.cut_if_armed(leadership.token().0).await {
+            Ok(()) => lead(spec, link, rng, &leadership, &mut values).await,
+            Err(finished) => Err(finished),
+        };
         let resigned = resign(spec, link, leadership).await;
         watcher.abort();
         lead?;
@@ -109,7 +112,11 @@ async fn campaign(
         .await
     {
         Ok(leadership) => {
-            let record = elected(leadership.token().0, lease_id, &value);
+            // The value the server answered with: a lease that already led
+            // (an earlier campaign that timed out but won) gets its
+            // leadership back with the value it led with, not this one.
+            let shown = String::from_utf8_lossy(leadership.value());
+            let record = elected(leadership.token().0, lease_id, &shown);
             link.complete("campaign", key, Outcome::ok(record));
             Ok(Some(leadership))
         }
