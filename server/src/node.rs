@@ -673,10 +673,22 @@ impl Node {
         }
     }
 
+    /// Handles the pending Ready, and the one that answering its reads may
+    /// have made (an expiry proposed by a confirmed lease-clock round), so
+    /// that proposal does not wait for the next tick.
     fn on_ready(&mut self) -> Result<(), FatalError> {
-        if !self.raw.has_ready() {
-            return Ok(());
+        // Bounded: the second pass answers reads too, and whatever they
+        // propose waits for the loop's next iteration.
+        for _ in 0..2 {
+            if !self.raw.has_ready() {
+                break;
+            }
+            self.handle_ready()?;
         }
+        Ok(())
+    }
+
+    fn handle_ready(&mut self) -> Result<(), FatalError> {
         let mut ready = self.raw.ready();
         if let Some(soft_state) = ready.ss() {
             self.on_role(soft_state.raft_state.into());
@@ -685,7 +697,11 @@ impl Node {
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot())?;
         }
-        self.answer_reads(ready.take_read_states());
+        // Answered only once this Ready is fully handled: confirming a
+        // lease-clock round may propose an expiry, and a proposal between
+        // `ready()` and `advance()` appends to the unstable log behind the
+        // Ready's back (raft-rs then panics in `advance`).
+        let read_states = ready.take_read_states();
         self.apply(ready.take_committed_entries())?;
         self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
         self.transport.send(ready.take_persisted_messages());
@@ -698,6 +714,7 @@ impl Node {
         self.transport.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.answer_reads(read_states);
         Ok(())
     }
 

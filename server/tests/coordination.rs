@@ -430,3 +430,61 @@ async fn tokens_keep_increasing_across_a_full_cluster_restart() {
     );
     cluster.shutdown().await;
 }
+
+/// Lease expiries are proposed when a lease-clock round is confirmed, and
+/// confirmations arrive in the same Readies as new entries while writes
+/// flow. An expiry proposed in the middle of handling such a Ready once
+/// made raft-rs panic on the leader; every node must keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expiring_while_writes_flow_stop_no_node() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let load = Duration::from_secs(5);
+    let start = Instant::now();
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let mut kv = cluster.client(leader).await;
+        writers.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            // Bounded by the load's duration.
+            while start.elapsed() < load {
+                let request = PutRequest {
+                    key: format!("flow/{writer}").into_bytes(),
+                    value: written.to_string().into_bytes(),
+                    ..PutRequest::default()
+                };
+                if kv.put(request).await.is_ok() {
+                    written += 1;
+                }
+            }
+            written
+        }));
+    }
+    let mut granted = 0;
+    // Leases with the shortest TTL, granted all along, nobody renewing
+    // them: their expiries are confirmed while the writes flow.
+    while start.elapsed() < load - Duration::from_millis(1_500) {
+        cluster.grant(1_000).await;
+        granted += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    // Let the last leases expire.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(cluster.leader().await, leader, "the leader kept leading");
+    let target = cluster.servers[&leader].node.status().commit_index;
+    for id in cluster.servers_ids() {
+        cluster.wait_applied(id, target).await;
+    }
+    let mut leases = LeaseClient::new(cluster.channel(leader).await);
+    let listed = leases
+        .list(latchkey_proto::v1::LeaseListRequest::default())
+        .await
+        .map(|answer| answer.into_inner().leases.len());
+    println!("{granted} leases expired during {written} writes; still listed: {listed:?}");
+    assert_eq!(listed.ok(), Some(0), "every lease expired");
+    cluster.shutdown().await;
+}
