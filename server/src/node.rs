@@ -52,7 +52,7 @@
 //! Not done yet: membership changes are applied if committed, but nothing
 //! proposes them; entries are read from RocksDB synchronously on the loop.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use prost::Message as _;
@@ -308,7 +308,9 @@ pub struct Node {
     fatal: FatalSlot,
     next_request_id: u64,
     proposals: HashMap<u64, ProposalReply>,
-    reads: HashMap<u64, PendingRead>,
+    /// Ordered, so that resends go out in the same order on every run
+    /// (the deterministic simulator replays runs exactly).
+    reads: BTreeMap<u64, PendingRead>,
     role: Role,
     /// The leader this node last knew of (0: none), to resend reads when it changes.
     known_leader: u64,
@@ -392,7 +394,7 @@ impl Node {
             fatal,
             next_request_id: 1,
             proposals: HashMap::new(),
-            reads: HashMap::new(),
+            reads: BTreeMap::new(),
             role: Role::Follower,
             known_leader: raft::INVALID_ID,
             lease_clock: LeaseClock::new(LeaseClockSettings {
