@@ -16,8 +16,8 @@ use std::time::Instant;
 use crate::broken::Broken;
 use crate::{run, Report, Scenario, Summary};
 
-/// Test functions the default seeds are spread over, so that nextest runs
-/// them in parallel.
+/// Test functions the default seeds are spread over, so that a failure
+/// names a smaller set and nextest reports progress as it goes.
 const SHARDS: u64 = 8;
 /// Seeds a default run covers: as many as fit in about two minutes of CI
 /// (see docs/testing.md for the measurement).
@@ -106,7 +106,7 @@ fn describe(seed: u64, report: &Report, summary: &Summary, started: Instant) -> 
 
 /// Runs one seed; panics with the replay command if any invariant broke
 /// or the run did too little to check anything.
-pub fn check_seed(scenario: &Scenario, verbose: bool) {
+pub fn check_seed(scenario: &Scenario, verbose: bool) -> Summary {
     let seed = scenario.seed;
     let replay = format!("replay: {}", replay_command(scenario));
     let started = Instant::now();
@@ -126,6 +126,64 @@ pub fn check_seed(scenario: &Scenario, verbose: bool) {
         summary.acked_puts > 0 && summary.reads > 0 && stats.grants > 0,
         "seed {seed} made too little progress to check anything: {summary:?}\n{replay}"
     );
+    summary
+}
+
+/// A shard of at least this many seeds must have exercised every counted
+/// behaviour (see [`Coverage`]).
+const MIN_SEEDS_FOR_COVERAGE: u64 = 20;
+
+/// How often each behaviour the simulator claims to cover happened over
+/// several seeds, so that a change that quietly stops the workload or the
+/// nemesis from reaching one fails the run instead of passing vacuously.
+#[derive(Debug, Default)]
+struct Coverage {
+    seeds: u64,
+    /// More leader terms than seeds: elections beyond the first happened.
+    leader_terms: u64,
+    handovers: u64,
+    fenced_refused: u64,
+    expired_leases: u64,
+    sessions_ended: u64,
+    refused_requests: u64,
+    observations: u64,
+    snapshots_sent: u64,
+    power_losses: u64,
+}
+
+impl Coverage {
+    fn add(&mut self, summary: &Summary) {
+        let stats = &summary.stats;
+        self.seeds += 1;
+        self.leader_terms += stats.leader_terms;
+        self.handovers += stats.handovers;
+        self.fenced_refused += stats.fenced_refused;
+        self.expired_leases += stats.expired_leases;
+        self.sessions_ended += stats.sessions_ended;
+        self.refused_requests += stats.refused_requests;
+        self.observations += stats.observations;
+        self.snapshots_sent += summary.snapshots_sent;
+        self.power_losses += summary.power_losses;
+    }
+
+    fn check(&self) {
+        if self.seeds < MIN_SEEDS_FOR_COVERAGE {
+            return;
+        }
+        let covered = self.leader_terms > self.seeds
+            && self.handovers > 0
+            && self.fenced_refused > 0
+            && self.expired_leases > 0
+            && self.sessions_ended > 0
+            && self.refused_requests > 0
+            && self.observations > 0
+            && self.snapshots_sent > 0
+            && self.power_losses > 0;
+        assert!(
+            covered,
+            "some behaviour never happened in these seeds: {self:?}"
+        );
+    }
 }
 
 fn run_shard(shard: u64) {
@@ -137,9 +195,11 @@ fn run_shard(shard: u64) {
     }
     let first = env_u64("LATCHKEY_SIM_FIRST_SEED").unwrap_or(1);
     let count = env_u64("LATCHKEY_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    let mut coverage = Coverage::default();
     for seed in (first..first + count).filter(|seed| seed % SHARDS == shard) {
-        check_seed(&scenario(seed), false);
+        coverage.add(&check_seed(&scenario(seed), false));
     }
+    coverage.check();
 }
 
 #[test]
