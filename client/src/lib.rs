@@ -35,11 +35,14 @@
 //! - `keepalive` (private): the task that renews a lease.
 //! - [`lock`]: `Lease::lock` / `try_lock` / `lock_with_timeout` and
 //!   [`LockGuard`].
+//! - [`cluster`]: membership and leadership for operators: list, add,
+//!   promote and remove members, transfer leadership.
 //! - [`election`]: [`Election`] (campaign, leader, observe) and
 //!   [`Leadership`].
 //! - `observe` (private): the leader-change stream that
 //!   survives node loss.
 //! - [`kv`]: the fenced key-value store: `put`, `get`, `delete` builders.
+//! - [`maintenance`]: backups ([`Client::save_snapshot`]).
 //! - [`raw`]: calls by lease id and token ([`Client::raw`]) for scripts
 //!   and tools; nothing is kept alive or released for the caller.
 //! - [`fence`]: [`fence::FenceGate`], the same fencing check for stores
@@ -49,6 +52,7 @@
 //!   [`Fence`].
 
 pub mod client;
+pub mod cluster;
 pub mod election;
 pub mod error;
 pub mod fence;
@@ -56,6 +60,7 @@ pub(crate) mod keepalive;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod maintenance;
 pub(crate) mod observe;
 pub mod raw;
 pub(crate) mod retry;

@@ -16,6 +16,9 @@
 //! - [`lock`](mod@lock): `latchkey lock`, `acquire`, `release`.
 //! - [`elect`](mod@elect): `latchkey elect`, `leader`, `observe`, `resign`.
 //! - [`lease`](mod@lease): `latchkey lease grant|keepalive|revoke|ttl|list`.
+//! - [`member`](mod@member): `latchkey member list|add|promote|remove` and
+//!   `latchkey leader transfer`.
+//! - [`snapshot`](mod@snapshot): `latchkey snapshot save|restore|info`.
 //!
 //! # Design
 //! Each command builds its own single-threaded tokio runtime, sends a few
@@ -60,7 +63,9 @@ pub mod hold;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod member;
 pub mod session;
+pub mod snapshot;
 pub mod status;
 
 use std::error::Error;
@@ -68,10 +73,12 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub use elect::{ElectArgs, LeaderArgs, ResignArgs};
+pub use elect::{ElectArgs, LeaderArgs, LeaderCommandArgs, ResignArgs};
 pub use kv::{KvArgs, KvCommand};
 pub use lease::{LeaseArgs, LeaseCommand};
 pub use lock::{AcquireArgs, LockArgs, ReleaseArgs};
+pub use member::MemberArgs;
+pub use snapshot::SnapshotArgs;
 pub use status::StatusArgs;
 
 /// Success.
@@ -137,9 +144,19 @@ pub fn elect(args: ElectArgs) -> Result<ExitCode, Box<dyn Error>> {
     run_client(elect::elect(args))
 }
 
-/// `latchkey leader NAME`.
-pub fn leader(args: LeaderArgs) -> Result<ExitCode, Box<dyn Error>> {
-    run_client(elect::leader(args))
+/// `latchkey leader NAME` or `latchkey leader transfer ID`.
+pub fn leader(args: LeaderCommandArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(elect::leader_command(args))
+}
+
+/// `latchkey snapshot save|restore|info`.
+pub fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(snapshot::run(args))
+}
+
+/// `latchkey member list|add|promote|remove`.
+pub fn member(args: MemberArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(member::run(args))
 }
 
 /// `latchkey observe NAME`.

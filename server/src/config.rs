@@ -37,6 +37,15 @@ pub struct ServeArgs {
     /// Every member's peer address: `1=HOST:PORT,2=HOST:PORT,...`.
     #[arg(long, env = "LATCHKEY_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
+    /// Join a running cluster instead of starting a new one: client
+    /// endpoints of some of its members (HOST:PORT,...). The node asks to be
+    /// added as a learner (unless it already was, with `latchkey member
+    /// add`) and catches up from a snapshot. Only on a new data dir.
+    #[arg(long, env = "LATCHKEY_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Peer address other members reach this node at (default: --listen-peer).
+    #[arg(long, env = "LATCHKEY_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
     /// Length of one Raft tick in milliseconds.
     #[arg(long, env = "LATCHKEY_TICK_INTERVAL_MS")]
     pub tick_interval_ms: Option<u64>,
@@ -85,6 +94,7 @@ struct FileConfig {
     listen_client: Option<String>,
     listen_peer: Option<String>,
     advertise_client: Option<String>,
+    advertise_peer: Option<String>,
     initial_cluster: Option<String>,
     tick_interval_ms: Option<u64>,
     election_ticks: Option<usize>,
@@ -170,8 +180,12 @@ pub struct Config {
     pub listen_peer: SocketAddr,
     /// The client address this node announces to its peers.
     pub advertise_client: String,
-    /// Peer address of every voter, this node included.
+    /// Peer address of every member this node knows at start, itself
+    /// included: `--initial-cluster`, or (joining) what the cluster said.
     pub peers: BTreeMap<NodeId, String>,
+    /// Client endpoints of the cluster this node joins; empty: it starts a
+    /// new cluster (or restarts).
+    pub join: Vec<String>,
     pub timing: RaftTiming,
     pub compact_log_after_entries: u64,
     /// See [`ServeArgs::max_clock_drift_ppm`].
@@ -199,6 +213,7 @@ impl Config {
             listen_peer,
             advertise_client: listen_client.to_string(),
             peers,
+            join: Vec::new(),
             timing: RaftTiming::default(),
             compact_log_after_entries: DEFAULT_COMPACT_LOG_AFTER_ENTRIES,
             max_clock_drift_ppm: DEFAULT_MAX_CLOCK_DRIFT_PPM,
@@ -216,24 +231,28 @@ impl Config {
         let id = args.id.or(file.id).ok_or_else(|| {
             StartupError::config("missing --id (or LATCHKEY_ID, or `id` in the config file)")
         })?;
-        let data_dir = args.data_dir.clone().or(file.data_dir).ok_or_else(|| {
-            StartupError::config("missing --data-dir (or LATCHKEY_DATA_DIR, or `data-dir`)")
-        })?;
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir.clone())
+            .ok_or_else(|| {
+                StartupError::config("missing --data-dir (or LATCHKEY_DATA_DIR, or `data-dir`)")
+            })?;
         let listen_client = pick(&args.listen_client, &file.listen_client, "listen-client")?;
         let listen_peer = pick(&args.listen_peer, &file.listen_peer, "listen-peer")?;
-        let initial_cluster = pick(
-            &args.initial_cluster,
-            &file.initial_cluster,
-            "initial-cluster",
-        )?;
-        let peers = parse_initial_cluster(&initial_cluster)?;
         let id = NodeId(id);
-        if !peers.contains_key(&id) {
-            return Err(StartupError::config(format!(
-                "--id {id} is not in --initial-cluster ({}); add `{id}=HOST:PORT` or fix --id",
-                initial_cluster
-            )));
-        }
+        let join: Vec<String> = args
+            .join
+            .iter()
+            .map(|endpoint| endpoint.trim().to_string())
+            .filter(|endpoint| !endpoint.is_empty())
+            .collect();
+        let advertise_peer = args
+            .advertise_peer
+            .clone()
+            .or_else(|| file.advertise_peer.clone())
+            .unwrap_or_else(|| listen_peer.clone());
+        let peers = initial_peers(args, &file, id, &join, &advertise_peer)?;
         let listen_client = parse_socket_addr("--listen-client", &listen_client)?;
         let listen_peer = parse_socket_addr("--listen-peer", &listen_peer)?;
         let advertise_client = args
@@ -291,6 +310,7 @@ impl Config {
             listen_peer,
             advertise_client,
             peers,
+            join,
             timing,
             compact_log_after_entries,
             max_clock_drift_ppm,
@@ -303,6 +323,43 @@ impl Config {
             },
         })
     }
+}
+
+/// The members a node knows at start: `--initial-cluster` (which must name
+/// this node), or, for a node that joins, itself alone (the rest comes from
+/// the cluster it joins).
+fn initial_peers(
+    args: &ServeArgs,
+    file: &FileConfig,
+    id: NodeId,
+    join: &[String],
+    advertise_peer: &str,
+) -> Result<BTreeMap<NodeId, String>, StartupError> {
+    if !join.is_empty() {
+        if args.initial_cluster.is_some() || file.initial_cluster.is_some() {
+            return Err(StartupError::config(
+                "--join and --initial-cluster exclude each other: a joining node learns the members from the cluster",
+            ));
+        }
+        if crate::membership::check_address("--advertise-peer", advertise_peer).is_err() {
+            return Err(StartupError::config(format!(
+                "--advertise-peer {advertise_peer:?} is not HOST:PORT"
+            )));
+        }
+        return Ok(BTreeMap::from([(id, advertise_peer.to_string())]));
+    }
+    let initial_cluster = pick(
+        &args.initial_cluster,
+        &file.initial_cluster,
+        "initial-cluster",
+    )?;
+    let peers = parse_initial_cluster(&initial_cluster)?;
+    if !peers.contains_key(&id) {
+        return Err(StartupError::config(format!(
+            "--id {id} is not in --initial-cluster ({initial_cluster}); add `{id}=HOST:PORT` or fix --id"
+        )));
+    }
+    Ok(peers)
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, StartupError> {

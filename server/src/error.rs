@@ -42,6 +42,9 @@ pub enum FatalError {
     /// raft-rs rejected a step the node believed valid.
     #[error("raft error: {0}")]
     Raft(String),
+    /// This node was removed from the cluster's membership; it stops.
+    #[error("node {0} was removed from the cluster; it no longer serves (wipe its data dir before it rejoins)")]
+    Removed(u64),
 }
 
 impl FatalError {
@@ -82,6 +85,29 @@ pub enum RequestError {
     /// The request itself is malformed; retrying will not help.
     #[error("invalid argument: {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// The request conflicts with the cluster's state (a membership change
+    /// in progress, an id in use, a learner not caught up); it may succeed
+    /// later.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request would leave the cluster without a quorum that answers.
+    #[error("{0}")]
+    NoQuorum(String),
+    /// The cluster was restored from a backup and is raising its token
+    /// floor; retry shortly.
+    #[error("the cluster is completing a restore (raising its token floor); retry shortly")]
+    Restoring,
+}
+
+impl From<crate::membership::Refusal> for RequestError {
+    fn from(refusal: crate::membership::Refusal) -> Self {
+        use crate::membership::Refusal;
+        match refusal {
+            Refusal::Invalid { field, reason } => RequestError::InvalidArgument { field, reason },
+            Refusal::Conflict(message) => RequestError::Conflict(message),
+            Refusal::NoQuorum(message) => RequestError::NoQuorum(message),
+        }
+    }
 }
 
 fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {

@@ -10,7 +10,11 @@
 //! - [`lease_clock`]: the leader's lease deadlines, the confirmation rounds
 //!   that renewals wait for, and expiry.
 //! - [`session_clock`]: the leader's idle times of exactly-once sessions.
+//! - [`membership`]: who the members are, where they listen, and the rules
+//!   a membership change must pass.
+//! - [`join`]: `serve --join`, a new node joining a running cluster.
 //! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
+//! - [`restore`]: seeding a new cluster's member from a backup, offline.
 //! - [`transport`]: the peer gRPC service and one outbound stream per peer.
 //! - [`api`]: the client gRPC services.
 //! - [`server`]: wires the pieces together, binds listeners, shuts down.
@@ -24,9 +28,12 @@ pub mod config;
 pub mod coordination;
 pub mod dev;
 pub mod error;
+pub mod join;
 pub mod lease_clock;
 pub mod logging;
+pub mod membership;
 pub mod node;
+pub mod restore;
 pub mod server;
 pub mod session_clock;
 pub mod state_machine;

@@ -30,8 +30,8 @@ enum Command {
     Lock(cli::LockArgs),
     /// Campaign in an election and lead while a command runs (or until Ctrl-C).
     Elect(cli::ElectArgs),
-    /// Print an election's leader.
-    Leader(cli::LeaderArgs),
+    /// Print an election's leader; `leader transfer ID` hands the cluster's leadership to node ID.
+    Leader(cli::LeaderCommandArgs),
     /// Print an election's leader and every change, one line each.
     Observe(cli::LeaderArgs),
     /// End a leadership by its token.
@@ -42,6 +42,10 @@ enum Command {
     Acquire(cli::AcquireArgs),
     /// Release a lock by its token.
     Release(cli::ReleaseArgs),
+    /// List, add, promote and remove cluster members.
+    Member(cli::MemberArgs),
+    /// Save a backup of a running cluster, restore a new cluster from one, or check one.
+    Snapshot(cli::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,8 @@ fn main() -> ExitCode {
         Command::Lease(args) => cli::lease(args),
         Command::Acquire(args) => cli::acquire(args),
         Command::Release(args) => cli::release(args),
+        Command::Member(args) => cli::member(args),
+        Command::Snapshot(args) => cli::snapshot(args),
     };
     match result {
         Ok(code) => code,

@@ -47,17 +47,21 @@
 //! - `reads.rs`: ReadIndex contexts, pending reads and their resends.
 //! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
 //! - `sessions.rs`: expiry of idle exactly-once sessions.
+//! - `restore.rs`: a restored cluster raises its token floor first.
+//! - `membership.rs`: conf changes (proposed after `crate::membership`'s
+//!   checks, applied with the member table), peers, leader transfer.
 //! - `options.rs`: [`NodeOptions`] and the clocks.
 //!
-//! Not done yet: membership changes are applied if committed, but nothing
-//! proposes them; entries are read from RocksDB synchronously on the loop.
+//! Not done yet: entries are read from RocksDB synchronously on the loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use std::sync::Arc;
 
@@ -76,15 +80,19 @@ use crate::storage::{Batch, Engine, LogPosition, RaftLog};
 use crate::types::{LogIndex, NodeId};
 
 mod leases;
+mod membership;
 mod options;
 mod reads;
+mod restore;
 mod sessions;
 
 pub use leases::{HeldGrant, KeepAliveAnswer};
+pub use membership::MembershipView;
 pub use options::{ApplyObserver, Clock, MonotonicClock, NodeOptions, RateFileClock};
 pub use reads::READ_RESEND_INTERVAL;
 
 use leases::KeepAliveReply;
+use membership::MembersReply;
 use reads::{PendingRead, ReadReply};
 
 /// Capacity of the node's inbox; senders wait when it is full.
@@ -106,6 +114,11 @@ pub trait Transport: Send + 'static {
     /// Queues messages for their recipients; never blocks. Messages that
     /// cannot be queued are dropped: Raft retransmits.
     fn send(&mut self, messages: Vec<Message>);
+
+    /// The members changed: `members` is every member's record (this
+    /// node's included). Called at start and after every applied conf
+    /// change or installed snapshot.
+    fn set_peers(&mut self, _members: &crate::membership::MemberTable) {}
 }
 
 /// The role of a node, as published in its status.
@@ -188,6 +201,18 @@ pub enum NodeMsg {
         lease: LeaseId,
         reply: oneshot::Sender<Option<Duration>>,
     },
+    /// The membership and each member's progress (leader only).
+    Members { reply: MembersReply },
+    /// A membership change, checked, proposed, and answered once applied.
+    ChangeMembers {
+        change: crate::membership::Change,
+        reply: ProposalReply,
+    },
+    /// Starts handing leadership to `to` (`None`: the best caught-up voter).
+    TransferLeader {
+        to: Option<NodeId>,
+        reply: oneshot::Sender<Result<NodeId, RequestError>>,
+    },
 }
 
 /// The cloneable handle other tasks use to reach the node.
@@ -261,6 +286,30 @@ impl NodeHandle {
     }
 
     /// Time left on `lease` if this node leads; `None` otherwise or if unknown.
+    /// The membership as the leader sees it.
+    pub async fn members(&self) -> Result<MembershipView, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::Members { reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Proposes a membership change; returns once it has applied here.
+    pub async fn change_members(
+        &self,
+        change: crate::membership::Change,
+    ) -> Result<Applied, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::ChangeMembers { change, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Starts a leader transfer; returns the node it goes to.
+    pub async fn transfer_leader(&self, to: Option<NodeId>) -> Result<NodeId, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::TransferLeader { to, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
     pub async fn lease_remaining(&self, lease: LeaseId) -> Result<Option<Duration>, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(NodeMsg::LeaseRemaining { lease, reply }).await?;
@@ -316,6 +365,19 @@ pub struct Node {
     known_leader: u64,
     lease_clock: LeaseClock<KeepAliveReply>,
     session_clock: SessionClock,
+    /// Every member's addresses, as of the applied index.
+    members: crate::membership::MemberTable,
+    /// The members `--initial-cluster` names (for stores from before member
+    /// tables were stored).
+    config_members: crate::membership::MemberTable,
+    /// A conf change was applied and the transport not yet told.
+    members_changed: bool,
+    /// This node is no longer a member.
+    removed: bool,
+    /// When each peer's last message arrived (for "answers now").
+    last_heard: HashMap<NodeId, std::time::Instant>,
+    /// When this leader last proposed a restored cluster's token floor.
+    floor_proposed_at: Option<std::time::Instant>,
     unsafe_switches: UnsafeSwitches,
     tick_interval: Duration,
     compact_log_after_entries: u64,
@@ -347,11 +409,19 @@ impl Node {
     ) -> Result<(Node, NodeHandle), FatalError> {
         let fatal = FatalSlot::default();
         let voters: Vec<u64> = config.peers.keys().map(|id| id.0).collect();
-        let mut raft_log = RaftLog::open(engine.clone(), &voters, fatal.clone())?;
+        let config_members = crate::membership::from_peers(&config.peers);
+        let bootstrap_voters: &[u64] = if config.join.is_empty() { &voters } else { &[] };
+        let mut raft_log = RaftLog::open(
+            engine.clone(),
+            bootstrap_voters,
+            &crate::membership::encode(&config_members),
+            fatal.clone(),
+        )?;
         let switches = &config.unsafe_switches;
         if switches.any() {
             tracing::warn!(?switches, "invariants are broken on purpose: test use only");
         }
+        raft_log.set_snapshot_dir(&config.data_dir.join("snapshots"))?;
         let state_machine = StateMachine::open(engine.clone(), switches)?;
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;
@@ -402,12 +472,24 @@ impl Node {
                 unsafe_unconfirmed_renewals: switches.unconfirmed_renewals,
             }),
             session_clock: SessionClock::new(Duration::from_millis(config.session_idle_timeout_ms)),
+            members: config_members.clone(),
+            config_members,
+            members_changed: false,
+            removed: false,
+            last_heard: HashMap::new(),
+            floor_proposed_at: None,
             unsafe_switches: switches.clone(),
             tick_interval: Duration::from_millis(config.timing.tick_interval_ms),
             compact_log_after_entries: config.compact_log_after_entries,
             clock: options.clock,
             apply_observer: options.apply_observer,
         };
+        node.members = node.load_members()?;
+        // A member that was removed while it was down stops at once.
+        node.removed = config.join.is_empty()
+            && !node.members.is_empty()
+            && !node.members.contains_key(&node.id);
+        node.publish_members();
         node.publish_status(true);
         let handle = NodeHandle {
             inbox: inbox_tx,
@@ -477,6 +559,7 @@ impl Node {
         self.tend_reads(false);
         self.refuse_unconfirmed();
         self.expire_idle_sessions();
+        self.raise_token_floor_if_pending();
     }
 
     fn drain_inbox(&mut self, most: usize) {
@@ -503,6 +586,9 @@ impl Node {
     }
 
     fn check_fatal(&self) -> Result<(), FatalError> {
+        if self.removed {
+            return Err(FatalError::Removed(self.id.0));
+        }
         match self.fatal.lock().take() {
             Some(err) => Err(err),
             None => Ok(()),
@@ -512,6 +598,7 @@ impl Node {
     fn handle(&mut self, message: NodeMsg) {
         match message {
             NodeMsg::Raft(message) => {
+                self.heard_from(message.from);
                 // Stale or misdirected messages are normal in Raft; drop them.
                 if let Err(e) = self.raw.step(*message) {
                     tracing::debug!(node = %self.id, "dropped raft message: {e}");
@@ -529,6 +616,11 @@ impl Node {
                 self.raw.report_snapshot(to.0, status);
             }
             NodeMsg::KeepAlive { lease, reply } => self.keep_alive(lease, reply),
+            NodeMsg::Members { reply } => self.membership_view(reply),
+            NodeMsg::ChangeMembers { change, reply } => self.change_members(change, reply),
+            NodeMsg::TransferLeader { to, reply } => {
+                let _ = reply.send(self.start_transfer(to));
+            }
             NodeMsg::LeaseRemaining { lease, reply } => {
                 let _ = reply.send(self.lease_clock.remaining(self.clock.now(), lease));
             }
@@ -553,6 +645,10 @@ impl Node {
     fn propose(&mut self, command: Command, reply: ProposalReply) {
         if self.raw.raft.state != StateRole::Leader {
             let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        if !self.proposal_allowed(&command) {
+            let _ = reply.send(Err(RequestError::Restoring));
             return;
         }
         let request_id = self.take_request_id();
@@ -641,6 +737,8 @@ impl Node {
         tracing::info!(node = %self.id, index = meta.index, term = meta.term, "installing snapshot");
         self.raw.mut_store().apply_snapshot(snapshot)?;
         self.state_machine.reload()?;
+        self.members = self.load_members()?;
+        self.publish_members();
         assert_eq!(
             self.state_machine.applied().index,
             meta.index,
@@ -677,6 +775,7 @@ impl Node {
             };
             self.state_machine.set_applied(&mut batch, position);
             self.raw.store().engine().write(batch, false)?;
+            self.after_members_changed();
             if let Some(observer) = &mut self.apply_observer {
                 observer(&entry, result.as_ref());
             }
@@ -730,27 +829,20 @@ impl Node {
             EntryType::EntryConfChange => {
                 let change = ConfChange::parse_from_bytes(&entry.data)
                     .map_err(|e| undecodable("conf change", &e))?;
-                let applied = self.raw.apply_conf_change(&change);
-                self.record_conf_state(batch, applied)
+                // The legacy form, as one single-step change of the v2 form.
+                let mut single = ConfChangeSingle::default();
+                single.set_change_type(change.get_change_type());
+                single.node_id = change.node_id;
+                let mut v2 = ConfChangeV2::default();
+                v2.set_changes(vec![single].into());
+                v2.context = change.context;
+                let mut converted = entry.clone();
+                let data = v2.write_to_bytes();
+                converted.data = data.map_err(|e| undecodable("conf change", &e))?.into();
+                self.apply_conf_change(batch, &converted)
             }
-            EntryType::EntryConfChangeV2 => {
-                let change = ConfChangeV2::parse_from_bytes(&entry.data)
-                    .map_err(|e| undecodable("conf change", &e))?;
-                let applied = self.raw.apply_conf_change(&change);
-                self.record_conf_state(batch, applied)
-            }
+            EntryType::EntryConfChangeV2 => self.apply_conf_change(batch, entry),
         }
-    }
-
-    fn record_conf_state(
-        &mut self,
-        batch: &mut Batch,
-        applied: raft::Result<raft::prelude::ConfState>,
-    ) -> Result<Option<CommandResult>, FatalError> {
-        let conf_state = applied
-            .map_err(|e| FatalError::Raft(format!("applying a committed conf change: {e}")))?;
-        self.raw.mut_store().set_conf_state(batch, &conf_state);
-        Ok(None)
     }
 
     fn complete(&mut self, entry: &Entry, result: CommandResult) {

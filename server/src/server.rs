@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -23,6 +24,12 @@ use crate::node::{Node, NodeHandle};
 use crate::state_machine::Reader;
 use crate::storage::Engine;
 use crate::transport::{spawn_outbound, GrpcTransport, PeerDirectory, PeerService};
+
+/// How long a leader that stops waits for its successor, in election timeouts.
+const TRANSFER_WAIT_ELECTION_TIMEOUTS: u32 = 3;
+/// How long a stop may take, leader transfer and flush included; past it
+/// the process exits anyway.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// A started node. Dropping it without [`RunningServer::shutdown`] leaves
 /// its tasks running until the runtime stops.
@@ -40,12 +47,13 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Starts a node from a validated configuration.
-    pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+    pub async fn start(mut config: Config) -> Result<RunningServer, StartupError> {
         let client_listener = bind(config.listen_client, "--listen-client").await?;
         let peer_listener = bind(config.listen_peer, "--listen-peer").await?;
         let engine = open_engine(&config)?;
+        let joining = crate::join::prepare(&mut config, &engine).await?;
         let directory = PeerDirectory::new(&config);
-        let (transport, outbound) = GrpcTransport::new(&config);
+        let (transport, outbound) = GrpcTransport::new(&config, directory.clone());
         let (node, handle) = Node::new(&config, engine.clone(), Box::new(transport))?;
         spawn_outbound(outbound, handle.clone());
 
@@ -64,7 +72,9 @@ impl RunningServer {
                 min_lease_ttl_ms: 2 * config.timing.election_timeout_ms(),
                 max_clock_drift_ppm: config.max_clock_drift_ppm,
                 session_idle_timeout_ms: config.session_idle_timeout_ms,
+                election_timeout_ms: config.timing.election_timeout_ms(),
             },
+            config.data_dir.join("snapshots"),
             stopping_rx,
         );
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
@@ -76,15 +86,24 @@ impl RunningServer {
             .add_service(api.lock_service())
             .add_service(api.election_service())
             .add_service(api.session_service())
+            .add_service(api.maintenance_service())
             .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone());
         let peer_server = tonic::transport::Server::builder()
-            .add_service(PeerService::new(config.id, handle.clone(), directory))
+            .add_service(PeerService::new(
+                config.id,
+                handle.clone(),
+                directory,
+                config.data_dir.join("snapshots"),
+            ))
             .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone());
         let servers = vec![
             spawn_server("client", client_server),
             spawn_server("peer", peer_server),
         ];
         let node_task = tokio::spawn(node.run(stopped));
+        if joining {
+            crate::join::spawn_add_self(&config);
+        }
         tracing::info!(node = %config.id, client = %client_addr, peer = %peer_addr, "serving");
         Ok(RunningServer {
             config,
@@ -101,6 +120,34 @@ impl RunningServer {
     /// Resolves when the node stops by itself (a fatal error).
     pub async fn stopped(&mut self) -> Result<(), FatalError> {
         join_node(&mut self.node_task).await
+    }
+
+    /// Stops the way an operator wants a member to stop (SIGTERM): a node
+    /// that leads first hands its leadership to the best caught-up voter
+    /// and waits (a few election timeouts at most) for it to take over, so
+    /// that clients see a leader change rather than an election; then as
+    /// [`RunningServer::shutdown`]. Requests in flight fail with
+    /// `UNAVAILABLE` and clients retry them elsewhere.
+    pub async fn graceful_shutdown(self) -> Result<(), FatalError> {
+        if self.node.status().role == crate::node::Role::Leader {
+            match self.node.transfer_leader(None).await {
+                Ok(to) => {
+                    let wait = Duration::from_millis(self.config.timing.election_timeout_ms())
+                        * TRANSFER_WAIT_ELECTION_TIMEOUTS;
+                    let mut status = self.node.watch_status();
+                    let moved =
+                        tokio::time::timeout(wait, status.wait_for(|s| s.leader_id == to.0)).await;
+                    match moved {
+                        Ok(Ok(_)) => tracing::info!(to = %to, "handed leadership on"),
+                        _ => {
+                            tracing::warn!(to = %to, "leadership did not move in {wait:?}; stopping anyway")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("could not hand leadership on ({e}); stopping anyway"),
+            }
+        }
+        self.shutdown().await
     }
 
     /// Stops serving and waits for the node to flush and stop. Streams
@@ -199,20 +246,23 @@ pub fn run_from_args(args: ServeArgs) -> Result<ExitCode, Box<dyn std::error::Er
 async fn serve(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut server = RunningServer::start(config).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
+    let why = tokio::select! {
         result = server.stopped() => {
-            result?;
-            Ok(ExitCode::SUCCESS)
+            return match result {
+                Err(FatalError::Removed(id)) => {
+                    tracing::warn!("node {id} was removed from the cluster; exiting");
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => other.map(|()| ExitCode::SUCCESS).map_err(Into::into),
+            };
         }
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted; stopping");
-            server.shutdown().await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        _ = terminate.recv() => {
-            tracing::info!("terminated; stopping");
-            server.shutdown().await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = terminate.recv() => "terminated",
+    };
+    tracing::info!("{why}; stopping");
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, server.graceful_shutdown()).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("stopping took longer than {SHUTDOWN_DEADLINE:?}; exiting"),
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -234,6 +234,9 @@ impl StateMachine {
             Some(command::Command::ExpireSessions(c)) => Op::ExpireSessions {
                 sessions: c.sessions.into_iter().map(SessionId).collect(),
             },
+            Some(command::Command::RaiseTokenFloor(c)) => Op::RaiseTokenFloor {
+                floor: FencingToken(c.floor),
+            },
             None => {
                 return Err(FatalError::Corruption {
                     cf: crate::storage::CF_RAFT_LOG,
@@ -468,7 +471,8 @@ fn outcome_result(name: &str, outcome: Outcome) -> CommandResult {
         Outcome::LeaseRevoked { .. }
         | Outcome::LeasesExpired { .. }
         | Outcome::Released { .. }
-        | Outcome::SessionsEnded { .. } => done(),
+        | Outcome::SessionsEnded { .. }
+        | Outcome::TokenFloorRaised { .. } => done(),
         Outcome::SessionOpened { session } => {
             result(command_result::Result::SessionOpened(SessionOpened {
                 session: session.0,
@@ -554,6 +558,7 @@ pub(crate) fn coordination_error(name: &str, error: CoordinationError) -> Comman
         CoordinationError::ResourceExhausted { .. } => {
             error_result(Code::ResourceExhausted, message, None)
         }
+        CoordinationError::RestoreInProgress => error_result(Code::Unavailable, message, None),
     }
 }
 
@@ -568,6 +573,11 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// The engine the reader reads (for backups, which read a snapshot of it).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn new(engine: Engine, coordination: SharedCoordination) -> Reader {
         Reader {
             engine,

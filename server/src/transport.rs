@@ -12,9 +12,17 @@
 //! and Raft's retransmission recovers it; the node never blocks on a slow
 //! peer. A broken stream is reopened with exponential backoff between
 //! [`RECONNECT_BACKOFF_MIN`] and [`RECONNECT_BACKOFF_MAX`], and the node is
-//! told the peer was unreachable so raft-rs falls back to probing. Snapshots
-//! travel inside their Raft message (up to [`MAX_PEER_FRAME_BYTES`]); the
-//! node is told when one was handed to the stream or could not be.
+//! told the peer was unreachable so raft-rs falls back to probing. A
+//! snapshot file is streamed in chunks on a call of its own (`snapshots.rs`)
+//! while the main stream goes on; an inline snapshot (the simulator's)
+//! travels inside its Raft message (up to [`MAX_PEER_FRAME_BYTES`]). The
+//! node is told whether each snapshot got through.
+//!
+//! The set of peers follows the membership: the node calls
+//! [`Transport::set_peers`] at start and after every applied conf change,
+//! and the transport opens links to new members and closes those to
+//! departed ones (dropping a link's queue ends its task). The
+//! [`PeerDirectory`] follows too, so only members may open a stream here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -30,9 +38,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use latchkey_proto::peer::v1::peer_client::PeerClient;
 use latchkey_proto::peer::v1::peer_server::{Peer, PeerServer};
-use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame};
+use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame, SnapshotChunk};
+
+mod snapshots;
+
+use std::path::PathBuf;
 
 use crate::config::Config;
+use crate::membership::MemberTable;
 use crate::node::{NodeHandle, NodeMsg, Transport};
 use crate::types::NodeId;
 
@@ -94,6 +107,20 @@ impl PeerDirectory {
         self.members.read().clone()
     }
 
+    /// Follows the membership: members that left are forgotten, new ones
+    /// added; a client address the record lacks keeps the one learnt.
+    fn follow(&self, members: &MemberTable) {
+        let mut directory = self.members.write();
+        directory.retain(|id, _| members.contains_key(id));
+        for (id, member) in members {
+            let info = directory.entry(*id).or_default();
+            info.peer_addr = member.peer_addr.clone();
+            if !member.client_addr.is_empty() {
+                info.client_addr = member.client_addr.clone();
+            }
+        }
+    }
+
     fn learn_client_addr(&self, id: NodeId, client_addr: &str) {
         if let Some(info) = self.members.write().get_mut(&id) {
             if info.client_addr != client_addr {
@@ -105,43 +132,75 @@ impl PeerDirectory {
 
 /// The node's side of the transport: one bounded queue per peer.
 pub struct GrpcTransport {
-    queues: HashMap<NodeId, mpsc::Sender<Message>>,
-    node: Arc<OnceLock<NodeHandle>>,
-}
-
-/// The receiving ends of the per-peer queues, handed to [`spawn_outbound`].
-pub struct Outbound {
-    queues: Vec<(NodeId, String, mpsc::Receiver<Message>)>,
+    me: NodeId,
+    queues: HashMap<NodeId, PeerQueue>,
     node: Arc<OnceLock<NodeHandle>>,
     hello: Hello,
+    directory: PeerDirectory,
+    /// Links made before the node's handle existed; started by
+    /// [`spawn_outbound`].
+    unstarted: Arc<parking_lot::Mutex<Vec<PeerLink>>>,
+}
+
+/// The sending end of one peer's queue, and the address its link dials.
+struct PeerQueue {
+    addr: String,
+    sender: mpsc::Sender<Message>,
+}
+
+/// What [`spawn_outbound`] starts: the links made so far.
+pub struct Outbound {
+    node: Arc<OnceLock<NodeHandle>>,
+    unstarted: Arc<parking_lot::Mutex<Vec<PeerLink>>>,
 }
 
 impl GrpcTransport {
-    pub fn new(config: &Config) -> (GrpcTransport, Outbound) {
+    pub fn new(config: &Config, directory: PeerDirectory) -> (GrpcTransport, Outbound) {
         let node = Arc::new(OnceLock::new());
-        let mut queues = HashMap::new();
-        let mut receivers = Vec::new();
-        for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
-            queues.insert(*id, tx);
-            receivers.push((*id, addr.clone(), rx));
-        }
+        let unstarted = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let hello = Hello {
             from: config.id.0,
             to: 0,
             client_addr: config.advertise_client.clone(),
             peer_addr: config.peers[&config.id].clone(),
         };
-        let transport = GrpcTransport {
-            queues,
+        let mut transport = GrpcTransport {
+            me: config.id,
+            queues: HashMap::new(),
             node: node.clone(),
-        };
-        let outbound = Outbound {
-            queues: receivers,
-            node,
             hello,
+            directory,
+            unstarted: unstarted.clone(),
         };
-        (transport, outbound)
+        for (id, addr) in config.peers.iter().filter(|(id, _)| **id != config.id) {
+            transport.open(*id, addr);
+        }
+        (transport, Outbound { node, unstarted })
+    }
+
+    /// Makes the queue and link to `peer`; the link starts now if the node
+    /// runs, else in [`spawn_outbound`].
+    fn open(&mut self, peer: NodeId, addr: &str) {
+        let (sender, queue) = mpsc::channel(PEER_QUEUE_CAPACITY);
+        let mut hello = self.hello.clone();
+        hello.to = peer.0;
+        let link = PeerLink {
+            peer,
+            addr: addr.to_string(),
+            hello,
+            queue,
+            node: self.node.clone(),
+        };
+        if self.node.get().is_some() {
+            tokio::spawn(link.run());
+        } else {
+            self.unstarted.lock().push(link);
+        }
+        let queue = PeerQueue {
+            addr: addr.to_string(),
+            sender,
+        };
+        self.queues.insert(peer, queue);
     }
 }
 
@@ -151,34 +210,39 @@ impl Transport for GrpcTransport {
             let to = NodeId(message.to);
             let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
             let Some(queue) = self.queues.get(&to) else {
-                tracing::warn!(to = %to, "message for an unknown peer dropped");
+                tracing::debug!(to = %to, "message for a peer that is not a member dropped");
                 continue;
             };
-            if queue.try_send(message).is_err() && is_snapshot {
+            if queue.sender.try_send(message).is_err() && is_snapshot {
                 if let Some(node) = self.node.get() {
                     node.report(NodeMsg::SnapshotSent { to, ok: false });
                 }
             }
         }
     }
+
+    fn set_peers(&mut self, members: &MemberTable) {
+        self.directory.follow(members);
+        self.queues
+            .retain(|id, _| members.contains_key(id) && *id != self.me);
+        let me = self.me;
+        for (id, member) in members.iter().filter(|(id, _)| **id != me) {
+            let current = self.queues.get(id).map(|queue| queue.addr.as_str());
+            if current != Some(member.peer_addr.as_str()) {
+                self.open(*id, &member.peer_addr);
+            }
+        }
+    }
 }
 
-/// Starts one outbound task per peer. They stop when the node's transport
-/// (and with it every queue sender) is dropped.
+/// Starts the links made before the node ran. Later ones start as they are
+/// made; each stops when its queue is dropped (the peer left, or the node
+/// stopped).
 pub fn spawn_outbound(outbound: Outbound, node: NodeHandle) {
     // Set once here; `spawn_outbound` is called once per transport.
     let _ = outbound.node.set(node);
-    for (peer, addr, queue) in outbound.queues {
-        let mut hello = outbound.hello.clone();
-        hello.to = peer.0;
-        let task = PeerLink {
-            peer,
-            addr,
-            hello,
-            queue,
-            node: outbound.node.clone(),
-        };
-        tokio::spawn(task.run());
+    for link in outbound.unstarted.lock().drain(..) {
+        tokio::spawn(link.run());
     }
 }
 
@@ -264,6 +328,7 @@ impl PeerLink {
         if frames.send(hello).await.is_err() {
             return std::ops::ControlFlow::Continue(());
         }
+        let snapshot_client = client.clone();
         let call = client.raft(Request::new(ReceiverStream::new(rx)));
         tokio::pin!(call);
         loop {
@@ -276,6 +341,10 @@ impl PeerLink {
                 }
                 message = self.queue.recv() => {
                     let Some(message) = message else { return std::ops::ControlFlow::Break(()) };
+                    if snapshots::is_file_snapshot(&message) {
+                        self.spawn_snapshot(snapshot_client.clone(), message);
+                        continue;
+                    }
                     let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
                     let frame = PeerFrame { frame: Some(peer_frame::Frame::RaftMessage(encode(&message))) };
                     let sent = frames.send(frame).await.is_ok();
@@ -291,6 +360,28 @@ impl PeerLink {
     }
 }
 
+impl PeerLink {
+    /// Streams a snapshot file on a call of its own and tells the node how
+    /// it went; raft-rs sends no other snapshot to this peer meanwhile.
+    fn spawn_snapshot(&self, client: PeerClient<Channel>, message: Message) {
+        let peer = self.peer;
+        let hello = self.hello.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let sent = snapshots::send(client, hello, message).await;
+            if let Err(e) = &sent {
+                tracing::warn!(%peer, "snapshot transfer failed: {e}");
+            }
+            if let Some(node) = node.get() {
+                node.report(NodeMsg::SnapshotSent {
+                    to: peer,
+                    ok: sent.is_ok(),
+                });
+            }
+        });
+    }
+}
+
 fn encode(message: &Message) -> Vec<u8> {
     // raft-rs messages have no required fields, so encoding cannot fail.
     message.write_to_bytes().expect("raft message encodes")
@@ -301,14 +392,22 @@ pub struct PeerService {
     id: NodeId,
     node: NodeHandle,
     directory: PeerDirectory,
+    /// Where received snapshot files are written.
+    snapshot_dir: PathBuf,
 }
 
 impl PeerService {
-    pub fn new(id: NodeId, node: NodeHandle, directory: PeerDirectory) -> PeerServer<PeerService> {
+    pub fn new(
+        id: NodeId,
+        node: NodeHandle,
+        directory: PeerDirectory,
+        snapshot_dir: PathBuf,
+    ) -> PeerServer<PeerService> {
         PeerServer::new(PeerService {
             id,
             node,
             directory,
+            snapshot_dir,
         })
         .max_decoding_message_size(MAX_PEER_FRAME_BYTES)
         .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
@@ -317,6 +416,18 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let stream = request.into_inner();
+        snapshots::receive(stream, &self.snapshot_dir, self.id, &self.node, |hello| {
+            self.accept_hello(hello)
+        })
+        .await?;
+        Ok(Response::new(PeerAck {}))
+    }
+
     async fn raft(
         &self,
         request: Request<Streaming<PeerFrame>>,

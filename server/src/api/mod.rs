@@ -15,15 +15,19 @@
 //! `latchkey.v1.ErrorDetails` encoded in the status details.
 //!
 //! # Layout
-//! - this file: shared plumbing, the KV and Cluster services.
+//! - this file: shared plumbing and the KV service.
+//! - `cluster.rs`: Status, membership changes, leader transfer.
 //! - `lease.rs`: Grant, Revoke, KeepAlive, TimeToLive, List.
 //! - `lock.rs`: Acquire (waiting FIFO), Release, Describe.
 //! - `election.rs`: Campaign, Proclaim, Leader, Observe, Resign.
 //! - `session.rs`: Open and Close of exactly-once sessions.
+//! - `maintenance.rs`: backups (a snapshot streamed to the client).
 
+mod cluster;
 mod election;
 mod lease;
 mod lock;
+mod maintenance;
 mod session;
 
 use std::future::Future;
@@ -35,19 +39,18 @@ use tonic::{Request, Response, Status};
 use latchkey_proto::state::v1::{
     command, command_result, Command, CommandError, Delete, KvRecord, Put,
 };
-use latchkey_proto::v1::cluster_server::{Cluster, ClusterServer};
+use latchkey_proto::v1::cluster_server::ClusterServer;
 use latchkey_proto::v1::kv_server::{Kv, KvServer};
 use latchkey_proto::v1::RequestId;
 use latchkey_proto::v1::{
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, Member, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, Role as ProtoRole, StatusRequest,
-    StatusResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, ResponseHeader,
 };
 use prost::Message as _;
 
 use crate::coordination::CoordinationError;
 use crate::error::{FatalError, RequestError};
-use crate::node::{Applied, NodeHandle, Role};
+use crate::node::{Applied, NodeHandle};
 use crate::state_machine::{Reader, MAX_KEY_BYTES, MAX_RANGE_KEYS, MAX_VALUE_BYTES};
 use crate::transport::PeerDirectory;
 use crate::types::NodeId;
@@ -69,6 +72,14 @@ pub struct ApiSettings {
     pub max_clock_drift_ppm: u64,
     /// How long an idle session lives, told to clients that open one.
     pub session_idle_timeout_ms: u64,
+    /// The shortest time after which a follower may start an election.
+    pub election_timeout_ms: u64,
+}
+
+impl ApiSettings {
+    pub fn election_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.election_timeout_ms)
+    }
 }
 
 /// State shared by the client services of one node.
@@ -79,6 +90,8 @@ pub struct Api {
     reader: Reader,
     directory: PeerDirectory,
     settings: ApiSettings,
+    /// Where backup files are written before they are streamed.
+    snapshot_dir: std::path::PathBuf,
     /// Turns true when the server stops: long-lived streams (Observe,
     /// KeepAlive) then end with `UNAVAILABLE`, so their clients move to
     /// another node instead of waiting on a node that no longer serves.
@@ -92,6 +105,7 @@ impl Api {
         reader: Reader,
         directory: PeerDirectory,
         settings: ApiSettings,
+        snapshot_dir: std::path::PathBuf,
         stopping: watch::Receiver<bool>,
     ) -> Api {
         Api {
@@ -100,6 +114,7 @@ impl Api {
             reader,
             directory,
             settings,
+            snapshot_dir,
             stopping,
         }
     }
@@ -138,6 +153,12 @@ impl Api {
 
     pub fn session_service(&self) -> latchkey_proto::v1::session_server::SessionServer<Api> {
         latchkey_proto::v1::session_server::SessionServer::new(self.clone())
+    }
+
+    pub fn maintenance_service(
+        &self,
+    ) -> latchkey_proto::v1::maintenance_server::MaintenanceServer<Api> {
+        latchkey_proto::v1::maintenance_server::MaintenanceServer::new(self.clone())
     }
 
     fn status(&self, error: RequestError) -> Status {
@@ -257,10 +278,12 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
             }
             status
         }
-        RequestError::LeadershipLost | RequestError::ShuttingDown => {
+        RequestError::LeadershipLost | RequestError::ShuttingDown | RequestError::Restoring => {
             Status::unavailable(error.to_string())
         }
         RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
+        RequestError::Conflict(_) => Status::failed_precondition(error.to_string()),
+        RequestError::NoQuorum(_) => Status::failed_precondition(error.to_string()),
         RequestError::InvalidArgument { field, ref reason } => {
             let details = latchkey_proto::v1::ErrorDetails {
                 detail: Some(latchkey_proto::v1::error_details::Detail::InvalidField(
@@ -429,52 +452,6 @@ impl Kv for Api {
             header: Some(header),
             kvs: records.into_iter().map(|(k, r)| key_value(k, r)).collect(),
             more,
-        }))
-    }
-}
-
-fn proto_role(role: Role) -> ProtoRole {
-    match role {
-        Role::Follower => ProtoRole::Follower,
-        Role::Candidate => ProtoRole::Candidate,
-        Role::PreCandidate => ProtoRole::PreCandidate,
-        Role::Leader => ProtoRole::Leader,
-    }
-}
-
-#[tonic::async_trait]
-impl Cluster for Api {
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        let status = self.node.status();
-        let members = self.directory.all();
-        let me = members.get(&self.id).cloned().unwrap_or_default();
-        let leader_client_addr = members
-            .get(&NodeId(status.leader_id))
-            .map(|info| info.client_addr.clone())
-            .unwrap_or_default();
-        Ok(Response::new(StatusResponse {
-            id: self.id.0,
-            role: proto_role(status.role).into(),
-            term: status.term,
-            commit_index: status.commit_index,
-            applied_index: status.applied_index,
-            leader_id: status.leader_id,
-            client_addr: me.client_addr,
-            peer_addr: me.peer_addr,
-            first_index: status.first_index,
-            last_index: status.last_index,
-            members: members
-                .into_iter()
-                .map(|(id, info)| Member {
-                    id: id.0,
-                    client_addr: info.client_addr,
-                    peer_addr: info.peer_addr,
-                })
-                .collect(),
-            leader_client_addr,
         }))
     }
 }

@@ -111,6 +111,42 @@ pub(crate) async fn elect(args: ElectArgs) -> Result<u8, Failure> {
     args.hold.hold(held, args.client.json).await
 }
 
+/// Flags of `latchkey leader`: an election's leader, or (with `transfer`)
+/// the cluster's own Raft leadership.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct LeaderCommandArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The election's name.
+    #[arg(required = true)]
+    pub name: Option<String>,
+    #[command(subcommand)]
+    pub action: Option<LeaderAction>,
+}
+
+/// What `latchkey leader` can do besides reading an election's leader.
+#[derive(clap::Subcommand, Debug)]
+pub enum LeaderAction {
+    /// Hand the cluster's Raft leadership to voter ID (which must have caught up).
+    Transfer { id: u64 },
+}
+
+/// `latchkey leader NAME` or `latchkey leader transfer ID`.
+pub(crate) async fn leader_command(args: LeaderCommandArgs) -> Result<u8, Failure> {
+    match (args.action, args.name) {
+        (Some(LeaderAction::Transfer { id }), _) => super::member::transfer(&args.client, id).await,
+        (None, Some(name)) => {
+            leader(LeaderArgs {
+                client: args.client,
+                name,
+            })
+            .await
+        }
+        (None, None) => Err(Failure::usage("give an election name, or `transfer ID`")),
+    }
+}
+
 pub(crate) async fn leader(args: LeaderArgs) -> Result<u8, Failure> {
     let client = connect_once(&args.client).await?;
     let leader = client

@@ -9,6 +9,8 @@
 //! - `c/ses/<session id: u64>` → a [`Session`]'s header
 //! - `c/res/<session id: u64><seq: u64>` → one remembered result of a session
 //! - `c/meta/next_token` → the next fencing token
+//! - `c/meta/restore_pending` → present (empty) from a restore until the
+//!   first leader has raised the token floor
 //!
 //! `c/session/…` records of the earlier session format (one record per
 //! client with all its results, before sessions were opened explicitly)
@@ -46,6 +48,7 @@ pub const SESSION_RESULT_PREFIX: &[u8] = b"c/res/";
 /// Records of the earlier session format, ignored on load.
 pub const LEGACY_SESSION_PREFIX: &[u8] = b"c/session/";
 pub const NEXT_TOKEN_KEY: &[u8] = b"c/meta/next_token";
+pub const RESTORE_PENDING_KEY: &[u8] = b"c/meta/restore_pending";
 
 const FORMAT_VERSION: u8 = 1;
 /// Ends the name inside a waiter key.
@@ -88,6 +91,7 @@ pub fn session_result_key(session: SessionId, seq: SequenceNumber) -> Vec<u8> {
 #[derive(Debug)]
 pub(super) enum Decoded {
     NextToken(FencingToken),
+    RestorePending,
     Lease {
         lease: LeaseId,
         ttl_ms: u64,
@@ -118,6 +122,11 @@ pub(super) fn encode_next_token(token: FencingToken) -> Vec<u8> {
     let mut out = vec![FORMAT_VERSION];
     put_u64(&mut out, token.0);
     out
+}
+
+/// The value of [`RESTORE_PENDING_KEY`].
+pub fn encode_restore_pending() -> Vec<u8> {
+    vec![FORMAT_VERSION]
 }
 
 pub(super) fn encode_lease(ttl_ms: u64) -> Vec<u8> {
@@ -161,6 +170,8 @@ pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, String> {
     let mut reader = Reader::new(value)?;
     let decoded = if key == NEXT_TOKEN_KEY {
         Decoded::NextToken(FencingToken(reader.u64()?))
+    } else if key == RESTORE_PENDING_KEY {
+        Decoded::RestorePending
     } else if let Some(rest) = key.strip_prefix(LEASE_PREFIX) {
         Decoded::Lease {
             lease: LeaseId(key_u64(rest)?),

@@ -73,6 +73,7 @@ impl Coordination {
                 codec::decode(&key, &value).map_err(|reason| LoadError::at(&key, reason))?;
             let fresh = match decoded {
                 Decoded::NextToken(token) => next_token.replace(token).is_none(),
+                Decoded::RestorePending => !std::mem::replace(&mut state.restore_pending, true),
                 Decoded::Lease { lease, ttl_ms } => {
                     let held = BTreeSet::new();
                     let waiting = BTreeSet::new();

@@ -29,6 +29,9 @@ impl Coordination {
     ) -> Result<Outcome, CoordinationError> {
         validate_name(&key.name)?;
         validate_value(key.kind, &value)?;
+        if self.restore_pending {
+            return Err(CoordinationError::RestoreInProgress);
+        }
         let holdings = self
             .leases
             .get(&lease)
@@ -290,6 +293,10 @@ impl Coordination {
         previous: Option<FencingToken>,
         fx: &mut Effects,
     ) -> FencingToken {
+        assert!(
+            !self.restore_pending,
+            "a grant of {key} while a restore is pending: no leader proposes one before raising the token floor"
+        );
         let token = self.next_token;
         assert!(
             previous.is_none_or(|previous| token > previous),

@@ -129,8 +129,9 @@ mod tests_random;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use codec::{
-    lease_key, lock_key, session_key, session_result_key, waiter_key, LEASE_PREFIX, LOCK_PREFIX,
-    NEXT_TOKEN_KEY, RECORD_PREFIX, SESSION_PREFIX, SESSION_RESULT_PREFIX, WAITER_PREFIX,
+    encode_restore_pending, lease_key, lock_key, session_key, session_result_key, waiter_key,
+    LEASE_PREFIX, LOCK_PREFIX, NEXT_TOKEN_KEY, RECORD_PREFIX, RESTORE_PENDING_KEY, SESSION_PREFIX,
+    SESSION_RESULT_PREFIX, WAITER_PREFIX,
 };
 pub use load::LoadError;
 pub use ops::{Applied, Changes, CoordinationError, Event, FenceError, Op, Outcome};
@@ -153,6 +154,9 @@ pub const MAX_LOCKS_PER_LEASE: usize = 10_000;
 pub const MAX_LOCKS: usize = 1_000_000;
 /// Most live leases.
 pub const MAX_LEASES: usize = 1_000_000;
+/// The least a restore moves the token counter past the restored state's,
+/// whatever the floor proposed (`docs/semantics.md`, Invariant 1).
+pub const RESTORE_TOKEN_STEP: u64 = 1 << 32;
 
 /// The range of lease TTLs apply accepts, inclusive. Must be the same on
 /// every replica.
@@ -168,6 +172,9 @@ pub struct Coordination {
     ttl_bounds: TtlBounds,
     /// The token the next grant receives; above every token issued so far.
     next_token: FencingToken,
+    /// Restored from a backup, and the token floor not yet raised: no grant
+    /// may be made until it is (see `docs/semantics.md`, Invariant 1).
+    restore_pending: bool,
     leases: BTreeMap<LeaseId, Lease>,
     /// Held locks and elections only.
     locks: BTreeMap<LockKey, Lock>,
@@ -178,6 +185,7 @@ pub struct Coordination {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Record {
     NextToken,
+    RestorePending,
     Lease(LeaseId),
     Lock(LockKey),
     Waiter(LockKey, LogIndex),
@@ -204,6 +212,7 @@ impl Coordination {
         Coordination {
             ttl_bounds,
             next_token: FencingToken(1),
+            restore_pending: false,
             leases: BTreeMap::new(),
             locks: BTreeMap::new(),
             sessions: Sessions::default(),
@@ -239,6 +248,7 @@ impl Coordination {
                 self.proclaim(LockKey::new(Kind::Election, name), token, value, fx)
             }
             Op::OpenSession => self.open_session(index, fx),
+            Op::RaiseTokenFloor { floor } => Ok(self.raise_token_floor(floor, fx)),
             Op::CloseSession { session } => Ok(self.end_sessions(vec![session], false, fx)),
             Op::ExpireSessions { sessions } => Ok(self.end_sessions(sessions, true, fx)),
         };
@@ -283,6 +293,27 @@ impl Coordination {
             )
             .collect();
         self.render(&touched)
+    }
+
+    /// The counter jumps to at least `floor`, and at least 2^32 past where
+    /// the restored state left it (so a restore moves tokens up even if the
+    /// leader's wall clock that chose `floor` is behind), and grants may be
+    /// made again.
+    fn raise_token_floor(&mut self, floor: FencingToken, fx: &mut Effects) -> Outcome {
+        let past_restored = FencingToken(self.next_token.0.saturating_add(RESTORE_TOKEN_STEP));
+        self.next_token = self.next_token.max(floor).max(past_restored);
+        self.restore_pending = false;
+        fx.touched.insert(Record::NextToken);
+        fx.touched.insert(Record::RestorePending);
+        Outcome::TokenFloorRaised {
+            next_token: self.next_token,
+        }
+    }
+
+    /// Whether the state was restored from a backup and the token floor has
+    /// not been raised yet.
+    pub fn restore_pending(&self) -> bool {
+        self.restore_pending
     }
 
     fn open_session(
@@ -407,6 +438,10 @@ impl Coordination {
             Record::NextToken => (
                 NEXT_TOKEN_KEY.to_vec(),
                 Some(codec::encode_next_token(self.next_token)),
+            ),
+            Record::RestorePending => (
+                RESTORE_PENDING_KEY.to_vec(),
+                self.restore_pending.then(codec::encode_restore_pending),
             ),
             Record::Lease(id) => (
                 lease_key(*id),

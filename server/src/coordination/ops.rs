@@ -50,6 +50,9 @@ pub enum Op {
     CloseSession { session: SessionId },
     /// Ends sessions the leader found idle; ids already gone are skipped.
     ExpireSessions { sessions: Vec<SessionId> },
+    /// After a restore: the token counter jumps to at least `floor`, and
+    /// grants may be made again.
+    RaiseTokenFloor { floor: FencingToken },
 }
 
 /// The successful result of an [`Op`].
@@ -98,6 +101,9 @@ pub enum Outcome {
     SessionsEnded {
         sessions: Vec<SessionId>,
     },
+    TokenFloorRaised {
+        next_token: FencingToken,
+    },
 }
 
 /// Why an [`Op`] was refused. Every refusal changes nothing.
@@ -121,6 +127,10 @@ pub enum CoordinationError {
     },
     #[error("resource exhausted: at most {limit} {what}")]
     ResourceExhausted { what: &'static str, limit: u64 },
+    /// Restored from a backup; grants wait until the first leader has
+    /// raised the token floor (moments after it is elected).
+    #[error("the cluster is completing a restore; retry shortly")]
+    RestoreInProgress,
 }
 
 /// A fenced write named a token that is not the lock's current grant.

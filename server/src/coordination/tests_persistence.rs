@@ -426,3 +426,49 @@ fn recording_a_request_twice_is_a_bug() {
     h.state
         .record_session(session, SequenceNumber(1), SequenceNumber(0), vec![1]);
 }
+
+#[test]
+fn a_restored_state_grants_nothing_until_its_token_floor_is_raised() {
+    let mut h = Harness::new();
+    let lease = h.grant_lease();
+    let before = h.lock(Kind::Lock, "a", lease);
+    h.store
+        .insert(RESTORE_PENDING_KEY.to_vec(), encode_restore_pending());
+    h.state = h.reload();
+    assert!(h.state.restore_pending());
+    let refused = h.apply(Op::Acquire {
+        kind: Kind::Lock,
+        name: "b".into(),
+        lease,
+        wait: false,
+        value: Vec::new(),
+    });
+    assert_eq!(refused.result, Err(CoordinationError::RestoreInProgress));
+    assert!(refused.changes.is_empty());
+    let floor = FencingToken(1 << 40);
+    h.apply(Op::RaiseTokenFloor { floor });
+    assert!(!h.state.restore_pending());
+    assert!(
+        !h.store.contains_key(RESTORE_PENDING_KEY),
+        "the mark is gone"
+    );
+    let after = h.lock(Kind::Lock, "b", lease);
+    assert!(after.token >= floor && after.token > before.token);
+    assert_eq!(h.reload(), h.state);
+}
+
+#[test]
+fn a_restore_moves_tokens_up_even_when_the_proposed_floor_is_low() {
+    let mut h = Harness::new();
+    let lease = h.grant_lease();
+    let before = h.lock(Kind::Lock, "a", lease);
+    h.store
+        .insert(RESTORE_PENDING_KEY.to_vec(), encode_restore_pending());
+    h.state = h.reload();
+    // A leader whose wall clock reads 1970 proposes floor 0.
+    h.apply(Op::RaiseTokenFloor {
+        floor: FencingToken(0),
+    });
+    let after = h.lock(Kind::Lock, "b", lease);
+    assert!(after.token.0 > before.token.0 + super::RESTORE_TOKEN_STEP - 1);
+}

@@ -90,7 +90,10 @@ impl Node {
         for answered in confirmed.answers {
             self.answer_keep_alive(answered.reply, answered.lease, answered.answer);
         }
-        if confirmed.expire.is_empty() || self.raw.raft.state != StateRole::Leader {
+        if confirmed.expire.is_empty()
+            || self.raw.raft.state != StateRole::Leader
+            || self.restore_pending()
+        {
             return;
         }
         self.lease_clock.expiry_proposed(&confirmed.expire, now);

@@ -8,6 +8,9 @@
 pub const APPLIED: &[u8] = b"\x00applied";
 /// The membership at the applied index (raft-rs `ConfState`).
 pub const CONF_STATE: &[u8] = b"\x00conf_state";
+/// Every member's addresses (`latchkey.state.v1.Members`); which of them
+/// vote is in [`CONF_STATE`].
+pub const MEMBERS: &[u8] = b"\x00members";
 /// Prefix of key-value records.
 pub const KV_PREFIX: &[u8] = b"k/";
 /// Upper bound of every key in the family, for range deletes.

@@ -31,10 +31,13 @@
 //!   which models what survives a power loss; for the simulator only.
 //! - [`raft_log`]: [`RaftLog`], raft-rs's `Storage` over the first two families.
 //! - [`keys`]: the key layout of the `state` family.
+//! - [`snapshot_file`]: the checksummed file a snapshot (or a backup) is
+//!   written to and streamed from.
 
 pub mod keys;
 pub mod memory;
 pub mod raft_log;
+pub mod snapshot_file;
 
 use std::ops::Bound;
 use std::path::Path;
@@ -242,6 +245,43 @@ impl Engine {
             unframe(CF_STATE, key, raw)?;
         }
         Ok(records)
+    }
+
+    /// Visits every verified record of the `state` family as of one instant
+    /// (a RocksDB snapshot), in key order, until `visit` returns false.
+    pub fn visit_state_snapshot(
+        &self,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, FatalError>,
+    ) -> Result<(), FatalError> {
+        match &self.backend {
+            Backend::Rocks(db) => {
+                let snapshot = db.snapshot();
+                let iter =
+                    snapshot.iterator_cf(Engine::rocks_cf(db, CF_STATE), IteratorMode::Start);
+                for item in iter {
+                    let (key, raw) =
+                        item.map_err(|e| FatalError::storage("reading a snapshot", e))?;
+                    unframe(CF_STATE, &key, &raw)?;
+                    if !visit(&key, &raw)? {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            Backend::Memory(_) => {
+                for (key, raw) in self.state_records()? {
+                    if !visit(&key, &raw)? {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this is the simulator's in-memory backend.
+    pub fn is_memory(&self) -> bool {
+        matches!(self.backend, Backend::Memory(_))
     }
 
     /// Applies a batch; `sync` forces it to disk before returning.

@@ -6,6 +6,19 @@
 //! before the first one it has. Snapshots are not stored separately: the
 //! state machine in the `state` family *is* the snapshot, read at one
 //! instant together with its applied position and membership.
+//!
+//! # Bootstrap
+//! A node of a new cluster starts as if it had installed a snapshot at
+//! index 1, term 1 that holds the initial membership (as raft-rs's own
+//! examples bootstrap): the log is empty and starts at 2, the hard state is
+//! at term 1 with commit 1, and the state machine is applied to 1. So every
+//! node that ever joins later, with an empty log, is brought up to date by
+//! a snapshot — which carries the membership — rather than by replaying a
+//! log whose first membership was never an entry. A node that joins an
+//! existing cluster bootstraps with no voters at all and waits for that
+//! snapshot.
+
+pub mod snapshots;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -14,8 +27,6 @@ use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
-
-use latchkey_proto::state::v1::{SnapshotData, SnapshotRecord};
 
 use super::keys::{self, raft_state};
 use super::{corruption, Batch, Engine, LogPosition, CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE};
@@ -26,6 +37,11 @@ use crate::error::FatalError;
 /// panic.
 pub type FatalSlot = Arc<Mutex<Option<FatalError>>>;
 
+/// Index of the bootstrap snapshot a new cluster starts from.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// Term of the bootstrap snapshot.
+pub const BOOTSTRAP_TERM: u64 = 1;
+
 /// The Raft log and hard state of one node.
 pub struct RaftLog {
     engine: Engine,
@@ -35,14 +51,21 @@ pub struct RaftLog {
     last_index: u64,
     last_term: u64,
     fatal: FatalSlot,
-    /// The last snapshot built for a follower, reused while still current.
-    snapshot_cache: RefCell<Option<Snapshot>>,
+    /// Snapshot files and the last snapshot built for a follower, reused
+    /// while still current (see `snapshots.rs`).
+    snapshots: RefCell<snapshots::Snapshots>,
 }
 
 impl RaftLog {
-    /// Loads the log; on a node that has never run, records `voters` as the
-    /// initial membership.
-    pub fn open(engine: Engine, voters: &[u64], fatal: FatalSlot) -> Result<RaftLog, FatalError> {
+    /// Loads the log; on a node that has never run, bootstraps it (see the
+    /// module docs) with `voters` as the initial membership and `members`
+    /// (encoded `Members`) as their addresses. No voters: a node that joins.
+    pub fn open(
+        engine: Engine,
+        voters: &[u64],
+        members: &[u8],
+        fatal: FatalSlot,
+    ) -> Result<RaftLog, FatalError> {
         let hard_state = load_pb::<HardState>(&engine, raft_state::HARD_STATE)?;
         let conf_state = load_pb::<ConfState>(&engine, raft_state::CONF_STATE)?;
         let truncated: Option<LogPosition> =
@@ -55,22 +78,43 @@ impl RaftLog {
             last_index: 0,
             last_term: 0,
             fatal,
-            snapshot_cache: RefCell::new(None),
+            snapshots: RefCell::new(snapshots::Snapshots::default()),
         };
         if conf_state.is_none() {
-            log.bootstrap(voters)?;
+            log.bootstrap(voters, members)?;
         }
         log.load_last()?;
         Ok(log)
     }
 
-    fn bootstrap(&mut self, voters: &[u64]) -> Result<(), FatalError> {
+    fn bootstrap(&mut self, voters: &[u64], members: &[u8]) -> Result<(), FatalError> {
         let mut conf_state = ConfState::default();
         conf_state.set_voters(voters.to_vec());
         let encoded = encode_pb(&conf_state);
         let mut batch = Batch::new(&self.engine);
         batch.put(CF_RAFT_STATE, raft_state::CONF_STATE, &encoded);
-        batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+        if !voters.is_empty() {
+            let start = LogPosition {
+                index: BOOTSTRAP_INDEX,
+                term: BOOTSTRAP_TERM,
+            };
+            let hard_state = HardState {
+                term: BOOTSTRAP_TERM,
+                commit: BOOTSTRAP_INDEX,
+                ..HardState::default()
+            };
+            batch.put(
+                CF_RAFT_STATE,
+                raft_state::HARD_STATE,
+                &encode_pb(&hard_state),
+            );
+            batch.put_message(CF_RAFT_STATE, raft_state::TRUNCATED, &start);
+            batch.put(CF_STATE, keys::CONF_STATE, &encoded);
+            batch.put(CF_STATE, keys::MEMBERS, members);
+            batch.put_message(CF_STATE, keys::APPLIED, &start);
+            self.hard_state = hard_state;
+            self.truncated = start;
+        }
         self.engine.write(batch, true)?;
         self.conf_state = conf_state;
         Ok(())
@@ -234,12 +278,9 @@ impl RaftLog {
     /// the leader, in one synced batch.
     pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), FatalError> {
         let meta = snapshot.get_metadata();
-        let data = SnapshotData::decode_from(snapshot.get_data())?;
         let mut batch = Batch::new(&self.engine);
         batch.delete_range(CF_STATE, &[], keys::END);
-        for record in &data.records {
-            batch.put_framed(CF_STATE, &record.key, &record.value)?;
-        }
+        self.snapshot_records(snapshot, &mut batch)?;
         batch.delete_range(CF_RAFT_LOG, &keys::log_entry(0), &keys::log_entry(u64::MAX));
         let truncated = LogPosition {
             index: meta.index,
@@ -329,41 +370,6 @@ impl RaftLog {
         Ok(entries)
     }
 
-    fn build_snapshot(&self, request_index: u64) -> Result<Snapshot, FatalError> {
-        if let Some(cached) = self.snapshot_cache.borrow().as_ref() {
-            if cached.get_metadata().index >= request_index
-                && cached.get_metadata().index >= self.truncated.index
-            {
-                return Ok(cached.clone());
-            }
-        }
-        let records = self.engine.state_records()?;
-        let mut applied = None;
-        let mut conf_state = None;
-        for (key, raw) in &records {
-            if key.as_slice() == keys::APPLIED {
-                applied = Some(super::decode::<LogPosition>(CF_STATE, key, &raw[4..])?);
-            } else if key.as_slice() == keys::CONF_STATE {
-                conf_state = Some(decode_pb::<ConfState>(CF_STATE, key, &raw[4..])?);
-            }
-        }
-        let applied = applied.unwrap_or_default();
-        let mut snapshot = Snapshot::default();
-        let meta = snapshot.mut_metadata();
-        meta.index = applied.index;
-        meta.term = applied.term;
-        meta.set_conf_state(conf_state.unwrap_or_else(|| self.conf_state.clone()));
-        let data = SnapshotData {
-            records: records
-                .into_iter()
-                .map(|(key, value)| SnapshotRecord { key, value })
-                .collect(),
-        };
-        snapshot.set_data(prost::Message::encode_to_vec(&data).into());
-        *self.snapshot_cache.borrow_mut() = Some(snapshot.clone());
-        Ok(snapshot)
-    }
-
     /// Converts a storage failure for raft-rs, remembering the real cause.
     fn fail(&self, err: FatalError) -> raft::Error {
         let message = err.to_string();
@@ -418,29 +424,20 @@ impl raft::Storage for RaftLog {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let snapshot = self
+        let built = self
             .build_snapshot(request_index)
             .map_err(|e| self.fail(e))?;
+        let Some(snapshot) = built.filter(|s| s.get_metadata().index >= request_index) else {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        };
         if snapshot.get_metadata().index < request_index {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
         Ok(snapshot)
-    }
-}
-
-trait DecodeFrom: Sized {
-    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError>;
-}
-
-impl DecodeFrom for SnapshotData {
-    fn decode_from(bytes: &[u8]) -> Result<Self, FatalError> {
-        prost::Message::decode(bytes).map_err(|e| FatalError::Corruption {
-            cf: CF_STATE,
-            key: "<received snapshot>".into(),
-            reason: format!("snapshot does not decode: {e}"),
-        })
     }
 }
 

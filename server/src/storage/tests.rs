@@ -16,9 +16,17 @@ fn entry(index: u64, term: u64) -> Entry {
     }
 }
 
+/// A log without the bootstrap snapshot (as a node that joins has): its
+/// first entry is 1.
 fn open(dir: &std::path::Path) -> RaftLog {
     let engine = Engine::open(dir).expect("open engine");
-    RaftLog::open(engine, &VOTERS, FatalSlot::default()).expect("open log")
+    RaftLog::open(engine, &[], &[], FatalSlot::default()).expect("open log")
+}
+
+/// A log of a new cluster of `VOTERS`.
+fn open_bootstrapped(dir: &std::path::Path) -> RaftLog {
+    let engine = Engine::open(dir).expect("open engine");
+    RaftLog::open(engine, &VOTERS, b"members", FatalSlot::default()).expect("open log")
 }
 
 fn append(log: &mut RaftLog, entries: &[Entry]) {
@@ -38,11 +46,41 @@ fn all_entries(log: &RaftLog) -> Vec<(u64, u64)> {
 }
 
 #[test]
-fn fresh_log_is_bootstrapped_with_the_voters() {
+fn a_new_cluster_starts_from_a_bootstrap_snapshot_at_index_1_with_the_voters() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_bootstrapped(dir.path());
+    let state = log.initial_state().unwrap();
+    assert_eq!(state.conf_state.voters, VOTERS.to_vec());
+    assert_eq!((state.hard_state.term, state.hard_state.commit), (1, 1));
+    assert_eq!(
+        log.first_index(),
+        2,
+        "a node that joins later needs a snapshot"
+    );
+    assert_eq!(log.last_index(), 1);
+    assert_eq!(log.term(1).unwrap(), 1);
+    let engine = log.engine().clone();
+    let applied: LogPosition = engine
+        .get_message(CF_STATE, keys::APPLIED)
+        .unwrap()
+        .expect("applied position");
+    assert_eq!((applied.index, applied.term), (1, 1));
+    assert_eq!(
+        engine.get(CF_STATE, keys::MEMBERS).unwrap().unwrap(),
+        b"members"
+    );
+    drop(log);
+    drop(engine);
+    let log = open_bootstrapped(dir.path());
+    assert_eq!(log.first_index(), 2, "bootstrapped once");
+}
+
+#[test]
+fn a_node_that_joins_starts_with_no_voters_and_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     let state = log.initial_state().unwrap();
-    assert_eq!(state.conf_state.voters, VOTERS.to_vec());
+    assert!(state.conf_state.voters.is_empty());
     assert_eq!(log.first_index(), 1);
     assert_eq!(log.last_index(), 0);
 }
@@ -141,7 +179,6 @@ fn restart_recovers_log_and_hard_state() {
     let log = open(dir.path());
     let state = log.initial_state().unwrap();
     assert_eq!(state.hard_state, hard_state);
-    assert_eq!(state.conf_state.voters, VOTERS.to_vec());
     assert_eq!(all_entries(&log), vec![(1, 3), (2, 3)]);
 }
 
@@ -233,7 +270,7 @@ fn truncated_record_is_corruption_not_a_panic() {
 fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
     let disk = MemoryDisk::new();
     let engine = Engine::open_memory(&disk).unwrap();
-    let mut log = RaftLog::open(engine, &VOTERS, FatalSlot::default()).unwrap();
+    let mut log = RaftLog::open(engine, &[], &[], FatalSlot::default()).unwrap();
     append(&mut log, &(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
     // Compaction and the commit index are written without sync.
     log.compact_to(4).unwrap();
@@ -250,7 +287,7 @@ fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
             torn_fill: Some(0x00),
         });
         let engine = Engine::open_memory(&copy).unwrap();
-        let log = RaftLog::open(engine, &VOTERS, FatalSlot::default())
+        let log = RaftLog::open(engine, &[], &[], FatalSlot::default())
             .unwrap_or_else(|e| panic!("cut at {kept}: {e}"));
         assert_eq!(
             log.last_index(),

@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 
 use latchkey_proto::state::v1::{command, Command, CommandResult};
 use latchkey_server::coordination::{Event, Kind};
+use latchkey_server::storage::raft_log::BOOTSTRAP_INDEX;
 use prost::Message as _;
 
 use crate::model::{EntryView, Model};
@@ -350,8 +351,14 @@ impl Checker {
         self.acked_puts = acked;
     }
 
+    /// The last index of the canonical history. A new cluster starts from
+    /// its bootstrap snapshot at index 1, which no node applies as an entry.
     pub fn history_len(&self) -> u64 {
-        self.canonical.keys().next_back().copied().unwrap_or(0)
+        self.canonical
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(BOOTSTRAP_INDEX)
     }
 
     pub fn acked_put_count(&self) -> usize {

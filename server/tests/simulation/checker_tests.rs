@@ -11,12 +11,13 @@ use latchkey_proto::state::v1::{
 };
 use latchkey_proto::v1::RequestId;
 use latchkey_server::coordination::{Event, FencingToken, Kind, LeaseId, SessionId};
+use latchkey_server::storage::raft_log::BOOTSTRAP_INDEX;
 use prost::Message as _;
 
 use crate::checker::{AppliedEntry, Checker, Observation};
 
-/// Feeds a history to a checker, one entry per index from 1, as node 1
-/// applied it at virtual time `index` ms.
+/// Feeds a history to a checker, one entry per index after the bootstrap
+/// snapshot, as node 1 applied it at virtual time `index` ms.
 struct History {
     checker: Checker,
     index: u64,
@@ -26,7 +27,8 @@ impl History {
     fn new() -> History {
         History {
             checker: Checker::new(),
-            index: 0,
+            // Entries follow the bootstrap snapshot.
+            index: BOOTSTRAP_INDEX,
         }
     }
 

@@ -99,6 +99,37 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// Client endpoints of the running nodes, comma-separated.
+    pub fn endpoints(&self) -> String {
+        self.servers
+            .values()
+            .map(|server| server.client_addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts node `id` on fresh ports and a fresh data dir, joining the
+    /// running cluster with `serve --join`.
+    pub async fn join(&mut self, id: NodeId) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let peer: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut config = Config::with_defaults(
+            id,
+            dir.path().to_path_buf(),
+            client,
+            peer,
+            BTreeMap::from([(id, peer.to_string())]),
+        );
+        config.join = self.endpoints().split(',').map(str::to_string).collect();
+        let server = RunningServer::start(config.clone())
+            .await
+            .expect("joining node starts");
+        self.configs.insert(id, config);
+        self.servers.insert(id, server);
+        self._dirs.push(dir);
+    }
+
     pub async fn restart(&mut self, id: NodeId) {
         let server = RunningServer::start(self.configs[&id].clone())
             .await
@@ -185,10 +216,15 @@ impl TestCluster {
 
     /// Waits until node `id` has applied everything up to `index`.
     pub async fn wait_applied(&self, id: NodeId, index: u64) {
+        self.wait_applied_within(id, index, DEADLINE).await
+    }
+
+    /// [`TestCluster::wait_applied`] with a deadline of its own.
+    pub async fn wait_applied_within(&self, id: NodeId, index: u64, deadline: Duration) {
         let start = Instant::now();
         while self.servers[&id].node.status().applied_index < index {
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < deadline,
                 "node {id} stuck at {:?}",
                 self.servers[&id].node.status()
             );

@@ -1,0 +1,193 @@
+//! The targets the server is being optimised towards, judged against one
+//! run. A target whose inputs were not measured (workload not run, etcd
+//! skipped) is reported as "n/a", never as a pass.
+//!
+//! | target | reads |
+//! |---|---|
+//! | lock-nc 64 and 256 clients ≥ 5× etcd cycles/s | `lock-nc` throughput of both systems |
+//! | lock-1c p50 ≤ 0.6× etcd's | `lock-1c` p50 of both systems |
+//! | lock-1c p50 ≤ 1.3× the two-commit floor | `lock-1c` p50 and the floor |
+//! | lock-hot 8 clients ≥ 8× etcd hand-overs/s, first come first served | `lock-hot` throughput and latchkey's FCFS verdict |
+//! | failover p50 ≤ 300 ms, p99 ≤ 600 ms | latchkey `failover` samples |
+//! | holder-crash p99 ≤ TTL + 100 ms | latchkey `holder-crash` samples and its granted TTL |
+//! | lease-keepalive p99 ≤ 10 ms, ≥ 3× etcd keepalives/s | `lease-keepalive` of both |
+//! | memory ≤ 1 KiB per lease+lock | latchkey `memory` |
+
+use crate::cluster::System;
+use crate::floor::{commits_floor_ms, Floor};
+use crate::report::{find, TargetResult};
+use crate::workloads::{Measurement, Workload};
+
+/// Judges every target against `measurements`.
+pub fn evaluate(measurements: &[Measurement], floor: Option<&Floor>) -> Vec<TargetResult> {
+    let lookup = Lookup { measurements };
+    let mut out = Vec::new();
+    for clients in ["64 clients", "256 clients"] {
+        out.push(lookup.throughput_ratio(Workload::LockNc, clients, 5.0));
+    }
+    out.push(lookup.p50_ratio(Workload::Lock1c, "1 client", 0.6));
+    out.push(lock_1c_floor(&lookup, floor));
+    out.push(lookup.throughput_ratio(Workload::LockHot, "8 clients", 8.0));
+    out.push(fcfs(&lookup, "8 clients"));
+    out.push(lookup.latency_bound(Workload::Failover, "p50", 300.0));
+    out.push(lookup.latency_bound(Workload::Failover, "p99", 600.0));
+    out.push(holder_crash(&lookup));
+    out.push(lookup.latency_bound(Workload::LeaseKeepalive, "p99", 10.0));
+    out.push(lookup.throughput_ratio(Workload::LeaseKeepalive, "", 3.0));
+    out.push(memory(&lookup));
+    out
+}
+
+struct Lookup<'a> {
+    measurements: &'a [Measurement],
+}
+
+fn not_measured(target: String, why: &str) -> TargetResult {
+    TargetResult {
+        target,
+        pass: None,
+        detail: why.into(),
+    }
+}
+
+impl Lookup<'_> {
+    /// The measurement of `system` for `workload`; an empty `variant`
+    /// takes the first variant of the workload.
+    fn get(&self, workload: Workload, variant: &str, system: System) -> Option<&Measurement> {
+        if variant.is_empty() {
+            return self
+                .measurements
+                .iter()
+                .find(|m| m.workload == workload && m.system == system);
+        }
+        find(self.measurements, workload, variant, system)
+    }
+
+    fn throughput_ratio(&self, workload: Workload, variant: &str, at_least: f64) -> TargetResult {
+        let target = format!(
+            "{} {}≥ {at_least}× etcd throughput",
+            workload.name(),
+            if variant.is_empty() {
+                String::new()
+            } else {
+                format!("{variant} ")
+            }
+        );
+        let rate = |s| {
+            self.get(workload, variant, s)
+                .and_then(|m| m.metric.as_ref())
+                .map(|x| (x.value, x.unit))
+        };
+        match (rate(System::Latchkey), rate(System::Etcd)) {
+            (Some((lk, unit)), Some((etcd, _))) if etcd > 0.0 => TargetResult {
+                target,
+                pass: Some(lk >= at_least * etcd),
+                detail: format!("{:.2}× ({lk:.0} vs {etcd:.0} {unit})", lk / etcd),
+            },
+            _ => not_measured(target, "needs both systems"),
+        }
+    }
+
+    fn p50_ratio(&self, workload: Workload, variant: &str, at_most: f64) -> TargetResult {
+        let target = format!("{} p50 ≤ {at_most}× etcd's", workload.name());
+        let p50 = |s| {
+            self.get(workload, variant, s)
+                .and_then(|m| m.latency)
+                .map(|l| l.p50_ms)
+        };
+        match (p50(System::Latchkey), p50(System::Etcd)) {
+            (Some(lk), Some(etcd)) if etcd > 0.0 => TargetResult {
+                target,
+                pass: Some(lk <= at_most * etcd),
+                detail: format!("{:.2}× ({lk:.2} vs {etcd:.2} ms)", lk / etcd),
+            },
+            _ => not_measured(target, "needs both systems"),
+        }
+    }
+
+    fn latency_bound(&self, workload: Workload, which: &str, at_most_ms: f64) -> TargetResult {
+        let target = format!("{} {which} ≤ {at_most_ms} ms", workload.name());
+        let Some(m) = self.get(workload, "", System::Latchkey) else {
+            return not_measured(target, "latchkey not measured");
+        };
+        let Some(l) = m.latency else {
+            return not_measured(target, "no successful sample");
+        };
+        let value = if which == "p50" { l.p50_ms } else { l.p99_ms };
+        let errors = if m.errors > 0 {
+            format!(", {} failed samples", m.errors)
+        } else {
+            String::new()
+        };
+        TargetResult {
+            target,
+            pass: Some(value <= at_most_ms && m.errors == 0),
+            detail: format!("{value:.1} ms over {} samples{errors}", l.count),
+        }
+    }
+}
+
+fn lock_1c_floor(lookup: &Lookup<'_>, floor: Option<&Floor>) -> TargetResult {
+    let target = "lock-1c p50 ≤ 1.3× the two-commit floor".to_string();
+    let p50 = lookup
+        .get(Workload::Lock1c, "1 client", System::Latchkey)
+        .and_then(|m| m.latency)
+        .map(|l| l.p50_ms);
+    match (p50, floor) {
+        (Some(p50), Some(floor)) => {
+            let f = commits_floor_ms(floor, 2);
+            TargetResult {
+                target,
+                pass: Some(p50 <= 1.3 * f),
+                detail: format!("{:.2}× ({p50:.2} vs {f:.2} ms)", p50 / f),
+            }
+        }
+        _ => not_measured(target, "needs lock-1c and the floor"),
+    }
+}
+
+fn fcfs(lookup: &Lookup<'_>, variant: &str) -> TargetResult {
+    let target = format!("lock-hot {variant} first come, first served");
+    let verdict = lookup
+        .get(Workload::LockHot, variant, System::Latchkey)
+        .and_then(|m| m.fcfs.as_ref());
+    match verdict {
+        Some(v) if v.checked > 0 => TargetResult {
+            target,
+            pass: Some(v.violations == 0),
+            detail: format!("{} violations in {} snapshots", v.violations, v.checked),
+        },
+        _ => not_measured(target, "no queue snapshot checked"),
+    }
+}
+
+fn holder_crash(lookup: &Lookup<'_>) -> TargetResult {
+    let target = "holder-crash p99 ≤ TTL + 100 ms".to_string();
+    let Some(m) = lookup.get(Workload::HolderCrash, "", System::Latchkey) else {
+        return not_measured(target, "latchkey not measured");
+    };
+    let (Some(l), Some(ttl)) = (m.latency, m.numbers.get("ttl_granted_ms")) else {
+        return not_measured(target, "no successful sample");
+    };
+    let bound = ttl + 100.0;
+    TargetResult {
+        target,
+        pass: Some(l.p99_ms <= bound && m.errors == 0),
+        detail: format!("{:.0} ms vs {bound:.0} ms (TTL {ttl:.0} ms)", l.p99_ms),
+    }
+}
+
+fn memory(lookup: &Lookup<'_>) -> TargetResult {
+    let target = "memory ≤ 1 KiB per lease+lock".to_string();
+    let bytes = lookup
+        .get(Workload::Memory, "", System::Latchkey)
+        .and_then(|m| m.numbers.get("bytes_per_lease_lock").copied());
+    match bytes {
+        Some(b) => TargetResult {
+            target,
+            pass: Some(b <= 1024.0),
+            detail: format!("{b:.0} bytes on the node that grew most"),
+        },
+        None => not_measured(target, "latchkey not measured"),
+    }
+}

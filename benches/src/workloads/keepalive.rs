@@ -1,0 +1,269 @@
+//! `lease-keepalive`: 10 000 leases, each renewed at a third of its TTL on
+//! its own long-lived stream.
+//!
+//! Both systems get the same TTL request (3 s by default, which both
+//! accept: latchkey's floor is twice its election timeout, 1 s; etcd's is
+//! `ceil(1.5 × election timeout)`, 2 s) and the same renewal interval,
+//! TTL/3 of the TTL *asked for*, so the offered load is the same:
+//! `leases × 3 / TTL` renewals per second. The TTL each system granted is
+//! read from the grant answers and reported; etcd raises a TTL below its
+//! minimum without saying so, and that shows up here.
+//!
+//! Leases are spread over connections ([`STREAMS_PER_CONNECTION`] streams
+//! each) and their renewals are staggered evenly over one interval. A
+//! lease's loop sends one renewal, waits for the answer (latency: send to
+//! answer), and sends the next one an interval after the previous *send*,
+//! or at once if that time has passed: a server that falls behind gets
+//! fewer renewals per second, which is what **keepalives/s acknowledged**
+//! shows.
+//!
+//! latchkey renewals go to the leader (only it renews), as the client
+//! crate sends them; etcd clients are given the endpoints as in every
+//! other workload (a follower forwards a renewal to its leader).
+
+use std::time::Duration;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::{
+    join_until, timed, Measurement, Metric, Run, Workload, DRAIN_TIMEOUT, SETUP_CONCURRENCY,
+};
+use crate::cluster::System;
+use crate::driver::{Conn, KeepaliveStream, KeepaliveTarget, RawLease};
+use crate::procfs::UsageProbe;
+use crate::stats::{per_second, Recorder, Window};
+
+/// Streams opened on one HTTP/2 connection.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+/// Longest time granting every lease may take before the window is
+/// opened anyway.
+const GRANT_PHASE: Duration = Duration::from_secs(120);
+/// Pause between checks of how many leases are granted.
+const GRANT_POLL: Duration = Duration::from_millis(50);
+/// Renewals one lease sends at most in one run.
+const MAX_RENEWALS_PER_LEASE: u64 = 1_000_000;
+
+pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, String> {
+    let count = run.settings.keepalive_leases;
+    let ttl = run.settings.keepalive_ttl;
+    let interval = ttl / 3;
+    let endpoints = run.client_endpoints().await?;
+    let conns = connections(run.system, &endpoints, SETUP_CONCURRENCY.min(count)).await?;
+    let targets = targets(run, count.div_ceil(STREAMS_PER_CONNECTION)).await?;
+    let setup = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (set_window, window_rx) = watch::channel(None);
+    // Each lease is renewed from an interval after its own grant, so
+    // renewals are spread as the grants were and no lease waits for the
+    // others to be granted. The window opens an interval plus the warm-up
+    // after the last grant.
+    let tasks = (0..count)
+        .map(|i| {
+            let lease = LeaseTask {
+                conn: conns[i % conns.len()].clone(),
+                target: targets[i / STREAMS_PER_CONNECTION].clone(),
+                setup: setup.clone(),
+                done: done.clone(),
+                ttl,
+                interval,
+            };
+            tokio::spawn(lease.run(window_rx.clone()))
+        })
+        .collect::<Vec<_>>();
+    let deadline = Instant::now() + GRANT_PHASE;
+    // Bounded by the deadline.
+    while done.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+        tokio::time::sleep(GRANT_POLL).await;
+    }
+    let window = Window::after(interval + run.settings.warmup, run.settings.duration);
+    let _ = set_window.send(Some(window));
+    tokio::time::sleep_until(window.start).await;
+    let probe = UsageProbe::start(&run.cluster.pids(), &run.settings.data_dir);
+    tokio::time::sleep_until(window.end).await;
+    let usage = probe.finish();
+    let (outcomes, stuck) = join_until(tasks, window.end + DRAIN_TIMEOUT).await;
+    let leases: Vec<RawLease> = outcomes.iter().filter_map(|(lease, _)| *lease).collect();
+    let total = Recorder::merged(outcomes.iter().map(|(_, recorder)| recorder));
+    let mut m = Measurement::new(
+        Workload::LeaseKeepalive,
+        format!("{count} leases"),
+        run.system,
+    )
+    .with_recorder(&total);
+    m.metric = Some(Metric {
+        value: per_second(total.count(), window.length()),
+        unit: "keepalives/s",
+        higher_is_better: true,
+    });
+    m.latency_of = "renewal sent → answer";
+    m.usage = Some(usage);
+    m.errors += stuck as u64;
+    describe_ttls(&mut m, &leases, ttl, count, interval);
+    Ok(vec![m])
+}
+
+fn describe_ttls(
+    m: &mut Measurement,
+    leases: &[RawLease],
+    asked: Duration,
+    count: usize,
+    interval: Duration,
+) {
+    let min = leases
+        .iter()
+        .map(|l| l.granted_ttl)
+        .min()
+        .unwrap_or_default();
+    let max = leases
+        .iter()
+        .map(|l| l.granted_ttl)
+        .max()
+        .unwrap_or_default();
+    let granted = if min == max {
+        format!("{min:?}")
+    } else {
+        format!("{min:?}..{max:?}")
+    };
+    m.notes.push(format!(
+        "TTL asked {asked:?}, granted {granted}; renewal every {interval:?}; offered {:.0}/s",
+        count as f64 / interval.as_secs_f64()
+    ));
+    m.numbers
+        .insert("ttl_asked_ms".into(), asked.as_millis() as f64);
+    m.numbers
+        .insert("ttl_granted_ms".into(), min.as_millis() as f64);
+    m.numbers.insert(
+        "offered_per_s".into(),
+        count as f64 / interval.as_secs_f64(),
+    );
+}
+
+/// `count` client connections.
+async fn connections(
+    system: System,
+    endpoints: &[String],
+    count: usize,
+) -> Result<Vec<Conn>, String> {
+    stream::iter(0..count)
+        .then(|_| Conn::connect(system, endpoints))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// `count` connections to open keepalive streams on.
+async fn targets(run: &Run<'_>, count: usize) -> Result<Vec<KeepaliveTarget>, String> {
+    let mut targets = Vec::with_capacity(count);
+    match run.system {
+        System::Latchkey => {
+            let leader = run.cluster.leader().await?;
+            let address = format!("http://{}", run.cluster.endpoints()[leader]);
+            for _ in 0..count {
+                let channel = tonic::transport::Endpoint::from_shared(address.clone())
+                    .map_err(|e| e.to_string())?
+                    .connect()
+                    .await
+                    .map_err(|e| format!("connecting to the leader: {e}"))?;
+                targets.push(KeepaliveTarget::Latchkey(channel));
+            }
+        }
+        System::Etcd => {
+            let endpoints = run.client_endpoints().await?;
+            for _ in 0..count {
+                match Conn::connect(System::Etcd, &endpoints).await? {
+                    Conn::Etcd(client) => targets.push(KeepaliveTarget::Etcd(client)),
+                    Conn::Latchkey(_) => return Err("expected an etcd connection".into()),
+                }
+            }
+        }
+    }
+    Ok(targets)
+}
+
+/// One lease: granted, then renewed on its own stream.
+struct LeaseTask {
+    conn: Conn,
+    target: KeepaliveTarget,
+    setup: Arc<Semaphore>,
+    /// Counts leases granted (or refused).
+    done: Arc<AtomicUsize>,
+    ttl: Duration,
+    interval: Duration,
+}
+
+impl LeaseTask {
+    /// Grants the lease, then renews it every interval until the window
+    /// closes. Returns the lease (if granted) and the renewals' latencies.
+    async fn run(self, windows: watch::Receiver<Option<Window>>) -> (Option<RawLease>, Recorder) {
+        let mut recorder = Recorder::new();
+        let granted = {
+            // The semaphore is never closed.
+            let _permit = self.setup.acquire().await.expect("open semaphore");
+            timed(self.conn.raw_lease(self.ttl)).await
+        };
+        self.done.fetch_add(1, Ordering::Relaxed);
+        let lease = match granted {
+            Ok(lease) => lease,
+            Err(e) => {
+                recorder.error(format!("granting: {e}"));
+                return (None, recorder);
+            }
+        };
+        let mut next = Instant::now() + self.interval;
+        let mut stream = None;
+        for _ in 0..MAX_RENEWALS_PER_LEASE {
+            tokio::time::sleep_until(next).await;
+            let sent = Instant::now();
+            // None until every lease is granted.
+            let window = *windows.borrow();
+            if window.is_some_and(|w| sent >= w.end) {
+                break;
+            }
+            let answer = self.renew(&mut stream, lease.id).await;
+            let answered = Instant::now();
+            let counted = window.is_some_and(|w| w.contains(sent, answered));
+            match answer {
+                Ok(()) if counted => recorder.record(answered - sent),
+                Ok(()) => {}
+                Err(e) => {
+                    // The server ends a stream after a failed renewal: open a new one.
+                    stream = None;
+                    recorder.error(e);
+                }
+            }
+            next = (sent + self.interval).max(Instant::now());
+        }
+        (Some(lease), recorder)
+    }
+
+    /// One renewal on the lease's stream, opening it first if needed.
+    async fn renew(&self, stream: &mut Option<KeepaliveStream>, lease: u64) -> Result<(), String> {
+        let attempt = async {
+            let Some(open) = stream.as_mut() else {
+                let (opened, renewed) = KeepaliveStream::open(&self.target, lease).await?;
+                *stream = Some(opened);
+                if renewed {
+                    return Ok(());
+                }
+                // Set just above.
+                return stream
+                    .as_mut()
+                    .expect("stream is open")
+                    .renew()
+                    .await
+                    .map(|_| ());
+            };
+            open.renew().await.map(|_| ())
+        };
+        match tokio::time::timeout(self.interval * 3, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err("renewal unanswered within 3 intervals".into()),
+        }
+    }
+}
