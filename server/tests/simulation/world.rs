@@ -1,58 +1,59 @@
-//! The simulated world: five real nodes, a virtual clock, an in-memory
-//! network with faults, and one queue of timed events.
+//! The simulated world: five real nodes on memory disks, their clocks, an
+//! in-memory network, and one queue of timed events.
 //!
 //! Every choice comes from one seeded RNG, and events run one at a time in
 //! `(virtual time, sequence number)` order, so a seed fixes the whole run.
+//! Faults are injected by `nemesis`; this file owns the state they change
+//! (directed link cuts, loss rate, paused and crashed nodes, clock rates).
+//!
+//! Not done yet: the transport's `Unreachable` reports are not sent
+//! (raft-rs works without them, more slowly); clients reach every node
+//! whatever the partition (faults cut only peer links).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use raft::prelude::{Message, MessageType};
-use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use tokio::sync::broadcast;
 
 use latchkey_proto::state::v1::CommandResult;
 use latchkey_server::config::{Config, RaftTiming, UnsafeSwitches};
+use latchkey_server::coordination::Event as AppliedEvent;
 use latchkey_server::node::{
-    AppliedEvents, Clock, Node, NodeHandle, NodeMsg, NodeOptions, Role, Transport,
+    AppliedEvents, Node, NodeHandle, NodeMsg, NodeOptions, Role, Transport,
 };
-use latchkey_server::storage::{Engine, MemoryDisk};
+use latchkey_server::storage::{Engine, MemoryDisk, PowerLoss};
 use latchkey_server::types::NodeId;
 
-use crate::checker::{fnv, AppliedEntry, Checker, Trace};
+use crate::checker::{digest, AppliedEntry, Checker, Trace};
+use crate::clock::{NodeClock, SimRng, VirtualTime};
+use crate::nemesis::{Fault, ALL_FAULTS};
 
 pub const NODES: u64 = 5;
 pub const TICK_MS: u64 = 50;
 pub const ELECTION_TICKS: usize = 10;
-const MS: u64 = 1000;
+pub const MS: u64 = 1000;
+pub const SECOND: u64 = 1_000_000;
+/// Loss rate of the network when no fault raises it, per mille.
+pub const BASE_DROP_PER_MILLE: u32 = 5;
+/// Events waiting at once; more means a runaway feedback loop.
+const MAX_QUEUED_EVENTS: usize = 1_000_000;
 
-/// Virtual time, shared by every node's clock.
-#[derive(Clone)]
-pub struct VirtualClock {
-    base: Instant,
-    now_us: Arc<AtomicU64>,
-}
-
-impl VirtualClock {
-    fn new() -> VirtualClock {
-        VirtualClock {
-            base: Instant::now(),
-            now_us: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
-
-impl Clock for VirtualClock {
-    fn now(&self) -> Instant {
-        // Only differences between instants matter to the node, so the
-        // real `base` does not leak into any result.
-        self.base + Duration::from_micros(self.now_us.load(Ordering::Relaxed))
-    }
+/// How a run is set up, besides its seed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub compact_log_after_entries: u64,
+    pub switches: UnsafeSwitches,
+    /// The drift bound the servers and clients assume, in ppm.
+    pub max_clock_drift_ppm: u64,
+    /// Clock rates are drawn within `drift_scale × max_clock_drift_ppm`;
+    /// 1 keeps every clock inside the bound.
+    pub drift_scale: i64,
+    pub session_idle_timeout_ms: u64,
 }
 
 /// The node's transport: messages wait in an outbox the world drains after
@@ -73,7 +74,20 @@ pub struct Running {
     outbox: Arc<Mutex<Vec<Message>>>,
     applied: Arc<Mutex<Vec<AppliedEntry>>>,
     events: broadcast::Receiver<Arc<AppliedEvents>>,
-    incarnation: u64,
+    pub incarnation: u64,
+}
+
+/// Whose replies an event may have completed: a node answers a request
+/// (or drops it, when it goes down) only in its own step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touched {
+    Node(u64),
+    All,
+    /// A client's timer: no node moved.
+    Client {
+        client: usize,
+        generation: u64,
+    },
 }
 
 /// What happens at one instant.
@@ -102,100 +116,97 @@ pub enum Event {
     },
 }
 
-/// Faults the nemesis can inject; at most one at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    IsolateOne,
-    IsolateLeader,
-    SplitMajority,
-    CrashOne,
-    CrashLeader,
-    PauseLeader,
-    Lossy,
+/// An event and when it happens; ordered by `(at, seq)` only.
+struct Scheduled {
+    at_us: u64,
+    seq: u64,
+    event: Event,
 }
 
-const FAULTS: [Fault; 7] = [
-    Fault::IsolateOne,
-    Fault::IsolateLeader,
-    Fault::SplitMajority,
-    Fault::CrashOne,
-    Fault::CrashLeader,
-    Fault::PauseLeader,
-    Fault::Lossy,
-];
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_us, self.seq) == (other.at_us, other.seq)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_us, self.seq).cmp(&(other.at_us, other.seq))
+    }
+}
 
 pub struct World {
-    pub rng: StdRng,
+    pub rng: SimRng,
     pub now_us: u64,
-    clock: VirtualClock,
-    queue: BTreeMap<(u64, u64), Event>,
+    time: VirtualTime,
+    /// Earliest first; sequence numbers are unique, so the order is total.
+    queue: BinaryHeap<Reverse<Scheduled>>,
     next_seq: u64,
     pub nodes: BTreeMap<u64, Option<Running>>,
     configs: BTreeMap<u64, Config>,
     /// Each node's data, kept across its crashes and restarts.
     disks: BTreeMap<u64, MemoryDisk>,
+    pub clocks: BTreeMap<u64, NodeClock>,
     incarnations: BTreeMap<u64, u64>,
-    paused_until_us: BTreeMap<u64, u64>,
-    /// Unordered pairs that cannot talk.
-    cut: BTreeSet<(u64, u64)>,
-    drop_per_mille: u32,
+    pub paused_until_us: BTreeMap<u64, u64>,
+    /// Directed links `(from, to)` that drop everything.
+    pub cut: BTreeSet<(u64, u64)>,
+    pub drop_per_mille: u32,
     pub faults_enabled: bool,
+    /// The faults the nemesis draws from, with weights.
+    pub fault_mix: &'static [(Fault, u32)],
+    pub settings: Settings,
     pub checker: Checker,
     pub trace: Trace,
     pub fault_log: Vec<String>,
     pub snapshots_sent: u64,
+    pub power_losses: u64,
 }
 
 impl World {
-    /// Five nodes, started. `unsafe_no_fencing` turns the fence check off
-    /// (to prove the checker notices).
-    pub fn new(rng: StdRng, compact_log_after_entries: u64, unsafe_no_fencing: bool) -> World {
+    /// Five nodes, started.
+    pub fn new(mut rng: SimRng, settings: Settings) -> World {
+        let time = VirtualTime::new();
         let peers: BTreeMap<NodeId, String> = (1..=NODES)
             .map(|id| (NodeId(id), format!("127.0.0.1:{}", 20000 + id)))
             .collect();
         let mut configs = BTreeMap::new();
+        let mut clocks = BTreeMap::new();
         for id in 1..=NODES {
-            let config = Config {
-                advertise_client: format!("sim-{id}"),
-                timing: RaftTiming {
-                    tick_interval_ms: TICK_MS,
-                    election_ticks: ELECTION_TICKS,
-                    heartbeat_ticks: 2,
-                },
-                compact_log_after_entries,
-                unsafe_switches: UnsafeSwitches {
-                    no_fencing: unsafe_no_fencing,
-                    ..UnsafeSwitches::default()
-                },
-                ..Config::with_defaults(
-                    NodeId(id),
-                    // Unused: the node's storage is a `MemoryDisk`.
-                    format!("/nonexistent/latchkey-sim-{id}").into(),
-                    "127.0.0.1:0".parse().expect("literal address"),
-                    "127.0.0.1:0".parse().expect("literal address"),
-                    peers.clone(),
-                )
-            };
-            configs.insert(id, config);
+            configs.insert(id, node_config(id, &peers, &settings));
+            let offset = drawn_offset(&mut rng, &settings);
+            clocks.insert(id, NodeClock::new(&time, offset));
         }
         let mut world = World {
             rng,
             now_us: 0,
-            clock: VirtualClock::new(),
-            queue: BTreeMap::new(),
+            time,
+            queue: BinaryHeap::new(),
             next_seq: 0,
             nodes: BTreeMap::new(),
             configs,
             disks: (1..=NODES).map(|id| (id, MemoryDisk::new())).collect(),
+            clocks,
             incarnations: BTreeMap::new(),
             paused_until_us: BTreeMap::new(),
             cut: BTreeSet::new(),
-            drop_per_mille: 5,
+            drop_per_mille: BASE_DROP_PER_MILLE,
             faults_enabled: true,
-            checker: Checker::default(),
+            fault_mix: ALL_FAULTS,
+            checker: Checker::new(),
+            settings,
             trace: Trace::default(),
             fault_log: Vec::new(),
             snapshots_sent: 0,
+            power_losses: 0,
         };
         // Distinct election timeouts: raft-rs cannot randomise them
         // reproducibly, so the seed does, once per start.
@@ -208,36 +219,40 @@ impl World {
     }
 
     pub fn schedule(&mut self, after_us: u64, event: Event) {
+        assert!(
+            self.queue.len() < MAX_QUEUED_EVENTS,
+            "more than {MAX_QUEUED_EVENTS} events queued: a runaway loop"
+        );
         self.next_seq += 1;
-        self.queue
-            .insert((self.now_us + after_us, self.next_seq), event);
+        self.queue.push(Reverse(Scheduled {
+            at_us: self.now_us + after_us,
+            seq: self.next_seq,
+            event,
+        }));
     }
 
-    fn start(&mut self, id: u64, election_ticks: usize) {
-        let config = &self.configs[&id];
+    pub fn start(&mut self, id: u64, election_ticks: usize) {
         let engine = Engine::open_memory(&self.disks[&id]).expect("simulated node's data opens");
         let outbox = Arc::new(Mutex::new(Vec::new()));
         let applied = Arc::new(Mutex::new(Vec::new()));
         let sink = applied.clone();
         let options = NodeOptions {
-            clock: Box::new(self.clock.clone()),
+            clock: Box::new(self.clocks[&id].clone()),
             boot_id: self.rng.gen(),
             election_tick_range: Some((election_ticks, election_ticks + 1)),
             raft_logger: Some(slog::Logger::root(slog::Discard, slog::o!())),
             apply_observer: Some(Box::new(move |entry, result: Option<&CommandResult>| {
-                let mut digest_input = entry.data.to_vec();
-                digest_input.extend_from_slice(&entry.context);
                 sink.lock().push(AppliedEntry {
                     index: entry.index,
                     term: entry.term,
-                    digest: fnv(&digest_input),
+                    digest: digest(&entry.data) ^ digest(&entry.context).rotate_left(1),
                     data: entry.data.to_vec(),
                     result: result.cloned(),
                 });
             })),
         };
         let (node, handle) = Node::with_options(
-            config,
+            &self.configs[&id],
             engine.clone(),
             Box::new(Outbox(outbox.clone())),
             options,
@@ -246,36 +261,45 @@ impl World {
         let incarnation = self.incarnations.get(&id).copied().unwrap_or(0) + 1;
         self.incarnations.insert(id, incarnation);
         let events = handle.subscribe();
-        self.nodes.insert(
-            id,
-            Some(Running {
-                node,
-                handle,
-                engine,
-                outbox,
-                applied,
-                events,
-                incarnation,
-            }),
-        );
+        let running = Running {
+            node,
+            handle,
+            engine,
+            outbox,
+            applied,
+            events,
+            incarnation,
+        };
+        self.nodes.insert(id, Some(running));
         let phase_us = self.rng.gen_range(0..TICK_MS * MS);
-        self.schedule(
-            phase_us,
-            Event::Tick {
-                node: id,
-                incarnation,
-            },
-        );
+        let tick = Event::Tick {
+            node: id,
+            incarnation,
+        };
+        self.schedule(phase_us, tick);
     }
 
-    /// Drops the node without a clean shutdown: what it wrote stays (the
-    /// process died, the machine did not), its memory is gone.
-    fn crash(&mut self, id: u64) {
+    /// Stops the node without a clean shutdown: its memory is gone. With
+    /// `power_loss`, so is part of what it wrote without sync, and the
+    /// last record may be torn.
+    pub fn crash(&mut self, id: u64, power_loss: bool) {
         self.paused_until_us.remove(&id);
-        if let Some(Some(running)) = self.nodes.insert(id, None) {
-            drop(running);
-            self.trace.record(&[self.now_us, 90, id]);
+        let Some(Some(running)) = self.nodes.insert(id, None) else {
+            return;
+        };
+        drop(running);
+        self.trace
+            .record(&[self.now_us, 90, id, u64::from(power_loss)]);
+        if !power_loss {
+            return;
         }
+        let disk = &self.disks[&id];
+        let loss = PowerLoss {
+            kept_bytes: self.rng.gen_range(0..=disk.unsynced_bytes()),
+            torn_fill: self.rng.gen_bool(0.5).then(|| self.rng.gen()),
+        };
+        disk.lose_power(loss);
+        self.power_losses += 1;
     }
 
     pub fn leader(&self) -> Option<u64> {
@@ -285,8 +309,12 @@ impl World {
         })
     }
 
+    pub fn running(&self, id: u64) -> Option<&Running> {
+        self.nodes.get(&id).and_then(|node| node.as_ref())
+    }
+
     pub fn is_up(&self, id: u64) -> bool {
-        matches!(self.nodes.get(&id), Some(Some(_)))
+        self.running(id).is_some()
     }
 
     fn paused(&self, id: u64) -> Option<u64> {
@@ -296,53 +324,66 @@ impl World {
             .filter(|until| *until > self.now_us)
     }
 
-    /// Runs the next event; `None` when the queue is empty.
+    /// Takes the next event and moves time to it; `None` when none is left.
     pub fn next_event(&mut self) -> Option<Event> {
-        let ((at, _), event) = self.queue.pop_first()?;
-        assert!(at >= self.now_us, "time never goes back");
-        self.now_us = at;
-        self.clock.now_us.store(at, Ordering::Relaxed);
-        Some(event)
+        let Reverse(next) = self.queue.pop()?;
+        assert!(next.at_us >= self.now_us, "time never goes back");
+        self.now_us = next.at_us;
+        self.time.set(next.at_us);
+        Some(next.event)
     }
 
-    /// Handles the world's own events; hands client events back.
-    pub fn dispatch(&mut self, event: Event) -> Option<(usize, u64)> {
+    /// Handles the world's own events; hands client events back, and says
+    /// which nodes' reply channels may have moved.
+    pub fn dispatch(&mut self, event: Event) -> Touched {
         match event {
-            Event::Tick { node, incarnation } => self.on_tick(node, incarnation),
-            Event::Deliver(message) => self.deliver(*message),
-            Event::Request { node, message } => self.request(node, message),
+            Event::Tick { node, incarnation } => {
+                self.on_tick(node, incarnation);
+                Touched::Node(node)
+            }
+            Event::Deliver(message) => {
+                let to = message.to;
+                self.deliver(*message);
+                Touched::Node(to)
+            }
+            Event::Request { node, message } => {
+                self.request(node, message);
+                Touched::Node(node)
+            }
             Event::Restart { node } => {
                 let ticks = self.rng.gen_range(ELECTION_TICKS..2 * ELECTION_TICKS);
                 self.trace.record(&[self.now_us, 91, node]);
                 self.start(node, ticks);
+                Touched::Node(node)
             }
             Event::Resume { node } => {
                 self.paused_until_us.remove(&node);
                 self.step(node, |node| node.handle_inbox());
+                Touched::Node(node)
             }
-            Event::Heal => self.heal(),
-            Event::Nemesis => self.nemesis(),
-            Event::Client { client, generation } => return Some((client, generation)),
+            Event::Heal => {
+                self.heal();
+                Touched::All
+            }
+            Event::Nemesis => {
+                self.nemesis();
+                Touched::All
+            }
+            Event::Client { client, generation } => Touched::Client { client, generation },
         }
-        None
     }
 
     fn on_tick(&mut self, id: u64, incarnation: u64) {
-        let current = self
-            .nodes
-            .get(&id)
-            .and_then(|n| n.as_ref())
-            .map(|r| r.incarnation);
-        if current != Some(incarnation) {
+        if self.running(id).map(|r| r.incarnation) != Some(incarnation) {
             return; // a tick of a crashed incarnation
         }
-        self.schedule(
-            TICK_MS * MS,
-            Event::Tick {
-                node: id,
-                incarnation,
-            },
-        );
+        // A node ticks every TICK_MS on its own clock.
+        let period = self.clocks[&id].virtual_span_us(TICK_MS * MS);
+        let tick = Event::Tick {
+            node: id,
+            incarnation,
+        };
+        self.schedule(period, tick);
         if self.paused(id).is_some() {
             return;
         }
@@ -356,10 +397,10 @@ impl World {
             self.schedule(delay, Event::Deliver(Box::new(message)));
             return;
         }
-        let Some(Some(running)) = self.nodes.get(&to) else {
+        let Some(running) = self.running(to) else {
             return;
         };
-        self.trace.record(&[
+        let words = [
             self.now_us,
             1,
             message.from,
@@ -367,8 +408,9 @@ impl World {
             message.get_msg_type() as u64,
             message.term,
             message.index,
-        ]);
+        ];
         running.handle.report(NodeMsg::Raft(Box::new(message)));
+        self.trace.record(&words);
         self.step(to, |node| node.handle_inbox());
     }
 
@@ -380,11 +422,11 @@ impl World {
         }
         // A request to a node that is down is dropped with its reply
         // channel: the client sees the connection fail.
-        let Some(Some(running)) = self.nodes.get(&id) else {
+        let Some(running) = self.running(id) else {
             return;
         };
-        self.trace.record(&[self.now_us, 2, id]);
         running.handle.report(message);
+        self.trace.record(&[self.now_us, 2, id]);
         self.step(id, |node| node.handle_inbox());
     }
 
@@ -402,19 +444,19 @@ impl World {
         }
         let messages = std::mem::take(&mut *running.outbox.lock());
         let applied = std::mem::take(&mut *running.applied.lock());
-        let mut events: BTreeMap<u64, Vec<latchkey_server::coordination::Event>> = BTreeMap::new();
+        let mut events: BTreeMap<u64, Vec<AppliedEvent>> = BTreeMap::new();
         while let Ok(batch) = running.events.try_recv() {
             events.insert(batch.index.0, batch.events.clone());
         }
         let status = running.handle.status();
         if status.role == Role::Leader {
-            self.checker.leader_seen(status.term, id);
+            self.checker.leader_seen(status.term, id, self.now_us);
         }
         for entry in applied {
             self.trace
                 .record(&[self.now_us, 3, id, entry.index, entry.term, entry.digest]);
             let entry_events = events.remove(&entry.index).unwrap_or_default();
-            self.checker.applied(id, entry, &entry_events, self.now_us);
+            self.checker.applied(id, entry, entry_events, self.now_us);
         }
         self.route(id, messages);
     }
@@ -423,8 +465,8 @@ impl World {
     fn route(&mut self, from: u64, messages: Vec<Message>) {
         for message in messages {
             let to = message.to;
-            let cut = self.cut.contains(&(from.min(to), from.max(to)));
-            let lost = cut || self.rng.gen_range(0..1000) < self.drop_per_mille;
+            let lost =
+                self.cut.contains(&(from, to)) || self.rng.gen_range(0..1000) < self.drop_per_mille;
             if message.get_msg_type() == MessageType::MsgSnapshot {
                 self.snapshots_sent += 1;
                 // What the real transport reports once the snapshot is handed
@@ -433,13 +475,11 @@ impl World {
                     to: NodeId(to),
                     ok: !lost,
                 };
-                self.schedule(
-                    MS,
-                    Event::Request {
-                        node: from,
-                        message: feedback,
-                    },
-                );
+                let event = Event::Request {
+                    node: from,
+                    message: feedback,
+                };
+                self.schedule(MS, event);
             }
             if lost {
                 continue;
@@ -450,83 +490,27 @@ impl World {
                 1
             };
             for _ in 0..copies {
-                // Mostly fast, sometimes slow: reorders messages too.
-                let delay_us = if self.rng.gen_range(0..100) < 3 {
-                    self.rng.gen_range(20 * MS..120 * MS)
-                } else {
-                    self.rng.gen_range(200..5 * MS)
-                };
+                let delay_us = self.network_delay_us();
                 self.schedule(delay_us, Event::Deliver(Box::new(message.clone())));
             }
         }
     }
 
-    fn heal(&mut self) {
-        self.trace.record(&[self.now_us, 80]);
-        self.fault_log
-            .push(format!("{:>7} ms heal", self.now_us / MS));
-        self.cut.clear();
-        self.drop_per_mille = 5;
-        let paused: Vec<u64> = self.paused_until_us.keys().copied().collect();
-        for id in paused {
-            self.paused_until_us.remove(&id);
-            self.schedule(MS, Event::Resume { node: id });
-        }
-        for id in 1..=NODES {
-            if !self.is_up(id) {
-                self.schedule(MS, Event::Restart { node: id });
-            }
+    /// Mostly fast, sometimes slow: reorders messages too.
+    pub fn network_delay_us(&mut self) -> u64 {
+        if self.rng.gen_range(0..100) < 3 {
+            self.rng.gen_range(20 * MS..120 * MS)
+        } else {
+            self.rng.gen_range(200..5 * MS)
         }
     }
 
-    /// Injects one fault, heals it later, and schedules the next.
-    fn nemesis(&mut self) {
-        if !self.faults_enabled {
-            return;
-        }
-        let fault = *FAULTS.choose(&mut self.rng).expect("faults are listed");
-        let duration_us = self.rng.gen_range(1_000 * MS..8_000 * MS);
-        let random_node = self.rng.gen_range(1..=NODES);
-        let target = match fault {
-            Fault::IsolateLeader | Fault::CrashLeader | Fault::PauseLeader => {
-                self.leader().unwrap_or(random_node)
-            }
-            _ => random_node,
-        };
-        self.fault_log.push(format!(
-            "{:>7} ms {fault:?} node {target} for {} ms",
-            self.now_us / MS,
-            duration_us / MS
-        ));
-        self.trace
-            .record(&[self.now_us, 81, fault as u64, target, duration_us]);
-        match fault {
-            Fault::IsolateOne | Fault::IsolateLeader => self.isolate(&[target]),
-            Fault::SplitMajority => {
-                let mut ids: Vec<u64> = (1..=NODES).collect();
-                ids.shuffle(&mut self.rng);
-                self.isolate(&ids[..2]);
-            }
-            Fault::CrashOne | Fault::CrashLeader => self.crash(target),
-            Fault::PauseLeader => {
-                self.paused_until_us
-                    .insert(target, self.now_us + duration_us);
-                self.schedule(duration_us, Event::Resume { node: target });
-            }
-            Fault::Lossy => self.drop_per_mille = 200,
-        }
-        self.schedule(duration_us, Event::Heal);
-        let gap_us = self.rng.gen_range(2_000 * MS..6_000 * MS);
-        self.schedule(duration_us + gap_us, Event::Nemesis);
-    }
-
-    /// Cuts every link between `side` and the rest.
-    fn isolate(&mut self, side: &[u64]) {
-        for a in side {
-            for b in (1..=NODES).filter(|b| !side.contains(b)) {
-                self.cut.insert(((*a).min(b), (*a).max(b)));
-            }
-        }
+    /// Torn records that opening a disk dropped, over all nodes.
+    pub fn torn_records_dropped(&self) -> u64 {
+        self.disks
+            .values()
+            .map(MemoryDisk::torn_records_dropped)
+            .sum()
     }
 
     /// Every state record of every running node, for the final comparison.
@@ -541,8 +525,37 @@ impl World {
                     bytes.extend_from_slice(&key);
                     bytes.extend_from_slice(&value);
                 }
-                Some((*id, (running.handle.status().applied_index, fnv(&bytes))))
+                Some((*id, (running.handle.status().applied_index, digest(&bytes))))
             })
             .collect()
     }
+}
+
+fn node_config(id: u64, peers: &BTreeMap<NodeId, String>, settings: &Settings) -> Config {
+    Config {
+        advertise_client: format!("sim-{id}"),
+        timing: RaftTiming {
+            tick_interval_ms: TICK_MS,
+            election_ticks: ELECTION_TICKS,
+            heartbeat_ticks: 2,
+        },
+        compact_log_after_entries: settings.compact_log_after_entries,
+        max_clock_drift_ppm: settings.max_clock_drift_ppm,
+        session_idle_timeout_ms: settings.session_idle_timeout_ms,
+        unsafe_switches: settings.switches.clone(),
+        ..Config::with_defaults(
+            NodeId(id),
+            // Unused: the node's storage is a `MemoryDisk`.
+            format!("/nonexistent/latchkey-sim-{id}").into(),
+            "127.0.0.1:0".parse().expect("literal address"),
+            "127.0.0.1:0".parse().expect("literal address"),
+            peers.clone(),
+        )
+    }
+}
+
+/// A clock rate offset inside the run's drift range.
+pub fn drawn_offset(rng: &mut SimRng, settings: &Settings) -> i64 {
+    let bound = settings.max_clock_drift_ppm as i64 * settings.drift_scale;
+    rng.gen_range(-bound..=bound)
 }

@@ -1,0 +1,210 @@
+//! Handling a Ready on the node task: send, install a snapshot, apply,
+//! persist, advance, then answer the read states (see [`Node::on_ready`]);
+//! and what applying an entry does (answers, events, membership changes).
+
+use super::*;
+
+impl Node {
+    /// Handles the pending Ready, and the one that answering its reads may
+    /// have made (an expiry proposed by a confirmed lease-clock round), so
+    /// that proposal does not wait for the next tick.
+    pub(super) fn on_ready(&mut self) -> Result<(), FatalError> {
+        // Bounded: the second pass answers reads too, and whatever they
+        // propose waits for the loop's next iteration.
+        for _ in 0..2 {
+            if !self.raw.has_ready() {
+                break;
+            }
+            self.handle_ready()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_ready(&mut self) -> Result<(), FatalError> {
+        let mut ready = self.raw.ready();
+        if let Some(soft_state) = ready.ss() {
+            self.on_role(soft_state.raft_state.into());
+        }
+        self.transport.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
+        // Answered only once this Ready is fully handled: confirming a
+        // lease-clock round may propose an expiry, and a proposal between
+        // `ready()` and `advance()` appends to the unstable log behind the
+        // Ready's back (raft-rs then panics in `advance`).
+        let read_states = ready.take_read_states();
+        self.apply(ready.take_committed_entries())?;
+        self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
+        self.transport.send(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut batch = Batch::new(self.raw.store().engine());
+            self.raw.mut_store().set_commit(&mut batch, commit);
+            self.raw.store().engine().write(batch, false)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.answer_reads(read_states);
+        Ok(())
+    }
+
+    pub(super) fn on_role(&mut self, role: Role) {
+        if self.role == Role::Leader && role != Role::Leader {
+            self.fail_all(RequestError::LeadershipLost);
+        }
+        if role != self.role {
+            tracing::info!(node = %self.id, term = self.raw.raft.term, "role is now {role:?}");
+            if role == Role::Leader {
+                let ready_index = self.raw.raft.raft_log.last_index();
+                let state = self.state_machine.coordination();
+                let state = state.read();
+                let now = self.clock.now();
+                self.lease_clock.lead(now, ready_index, &state);
+                self.session_clock.lead(now, &state);
+            } else {
+                self.session_clock.follow();
+                for reply in self.lease_clock.follow() {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+        }
+        self.role = role;
+    }
+
+    pub(super) fn fail_all(&mut self, error: RequestError) {
+        for (_, reply) in self.proposals.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    pub(super) fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), FatalError> {
+        let meta = snapshot.get_metadata();
+        tracing::info!(node = %self.id, index = meta.index, term = meta.term, "installing snapshot");
+        self.raw.mut_store().apply_snapshot(snapshot)?;
+        self.state_machine.reload()?;
+        self.members = self.load_members()?;
+        self.publish_members();
+        assert_eq!(
+            self.state_machine.applied().index,
+            meta.index,
+            "snapshot's state must be at the snapshot's index"
+        );
+        Ok(())
+    }
+
+    pub(super) fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<raft::prelude::HardState>,
+        must_sync: bool,
+    ) -> Result<(), FatalError> {
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let mut batch = Batch::new(self.raw.store().engine());
+        let store = self.raw.mut_store();
+        store.append(&mut batch, entries);
+        if let Some(hard_state) = &hard_state {
+            store.set_hard_state(&mut batch, hard_state);
+        }
+        store.engine().write(batch, must_sync)
+    }
+
+    pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
+        for entry in entries {
+            let mut batch = Batch::new(self.raw.store().engine());
+            let result = self.apply_entry(&mut batch, &entry)?;
+            let position = LogPosition {
+                index: entry.index,
+                term: entry.term,
+            };
+            self.state_machine.set_applied(&mut batch, position);
+            self.raw.store().engine().write(batch, false)?;
+            self.after_members_changed();
+            if let Some(observer) = &mut self.apply_observer {
+                observer(&entry, result.as_ref());
+            }
+            self.lease_clock.applied(entry.index);
+            if let Some(result) = result {
+                if let Some(command_result::Result::LeaseGranted(granted)) = &result.result {
+                    self.lease_clock.granted(
+                        self.clock.now(),
+                        LeaseId(granted.lease),
+                        granted.ttl_ms,
+                    );
+                }
+                self.complete(&entry, result);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_entry(
+        &mut self,
+        batch: &mut Batch,
+        entry: &Entry,
+    ) -> Result<Option<CommandResult>, FatalError> {
+        let undecodable = |what: &str, e: &dyn std::fmt::Display| FatalError::Corruption {
+            cf: crate::storage::CF_RAFT_LOG,
+            key: entry.index.to_string(),
+            reason: format!("committed {what} does not decode: {e}"),
+        };
+        match entry.get_entry_type() {
+            EntryType::EntryNormal if entry.data.is_empty() => Ok(None),
+            EntryType::EntryNormal => {
+                let command =
+                    Command::decode(entry.data.as_ref()).map_err(|e| undecodable("command", &e))?;
+                let session = command.request.as_ref().map_or(0, |r| r.client_id);
+                let output = self.state_machine.apply(batch, entry.index, command)?;
+                self.note_session_activity(session, &output.events);
+                for event in &output.events {
+                    if let Event::LeaseRemoved { lease, .. } = event {
+                        self.lease_clock.removed(*lease);
+                    }
+                }
+                if !output.events.is_empty() {
+                    // No subscriber is fine: nobody is waiting.
+                    let _ = self.events.send(Arc::new(AppliedEvents {
+                        index: LogIndex(entry.index),
+                        events: output.events,
+                    }));
+                }
+                Ok(Some(output.result))
+            }
+            EntryType::EntryConfChange => {
+                let change = ConfChange::parse_from_bytes(&entry.data)
+                    .map_err(|e| undecodable("conf change", &e))?;
+                // The legacy form, as one single-step change of the v2 form.
+                let mut single = ConfChangeSingle::default();
+                single.set_change_type(change.get_change_type());
+                single.node_id = change.node_id;
+                let mut v2 = ConfChangeV2::default();
+                v2.set_changes(vec![single].into());
+                v2.context = change.context;
+                let mut converted = entry.clone();
+                let data = v2.write_to_bytes();
+                converted.data = data.map_err(|e| undecodable("conf change", &e))?.into();
+                self.apply_conf_change(batch, &converted)
+            }
+            EntryType::EntryConfChangeV2 => self.apply_conf_change(batch, entry),
+        }
+    }
+
+    pub(super) fn complete(&mut self, entry: &Entry, result: CommandResult) {
+        let Ok(context) = ProposalContext::decode(entry.context.as_ref()) else {
+            return;
+        };
+        if context.node_id != self.id.0 || context.boot_id != self.boot_id {
+            return;
+        }
+        if let Some(reply) = self.proposals.remove(&context.request_id) {
+            let _ = reply.send(Ok(Applied {
+                index: LogIndex(entry.index),
+                term: entry.term,
+                result,
+            }));
+        }
+    }
+}
