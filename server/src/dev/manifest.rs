@@ -59,18 +59,10 @@ impl Manifest {
             None => free_ports(2 * count)
                 .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
         };
-        let nodes = (1..=count as u64)
-            .zip(ports.chunks_exact(2))
-            .map(|(id, pair)| NodeEntry {
-                id,
-                pid: 0,
-                client_addr: format!("127.0.0.1:{}", pair[0]),
-                peer_addr: format!("127.0.0.1:{}", pair[1]),
-                data_dir: PathBuf::new(),
-                log: PathBuf::new(),
-            })
-            .collect();
-        Ok(Manifest { nodes }.placed_in(dir))
+        Ok(Manifest {
+            nodes: entries(1, &ports),
+        }
+        .placed_in(dir))
     }
 
     /// Reads `dir/cluster.json`; `None` when there is none.
@@ -164,17 +156,7 @@ impl Manifest {
         };
         let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         let added = Manifest {
-            nodes: (first..)
-                .zip(ports.chunks_exact(2))
-                .map(|(id, pair)| NodeEntry {
-                    id,
-                    pid: 0,
-                    client_addr: format!("127.0.0.1:{}", pair[0]),
-                    peer_addr: format!("127.0.0.1:{}", pair[1]),
-                    data_dir: PathBuf::new(),
-                    log: PathBuf::new(),
-                })
-                .collect(),
+            nodes: entries(first, &ports),
         }
         .placed_in(dir);
         let mut all = self.clone();
@@ -234,6 +216,22 @@ impl Manifest {
         let parts: Vec<&str> = self.nodes.iter().map(|n| n.client_addr.as_str()).collect();
         parts.join(",")
     }
+}
+
+/// Nodes `first`, `first + 1`, … on loopback, each with the next client and
+/// peer port of `ports`; not yet placed in a directory.
+fn entries(first: u64, ports: &[u16]) -> Vec<NodeEntry> {
+    (first..)
+        .zip(ports.chunks_exact(2))
+        .map(|(id, pair)| NodeEntry {
+            id,
+            pid: 0,
+            client_addr: format!("127.0.0.1:{}", pair[0]),
+            peer_addr: format!("127.0.0.1:{}", pair[1]),
+            data_dir: PathBuf::new(),
+            log: PathBuf::new(),
+        })
+        .collect()
 }
 
 fn ports_from_base(base: u16, count: usize) -> Result<Vec<u16>, String> {
