@@ -14,7 +14,7 @@
 //! 3. publish the status and compact the log if it has grown past the
 //!    configured bound.
 //!
-//! Proposals carry a [`ProposalContext`] (node id, a random per-process boot
+//! Proposals carry a `ProposalContext` (node id, a random per-process boot
 //! id, and a request id) in the entry context; when the entry is applied the
 //! proposer finds its caller by that id, never by queue position. When this
 //! node stops being leader, every pending proposal fails with
@@ -67,7 +67,7 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use latchkey_proto::state::v1::{command_result, Command, CommandResult, ProposalContext};
+use latchkey_proto::state::v1::{command_result, Command, CommandResult};
 
 use crate::config::{Config, UnsafeSwitches};
 use crate::coordination::{Event, LeaseId};
@@ -643,6 +643,24 @@ impl Node {
         }
     }
 
+    /// The context of this node's proposal `request_id`; 0 for a proposal
+    /// nobody waits for.
+    fn proposal_context(&self, request_id: u64) -> Vec<u8> {
+        reads::ReadContext {
+            node_id: self.id.0,
+            boot_id: self.boot_id,
+            request_id,
+        }
+        .encode()
+    }
+
+    /// Proposes a command of the leader's own (an expiry, the token floor),
+    /// which nobody waits for; a dropped one is proposed again later.
+    fn propose_own(&mut self, command: &Command) -> Result<(), raft::Error> {
+        let context = self.proposal_context(0);
+        self.raw.propose(context, command.encode_to_vec())
+    }
+
     fn propose(&mut self, command: Command, reply: ProposalReply) {
         if self.raw.raft.state != StateRole::Leader {
             let _ = reply.send(Err(self.not_leader()));
@@ -653,14 +671,9 @@ impl Node {
             return;
         }
         let request_id = self.take_request_id();
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id,
-        };
         match self
             .raw
-            .propose(context.encode_to_vec(), command.encode_to_vec())
+            .propose(self.proposal_context(request_id), command.encode_to_vec())
         {
             Ok(()) => {
                 self.proposals.insert(request_id, reply);

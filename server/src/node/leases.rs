@@ -3,11 +3,10 @@
 //! expiry of overdue leases. The rules are `crate::lease_clock`'s; this
 //! file only connects them to raft-rs and to the callers' reply channels.
 
-use prost::Message as _;
 use raft::StateRole;
 use tokio::sync::oneshot;
 
-use latchkey_proto::state::v1::{command, Command, ExpireLeases, ProposalContext};
+use latchkey_proto::state::v1::{command, Command, ExpireLeases};
 
 use super::Node;
 use crate::coordination::{Event, FencingToken, Kind, LeaseId};
@@ -109,15 +108,7 @@ impl Node {
     fn propose_expiry(&mut self, leases: &[LeaseId]) {
         tracing::info!(node = %self.id, ?leases, "expiring leases");
         let command = expire_command(leases);
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id: 0,
-        };
-        if let Err(e) = self
-            .raw
-            .propose(context.encode_to_vec(), command.encode_to_vec())
-        {
+        if let Err(e) = self.propose_own(&command) {
             tracing::debug!(node = %self.id, "expiry proposal dropped: {e}");
         }
     }

@@ -5,13 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry};
 use raft::StateRole;
 use tokio::sync::oneshot;
 
-use latchkey_proto::state::v1::{command_result, CommandResult, Done, ProposalContext};
+use latchkey_proto::state::v1::{command_result, CommandResult, Done};
 
 use super::{Node, ProposalReply};
 use crate::error::{FatalError, RequestError};
@@ -124,14 +123,9 @@ impl Node {
             return;
         }
         let request_id = self.take_request_id();
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id,
-        };
         match self
             .raw
-            .propose_conf_change(context.encode_to_vec(), conf_change(&change))
+            .propose_conf_change(self.proposal_context(request_id), conf_change(&change))
         {
             Ok(()) => {
                 self.proposals.insert(request_id, reply);

@@ -2,6 +2,8 @@
 //! persist, advance, then answer the read states (see [`Node::on_ready`]);
 //! and what applying an entry does (answers, events, membership changes).
 
+use latchkey_proto::state::v1::ProposalContext;
+
 use super::*;
 
 impl Node {

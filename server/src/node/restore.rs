@@ -10,10 +10,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prost::Message as _;
 use raft::StateRole;
 
-use latchkey_proto::state::v1::{command, Command, ProposalContext, RaiseTokenFloor};
+use latchkey_proto::state::v1::{command, Command, RaiseTokenFloor};
 
 use super::Node;
 
@@ -62,15 +61,7 @@ impl Node {
             command: Some(command::Command::RaiseTokenFloor(RaiseTokenFloor { floor })),
             request: None,
         };
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id: 0,
-        };
-        match self
-            .raw
-            .propose(context.encode_to_vec(), command.encode_to_vec())
-        {
+        match self.propose_own(&command) {
             Ok(()) => {
                 tracing::info!(node = %self.id, floor, "restored cluster: raising the token floor");
                 self.floor_proposed_at = Some(now);

@@ -2,10 +2,9 @@
 //! activity from applied entries and proposes `ExpireSessions` for sessions
 //! idle too long (see `crate::session_clock`).
 
-use prost::Message as _;
 use raft::StateRole;
 
-use latchkey_proto::state::v1::{command, Command, ExpireSessions, ProposalContext};
+use latchkey_proto::state::v1::{command, Command, ExpireSessions};
 
 use super::Node;
 use crate::coordination::{Event, SessionId};
@@ -42,15 +41,7 @@ impl Node {
             })),
             request: None,
         };
-        let context = ProposalContext {
-            node_id: self.id.0,
-            boot_id: self.boot_id,
-            request_id: 0,
-        };
-        if let Err(e) = self
-            .raw
-            .propose(context.encode_to_vec(), command.encode_to_vec())
-        {
+        if let Err(e) = self.propose_own(&command) {
             tracing::debug!(node = %self.id, "session expiry proposal dropped: {e}");
         }
     }
