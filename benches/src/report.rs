@@ -398,7 +398,7 @@ fn resources(measurements: &[Measurement], floor: Option<&Floor>) -> String {
 ///    bench used most of it themselves, "CPU contention" when other
 ///    programs did;
 /// 2. CPU, if one server process used nearly a core by itself;
-/// 3. fsync, if the p50 is within [`FSYNC_BOUND_FACTOR`] of the floor of
+/// 3. fsync, if the p50 is within `FSYNC_BOUND_FACTOR` of the floor of
 ///    its commits (the lower of the 1-writer and 5-writer floors);
 /// 4. disk, if iowait was high;
 /// 5. otherwise "waiting": neither CPU nor disk was saturated, so the time

@@ -4,7 +4,7 @@
 //! # Protocol
 //! Before its first write a client opens a session (`Session.Open`, one
 //! Raft write); the cluster names it by a log index, never reused. Each
-//! mutating call then takes a [`Ticket`]: the session id and the next
+//! mutating call then takes a `Ticket`: the session id and the next
 //! sequence number, kept by every attempt of the call, so the server
 //! applies it at most once and answers a resend with the first attempt's
 //! result. Every request also says which is the lowest sequence number

@@ -5,6 +5,11 @@
 //! - [`peer::v1`]: the node-to-node transport carrying raft-rs messages.
 //! - [`state::v1`]: records the server keeps in its Raft log and state machine.
 
+/// The encoded `FileDescriptorSet` of every `.proto` file above, for gRPC
+/// server reflection (`grpcurl list` without the `.proto` files).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/latchkey_descriptor.bin"));
+
 /// The client API.
 pub mod v1 {
     tonic::include_proto!("latchkey.v1");

@@ -31,6 +31,12 @@ pub struct ServeArgs {
     /// HOST:PORT to serve the peer (Raft) transport on.
     #[arg(long, env = "LATCHKEY_LISTEN_PEER")]
     pub listen_peer: Option<String>,
+    /// HOST:PORT to serve HTTP on: Prometheus `/metrics`, `/healthz`,
+    /// `/readyz` and the status page at `/`. Off unless given; it serves
+    /// reads only, but shows lock names and lease ids: keep it on a
+    /// monitoring network.
+    #[arg(long, env = "LATCHKEY_LISTEN_HTTP")]
+    pub listen_http: Option<String>,
     /// Client address other nodes hand out as this node's (default: --listen-client).
     #[arg(long, env = "LATCHKEY_ADVERTISE_CLIENT")]
     pub advertise_client: Option<String>,
@@ -93,6 +99,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen_client: Option<String>,
     listen_peer: Option<String>,
+    listen_http: Option<String>,
     advertise_client: Option<String>,
     advertise_peer: Option<String>,
     initial_cluster: Option<String>,
@@ -178,6 +185,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen_client: SocketAddr,
     pub listen_peer: SocketAddr,
+    /// The HTTP port (metrics, health, status page); `None`: not served.
+    pub listen_http: Option<SocketAddr>,
     /// The client address this node announces to its peers.
     pub advertise_client: String,
     /// Peer address of every member this node knows at start, itself
@@ -211,6 +220,7 @@ impl Config {
             data_dir,
             listen_client,
             listen_peer,
+            listen_http: None,
             advertise_client: listen_client.to_string(),
             peers,
             join: Vec::new(),
@@ -255,6 +265,12 @@ impl Config {
         let peers = initial_peers(args, &file, id, &join, &advertise_peer)?;
         let listen_client = parse_socket_addr("--listen-client", &listen_client)?;
         let listen_peer = parse_socket_addr("--listen-peer", &listen_peer)?;
+        let listen_http = args
+            .listen_http
+            .clone()
+            .or(file.listen_http.clone())
+            .map(|addr| parse_socket_addr("--listen-http", &addr))
+            .transpose()?;
         let advertise_client = args
             .advertise_client
             .clone()
@@ -308,6 +324,7 @@ impl Config {
             data_dir,
             listen_client,
             listen_peer,
+            listen_http,
             advertise_client,
             peers,
             join,

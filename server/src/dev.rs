@@ -26,7 +26,7 @@
 //!
 //! `latchkey dev --nodes N` on a directory whose cluster has another
 //! number of nodes grows or shrinks it through Raft membership changes once
-//! it is up ([`resize`]).
+//! it is up (`resize.rs`).
 //!
 //! # Not done yet
 //! - Restarting a node that exited (run `latchkey dev` again instead).
@@ -370,12 +370,19 @@ impl Cluster {
         ));
         for node in &self.manifest.nodes {
             say(format!(
-                "  node {}  pid {:<7}  client {}  peer {}  log {}",
+                "  node {}  pid {:<7}  client {}  peer {}  http {}  log {}",
                 node.id,
                 node.pid,
                 node.client_addr,
                 node.peer_addr,
+                node.http_addr,
                 node.log.display()
+            ));
+        }
+        if let Some(first) = self.manifest.nodes.first() {
+            say(format!(
+                "status page: http://{}/  (metrics: /metrics, health: /healthz, /readyz)",
+                first.http_addr
             ));
         }
         let endpoints = self.manifest.endpoints();

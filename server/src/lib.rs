@@ -12,6 +12,8 @@
 //! - [`session_clock`]: the leader's idle times of exactly-once sessions.
 //! - [`membership`]: who the members are, where they listen, and the rules
 //!   a membership change must pass.
+//! - [`metrics`]: the node's Prometheus metrics and the gRPC call counter.
+//! - [`http`]: the HTTP port: `/metrics`, `/healthz`, `/readyz` and the status page.
 //! - [`join`]: `serve --join`, a new node joining a running cluster.
 //! - [`node`]: the task that owns `RawNode` and runs the Ready loop.
 //! - [`restore`]: seeding a new cluster's member from a backup, offline.
@@ -28,10 +30,12 @@ pub mod config;
 pub mod coordination;
 pub mod dev;
 pub mod error;
+pub mod http;
 pub mod join;
 pub mod lease_clock;
 pub mod logging;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod restore;
 pub mod server;

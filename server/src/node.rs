@@ -73,6 +73,7 @@ use crate::config::{Config, UnsafeSwitches};
 use crate::coordination::{Event, LeaseId};
 use crate::error::{FatalError, RequestError};
 use crate::lease_clock::{LeaseClock, LeaseClockSettings};
+use crate::metrics::Metrics;
 use crate::session_clock::SessionClock;
 use crate::state_machine::{SharedCoordination, StateMachine};
 use crate::storage::raft_log::FatalSlot;
@@ -197,10 +198,11 @@ pub enum NodeMsg {
         lease: LeaseId,
         reply: KeepAliveReply,
     },
-    /// Time left on a lease, as this leader sees it.
-    LeaseRemaining {
-        lease: LeaseId,
-        reply: oneshot::Sender<Option<Duration>>,
+    /// Time left on each lease, as this leader sees it (`None`: not
+    /// leading, or unknown), in the order asked.
+    LeasesRemaining {
+        leases: Vec<LeaseId>,
+        reply: oneshot::Sender<Vec<Option<Duration>>>,
     },
     /// The membership and each member's progress (leader only).
     Members { reply: MembersReply },
@@ -224,6 +226,7 @@ pub struct NodeHandle {
     fatal: FatalSlot,
     events: broadcast::Sender<Arc<AppliedEvents>>,
     coordination: SharedCoordination,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeHandle {
@@ -274,9 +277,12 @@ impl NodeHandle {
 
     /// Replicates `command` and returns its result once applied here.
     pub async fn propose(&self, command: Command) -> Result<Applied, RequestError> {
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         self.send(NodeMsg::Propose { command, reply }).await?;
-        answer.await.map_err(|_| RequestError::ShuttingDown)?
+        let result = answer.await.map_err(|_| RequestError::ShuttingDown)?;
+        self.metrics.observe_proposal(started.elapsed());
+        result
     }
 
     /// Renews `lease` at the leader.
@@ -286,7 +292,6 @@ impl NodeHandle {
         answer.await.map_err(|_| RequestError::ShuttingDown)?
     }
 
-    /// Time left on `lease` if this node leads; `None` otherwise or if unknown.
     /// The membership as the leader sees it.
     pub async fn members(&self) -> Result<MembershipView, RequestError> {
         let (reply, answer) = oneshot::channel();
@@ -311,9 +316,20 @@ impl NodeHandle {
         answer.await.map_err(|_| RequestError::ShuttingDown)?
     }
 
+    /// Time left on `lease` if this node leads; `None` otherwise or if unknown.
     pub async fn lease_remaining(&self, lease: LeaseId) -> Result<Option<Duration>, RequestError> {
+        let remaining = self.leases_remaining(vec![lease]).await?;
+        Ok(remaining.into_iter().next().flatten())
+    }
+
+    /// Time left on each of `leases` if this node leads, in one message.
+    pub async fn leases_remaining(
+        &self,
+        leases: Vec<LeaseId>,
+    ) -> Result<Vec<Option<Duration>>, RequestError> {
         let (reply, answer) = oneshot::channel();
-        self.send(NodeMsg::LeaseRemaining { lease, reply }).await?;
+        self.send(NodeMsg::LeasesRemaining { leases, reply })
+            .await?;
         answer.await.map_err(|_| RequestError::ShuttingDown)
     }
 
@@ -384,16 +400,21 @@ pub struct Node {
     compact_log_after_entries: u64,
     clock: Box<dyn Clock>,
     apply_observer: Option<ApplyObserver>,
+    metrics: Arc<Metrics>,
 }
 
 impl Node {
-    /// Opens the node's Raft state over `engine`.
+    /// Opens the node's Raft state over `engine`; it records into `metrics`.
     pub fn new(
         config: &Config,
         engine: Engine,
         transport: Box<dyn Transport>,
+        metrics: Arc<Metrics>,
     ) -> Result<(Node, NodeHandle), FatalError> {
-        let mut options = NodeOptions::default();
+        let mut options = NodeOptions {
+            metrics,
+            ..NodeOptions::default()
+        };
         if let Some(path) = &config.unsafe_switches.clock_rate_file {
             tracing::warn!(file = %path.display(), "clock rate follows a file (--unsafe-clock-rate-file): test use only");
             options.clock = Box::new(RateFileClock::start(path.clone()));
@@ -484,6 +505,7 @@ impl Node {
             compact_log_after_entries: config.compact_log_after_entries,
             clock: options.clock,
             apply_observer: options.apply_observer,
+            metrics: options.metrics.clone(),
         };
         node.members = node.load_members()?;
         // A member that was removed while it was down stops at once.
@@ -498,6 +520,7 @@ impl Node {
             fatal: node.fatal.clone(),
             events,
             coordination,
+            metrics: options.metrics,
         };
         Ok((node, handle))
     }
@@ -622,8 +645,13 @@ impl Node {
             NodeMsg::TransferLeader { to, reply } => {
                 let _ = reply.send(self.start_transfer(to));
             }
-            NodeMsg::LeaseRemaining { lease, reply } => {
-                let _ = reply.send(self.lease_clock.remaining(self.clock.now(), lease));
+            NodeMsg::LeasesRemaining { leases, reply } => {
+                let now = self.clock.now();
+                let remaining = leases
+                    .into_iter()
+                    .map(|lease| self.lease_clock.remaining(now, lease))
+                    .collect();
+                let _ = reply.send(remaining);
             }
         }
     }
@@ -719,6 +747,11 @@ impl Node {
             last_index: store.last_index(),
             running,
         };
+        if status.leader_id != raft::INVALID_ID
+            && status.leader_id != self.status.borrow().leader_id
+        {
+            self.metrics.leader_changed();
+        }
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use tokio_stream::StreamExt as _;
 use crate::api::{Api, ApiSettings};
 use crate::config::{Config, ServeArgs};
 use crate::error::{FatalError, StartupError};
+use crate::metrics::Metrics;
 use crate::node::{Node, NodeHandle};
 use crate::state_machine::Reader;
 use crate::storage::Engine;
@@ -37,6 +39,9 @@ pub struct RunningServer {
     pub config: Config,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// Where `/metrics`, the health checks and the status page are served.
+    pub http_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
     pub node: NodeHandle,
     stop: Option<oneshot::Sender<()>>,
     /// Ends the client streams already accepted; see `Api`.
@@ -50,11 +55,21 @@ impl RunningServer {
     pub async fn start(mut config: Config) -> Result<RunningServer, StartupError> {
         let client_listener = bind(config.listen_client, "--listen-client").await?;
         let peer_listener = bind(config.listen_peer, "--listen-peer").await?;
+        let http_listener = match config.listen_http {
+            Some(addr) => Some(bind(addr, "--listen-http").await?),
+            None => None,
+        };
         let engine = open_engine(&config)?;
         let joining = crate::join::prepare(&mut config, &engine).await?;
         let directory = PeerDirectory::new(&config);
         let (transport, outbound) = GrpcTransport::new(&config, directory.clone());
-        let (node, handle) = Node::new(&config, engine.clone(), Box::new(transport))?;
+        let metrics = Arc::new(Metrics::new());
+        let (node, handle) = Node::new(
+            &config,
+            engine.clone(),
+            Box::new(transport),
+            metrics.clone(),
+        )?;
         spawn_outbound(outbound, handle.clone());
 
         let (stop, stopped) = oneshot::channel::<()>();
@@ -79,7 +94,37 @@ impl RunningServer {
         );
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
         let peer_addr = peer_listener.local_addr().map_err(listen_error)?;
+        for service in Api::SERVICE_NAMES.into_iter().chain([HEALTH_SERVICE]) {
+            metrics.serve_service(service);
+        }
+        let (health_reporter, health, reflection, reflection_v1alpha) = introspection_services();
+        spawn_health_reporter(health_reporter, handle.clone(), stopping.subscribe());
+        let mut servers = Vec::new();
+        let http_addr = match http_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().map_err(listen_error)?;
+                let state = crate::http::HttpState {
+                    id: config.id,
+                    node: handle.clone(),
+                    directory: directory.clone(),
+                    metrics: metrics.clone(),
+                    stopping: stopping.subscribe(),
+                };
+                let stop = stopped.clone();
+                servers.push(tokio::spawn(async move {
+                    if let Err(e) = crate::http::serve(listener, state, stop).await {
+                        tracing::error!("http server stopped: {e}");
+                    }
+                }));
+                Some(addr)
+            }
+            None => None,
+        };
         let client_server = tonic::transport::Server::builder()
+            .layer(metrics.grpc_layer())
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(api.kv_service())
             .add_service(api.cluster_service())
             .add_service(api.lease_service())
@@ -96,19 +141,19 @@ impl RunningServer {
                 config.data_dir.join("snapshots"),
             ))
             .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone());
-        let servers = vec![
-            spawn_server("client", client_server),
-            spawn_server("peer", peer_server),
-        ];
+        servers.push(spawn_server("client", client_server));
+        servers.push(spawn_server("peer", peer_server));
         let node_task = tokio::spawn(node.run(stopped));
         if joining {
             crate::join::spawn_add_self(&config);
         }
-        tracing::info!(node = %config.id, client = %client_addr, peer = %peer_addr, "serving");
+        tracing::info!(node = %config.id, client = %client_addr, peer = %peer_addr, http = ?http_addr, "serving");
         Ok(RunningServer {
             config,
             client_addr,
             peer_addr,
+            http_addr,
+            metrics,
             node: handle,
             stop: Some(stop),
             stopping,
@@ -165,6 +210,78 @@ impl RunningServer {
         }
         result
     }
+}
+
+/// The standard `grpc.health.v1.Health` service, and server reflection
+/// (v1 and v1alpha, for older tools) advertising the client services.
+fn introspection_services() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let configure = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(latchkey_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE);
+        for service in Api::SERVICE_NAMES {
+            builder = builder.with_service_name(service);
+        }
+        builder
+    };
+    // The descriptor sets are generated at build time from our own and
+    // tonic-health's protos; they decode, or the build is broken.
+    let v1 = configure().build_v1().expect("reflection descriptors");
+    let v1alpha = configure().build_v1alpha().expect("reflection descriptors");
+    let (reporter, health) = tonic_health::server::health_reporter();
+    (reporter, health, v1, v1alpha)
+}
+
+/// The gRPC health service's own name.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Keeps the gRPC health status in step with [`crate::http::readiness`]:
+/// the whole server (`""`) and each client service are `SERVING` exactly
+/// when `/readyz` would answer 200.
+fn spawn_health_reporter(
+    reporter: tonic_health::server::HealthReporter,
+    node: NodeHandle,
+    mut stopping: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let mut status = node.watch_status();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let now = status.borrow_and_update().clone();
+            let ready = crate::http::readiness(&now, *stopping.borrow()).is_ok();
+            if last != Some(ready) {
+                let serving = if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for service in std::iter::once("").chain(Api::SERVICE_NAMES) {
+                    reporter.set_service_status(service, serving).await;
+                }
+                last = Some(ready);
+            }
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { break },
+                changed = stopping.changed() => if changed.is_err() { break },
+            }
+        }
+        for service in std::iter::once("").chain(Api::SERVICE_NAMES) {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+    });
 }
 
 async fn join_node(task: &mut JoinHandle<Result<(), FatalError>>) -> Result<(), FatalError> {

@@ -69,7 +69,7 @@ impl SessionClock {
     }
 
     /// Sessions idle past their deadline and not proposed for expiry within
-    /// [`EXPIRY_RETRY`]; they are recorded as proposed.
+    /// `EXPIRY_RETRY`; they are recorded as proposed.
     pub fn due(&mut self, now: Instant) -> Vec<SessionId> {
         if !self.leading {
             return Vec::new();

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod support;
+
 const LATCHKEY: &str = env!("CARGO_BIN_EXE_latchkey");
 /// Five RocksDB-backed debug-build nodes on a small machine: be patient.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
@@ -42,6 +44,7 @@ struct ManifestNode {
     pid: u32,
     client_addr: String,
     peer_addr: String,
+    http_addr: String,
 }
 
 /// What `latchkey status --json` showed.
@@ -252,6 +255,7 @@ fn parse_manifest(text: &str) -> Option<Vec<ManifestNode>> {
                 pid: u32::try_from(node["pid"].as_u64()?).ok()?,
                 client_addr: node["client_addr"].as_str()?.to_string(),
                 peer_addr: node["peer_addr"].as_str()?.to_string(),
+                http_addr: node["http_addr"].as_str()?.to_string(),
             })
         })
         .collect()
@@ -437,6 +441,83 @@ fn dev_cluster_survives_leader_kill_and_restarts_with_every_acknowledged_write()
     restarted.settled_leader(&endpoints);
     assert_values(&endpoints.join(","), &acknowledged);
     restarted.stop_and_check_every_node_is_gone(&again);
+}
+
+#[test]
+fn dev_cluster_nodes_serve_metrics_that_follow_a_lock_and_a_status_page() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path().join("cluster");
+    let mut cluster = DevCluster::start(&dir, &["--nodes", "5"]);
+    let nodes = cluster.running_nodes(5);
+    let endpoints = client_endpoints(&nodes);
+    let leader = cluster.settled_leader(&endpoints);
+    let output = cluster.output_text();
+    assert!(
+        output.contains(&format!("status page: http://{}/", nodes[0].http_addr)),
+        "dev prints where the status page is:\n{output}"
+    );
+    let http = |node: &ManifestNode| -> std::net::SocketAddr {
+        node.http_addr.parse().expect("http_addr is IP:PORT")
+    };
+    let leader_http = http(nodes.iter().find(|n| n.id == leader).expect("leader"));
+    let follower_http = http(nodes.iter().find(|n| n.id != leader).expect("follower"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        for node in &nodes {
+            wait_for_metric(http(node), "latchkey_node_ready", |v| v == 1.0).await;
+        }
+        let client = latchkey_client::Client::connect(endpoints.iter().map(String::as_str))
+            .await
+            .expect("client connects");
+        let lease = client
+            .grant_lease(Duration::from_secs(10))
+            .await
+            .expect("lease");
+        let guard = lease.lock("dev/metrics").await.expect("lock");
+        for addr in [leader_http, follower_http] {
+            let text = wait_for_metric(addr, "latchkey_locks_held", |v| v == 1.0).await;
+            assert_eq!(
+                support::http::sample(&text, "latchkey_grants_total{kind=\"lock\"}"),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(support::http::sample(&text, "latchkey_leases"), Some(1.0));
+        }
+        guard.release().await.expect("release");
+        for addr in [leader_http, follower_http] {
+            wait_for_metric(addr, "latchkey_locks_held", |v| v == 0.0).await;
+        }
+        lease.revoke().await.expect("revoke");
+        wait_for_metric(leader_http, "latchkey_leases", |v| v == 0.0).await;
+        let (code, page) = support::http::get(follower_http, "/")
+            .await
+            .expect("status page");
+        assert_eq!(code, 200);
+        assert!(page.contains("<title>latchkey status</title>"));
+    });
+    cluster.stop_and_check_every_node_is_gone(&nodes);
+}
+
+/// Polls `addr`'s `/metrics` until `name` satisfies `wanted`; returns the text.
+async fn wait_for_metric(
+    addr: std::net::SocketAddr,
+    name: &str,
+    wanted: impl Fn(f64) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let answer = support::http::get(addr, "/metrics").await;
+        if let Ok((200, text)) = &answer {
+            if support::http::sample(text, name).is_some_and(&wanted) {
+                return text.clone();
+            }
+        }
+        assert!(
+            start.elapsed() < STARTUP_DEADLINE,
+            "{name} on {addr} never as wanted; last answer: {answer:?}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }
 
 /// Writes five keys through a follower, which must redirect to the leader.

@@ -163,6 +163,22 @@ impl Lease for Api {
     ) -> Result<Response<LeaseListResponse>, Status> {
         self.read_point(request.into_inner().serializable).await?;
         let header = self.header();
+        let ids: Vec<LeaseId> = self.reader.coordination().leases().map(|l| l.id).collect();
+        // Only a leader's lease clock knows the time left; elsewhere it is absent.
+        let remaining: std::collections::BTreeMap<LeaseId, std::time::Duration> =
+            if self.node.status().role == Role::Leader {
+                let times = self
+                    .node
+                    .leases_remaining(ids.clone())
+                    .await
+                    .map_err(|e| self.status(e))?;
+                ids.into_iter()
+                    .zip(times)
+                    .filter_map(|(id, left)| Some((id, left?)))
+                    .collect()
+            } else {
+                Default::default()
+            };
         let state = self.reader.coordination();
         let leases = state
             .leases()
@@ -170,6 +186,7 @@ impl Lease for Api {
                 lease: lease.id.0,
                 ttl_ms: lease.ttl_ms,
                 grants: lease.held.len() as u32,
+                remaining_ms: remaining.get(&lease.id).map(|left| left.as_millis() as u64),
             })
             .collect();
         Ok(Response::new(LeaseListResponse {

@@ -128,6 +128,21 @@ impl Api {
         }
     }
 
+    /// The gRPC names of every client service above, for health and
+    /// reflection.
+    pub const SERVICE_NAMES: [&'static str; 7] = {
+        use tonic::server::NamedService;
+        [
+            <KvServer<Api> as NamedService>::NAME,
+            <ClusterServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::lease_server::LeaseServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::lock_server::LockServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::election_server::ElectionServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::session_server::SessionServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::maintenance_server::MaintenanceServer<Api> as NamedService>::NAME,
+        ]
+    };
+
     pub fn lease_service(&self) -> latchkey_proto::v1::lease_server::LeaseServer<Api> {
         latchkey_proto::v1::lease_server::LeaseServer::new(self.clone())
     }

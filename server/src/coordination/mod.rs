@@ -387,6 +387,11 @@ impl Coordination {
         self.locks.get(&LockKey::new(kind, name))
     }
 
+    /// Every held lock and election with its queue, ascending by kind and name.
+    pub fn locks(&self) -> impl Iterator<Item = (&LockKey, &Lock)> {
+        self.locks.iter()
+    }
+
     /// The current leader of election `name`.
     pub fn leader(&self, name: &str) -> Option<&Grant> {
         self.describe(Kind::Election, name).map(|lock| &lock.holder)

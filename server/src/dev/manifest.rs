@@ -3,8 +3,16 @@
 //!
 //! ```json
 //! {"nodes":[{"id":1,"pid":4242,"client_addr":"127.0.0.1:7001","peer_addr":"127.0.0.1:7002",
+//!            "http_addr":"127.0.0.1:7019",
 //!            "data_dir":"/tmp/latchkey-dev/node-1","log":"/tmp/latchkey-dev/node-1.log"}]}
 //! ```
+//!
+//! With `--base-port B`, node i (counting from 0 in the file) listens for
+//! clients on `B + 2i`, for peers on `B + 2i + 1` and for HTTP (metrics,
+//! health, status page) on `B + 2 * MAX_NODES + i`; without it, on free
+//! ports. A manifest written before nodes served HTTP gets free HTTP ports
+//! when it is read: unlike the peer address, nothing in the cluster
+//! remembers them.
 //!
 //! The file is written before any node starts (with `pid` 0, meaning "not
 //! running") and rewritten with the real pids once they run; `pid` goes back
@@ -41,6 +49,9 @@ pub struct NodeEntry {
     pub pid: u32,
     pub client_addr: String,
     pub peer_addr: String,
+    /// `--listen-http` of the node; empty in manifests from before it.
+    #[serde(default)]
+    pub http_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -55,8 +66,8 @@ impl Manifest {
             ));
         }
         let ports = match base_port {
-            Some(base) => ports_from_base(base, count)?,
-            None => free_ports(2 * count)
+            Some(base) => triples_from_base(base, 0..count)?,
+            None => free_ports(3 * count)
                 .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
         };
         Ok(Manifest {
@@ -87,7 +98,23 @@ impl Manifest {
                 dir.display()
             )
         })?;
-        Ok(Some(manifest.placed_in(dir)))
+        let mut manifest = manifest.placed_in(dir);
+        manifest.give_http_ports()?;
+        Ok(Some(manifest))
+    }
+
+    /// Free HTTP ports for nodes of an older manifest that has none.
+    fn give_http_ports(&mut self) -> Result<(), String> {
+        let missing = self.nodes.iter().filter(|n| n.http_addr.is_empty()).count();
+        let mut ports = free_ports(missing)
+            .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?
+            .into_iter();
+        for node in self.nodes.iter_mut().filter(|n| n.http_addr.is_empty()) {
+            // `free_ports` returned one port per node that lacks one.
+            let port = ports.next().expect("one free port per node");
+            node.http_addr = format!("127.0.0.1:{port}");
+        }
+        Ok(())
     }
 
     /// Writes `dir/cluster.json` atomically.
@@ -150,8 +177,8 @@ impl Manifest {
             return Ok(Vec::new());
         }
         let ports = match base_port {
-            Some(base) => ports_from_base(base, count)?[2 * have..].to_vec(),
-            None => free_ports(2 * (count - have))
+            Some(base) => triples_from_base(base, have..count)?,
+            None => free_ports(3 * (count - have))
                 .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
         };
         let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
@@ -189,7 +216,8 @@ impl Manifest {
             if node.id == 0 || !ids.insert(node.id) {
                 return Err(format!("node id {} is zero or repeated", node.id));
             }
-            for addr in [&node.client_addr, &node.peer_addr] {
+            let http = Some(&node.http_addr).filter(|addr| !addr.is_empty());
+            for addr in [&node.client_addr, &node.peer_addr].into_iter().chain(http) {
                 if addr.parse::<SocketAddr>().is_err() || !addrs.insert(addr.clone()) {
                     return Err(format!(
                         "node {} address {addr:?} is not IP:PORT or is repeated",
@@ -218,20 +246,40 @@ impl Manifest {
     }
 }
 
-/// Nodes `first`, `first + 1`, … on loopback, each with the next client and
-/// peer port of `ports`; not yet placed in a directory.
+/// Nodes `first`, `first + 1`, … on loopback, each with the next client,
+/// peer and HTTP port of `ports`; not yet placed in a directory.
 fn entries(first: u64, ports: &[u16]) -> Vec<NodeEntry> {
     (first..)
-        .zip(ports.chunks_exact(2))
-        .map(|(id, pair)| NodeEntry {
+        .zip(ports.chunks_exact(3))
+        .map(|(id, triple)| NodeEntry {
             id,
             pid: 0,
-            client_addr: format!("127.0.0.1:{}", pair[0]),
-            peer_addr: format!("127.0.0.1:{}", pair[1]),
+            client_addr: format!("127.0.0.1:{}", triple[0]),
+            peer_addr: format!("127.0.0.1:{}", triple[1]),
+            http_addr: format!("127.0.0.1:{}", triple[2]),
             data_dir: PathBuf::new(),
             log: PathBuf::new(),
         })
         .collect()
+}
+
+/// Client, peer and HTTP port of the nodes at `positions` (see the module
+/// docs for the layout).
+fn triples_from_base(base: u16, positions: std::ops::Range<usize>) -> Result<Vec<u16>, String> {
+    let pairs = ports_from_base(base, positions.end)?;
+    let last_http = u32::from(base) + 2 * MAX_NODES as u32 + positions.end as u32 - 1;
+    if last_http > u32::from(u16::MAX) {
+        return Err(format!(
+            "--base-port {base} puts HTTP ports up to {last_http}; pick a base below {}",
+            u32::from(u16::MAX) + 1 - 3 * MAX_NODES as u32
+        ));
+    }
+    Ok(positions
+        .flat_map(|at| {
+            let http = (u32::from(base) + 2 * MAX_NODES as u32 + at as u32) as u16;
+            [pairs[2 * at], pairs[2 * at + 1], http]
+        })
+        .collect())
 }
 
 fn ports_from_base(base: u16, count: usize) -> Result<Vec<u16>, String> {
@@ -265,7 +313,12 @@ fn free_ports(count: usize) -> io::Result<Vec<u16>> {
 /// something else already listens on.
 pub fn check_ports_free(manifest: &Manifest, dir: &Path, reused: bool) -> Result<(), String> {
     for node in &manifest.nodes {
-        for (addr, role) in [(&node.client_addr, "client"), (&node.peer_addr, "peer")] {
+        let roles = [
+            (&node.client_addr, "client"),
+            (&node.peer_addr, "peer"),
+            (&node.http_addr, "http"),
+        ];
+        for (addr, role) in roles.into_iter().filter(|(addr, _)| !addr.is_empty()) {
             let Err(err) = addr
                 .parse::<SocketAddr>()
                 .map_err(io::Error::other)
@@ -316,6 +369,15 @@ mod tests {
                 ("127.0.0.1:7005", "127.0.0.1:7006"),
             ]
         );
+        let http: Vec<&str> = manifest
+            .nodes
+            .iter()
+            .map(|n| n.http_addr.as_str())
+            .collect();
+        assert_eq!(
+            http,
+            vec!["127.0.0.1:7019", "127.0.0.1:7020", "127.0.0.1:7021"]
+        );
         assert_eq!(manifest.nodes[2].data_dir, Path::new("/d/node-3"));
         assert_eq!(manifest.nodes[2].log, Path::new("/d/node-3.log"));
         assert_eq!(
@@ -335,8 +397,9 @@ mod tests {
         for node in &manifest.nodes {
             assert!(ports.insert(node.client_addr.clone()));
             assert!(ports.insert(node.peer_addr.clone()));
+            assert!(ports.insert(node.http_addr.clone()));
         }
-        assert_eq!(ports.len(), 10);
+        assert_eq!(ports.len(), 15);
     }
 
     #[test]
@@ -345,7 +408,9 @@ mod tests {
         assert!(Manifest::plan(Path::new("/d"), MAX_NODES + 1, Some(7001)).is_err());
         assert!(Manifest::plan(Path::new("/d"), 5, Some(65530)).is_err());
         assert!(Manifest::plan(Path::new("/d"), 5, Some(0)).is_err());
-        assert!(Manifest::plan(Path::new("/d"), 5, Some(65526)).is_ok());
+        // Client and peer ports would fit; the HTTP ports (base + 18 ..) do not.
+        assert!(Manifest::plan(Path::new("/d"), 5, Some(65526)).is_err());
+        assert!(Manifest::plan(Path::new("/d"), 5, Some(65513)).is_ok());
     }
 
     #[test]
@@ -363,11 +428,30 @@ mod tests {
             .expect("object")
             .keys()
             .collect();
-        assert_eq!(keys.len(), 6, "{raw}");
-        for key in ["id", "pid", "client_addr", "peer_addr", "data_dir", "log"] {
+        assert_eq!(keys.len(), 7, "{raw}");
+        for key in [
+            "id",
+            "pid",
+            "client_addr",
+            "peer_addr",
+            "http_addr",
+            "data_dir",
+            "log",
+        ] {
             assert!(raw["nodes"][0].get(key).is_some(), "missing {key}: {raw}");
         }
         assert_eq!(Manifest::load(dir.path()).expect("load"), Some(manifest));
+    }
+
+    #[test]
+    fn a_manifest_from_before_http_ports_gets_free_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = r#"{"nodes":[{"id":1,"pid":0,"client_addr":"127.0.0.1:47101","peer_addr":"127.0.0.1:47102","data_dir":"x","log":"y"}]}"#;
+        std::fs::write(dir.path().join(MANIFEST_FILE), old).expect("write");
+        let manifest = Manifest::load(dir.path()).expect("load").expect("some");
+        let http: SocketAddr = manifest.nodes[0].http_addr.parse().expect("IP:PORT");
+        assert!(http.ip().is_loopback());
+        assert_eq!(manifest.nodes[0].client_addr, "127.0.0.1:47101");
     }
 
     #[test]

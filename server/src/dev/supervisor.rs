@@ -180,6 +180,9 @@ fn serve_args(entry: &NodeEntry, initial_cluster: &str) -> Vec<String> {
         entry.peer_addr.clone(),
         "--advertise-client".into(),
         entry.client_addr.clone(),
+        "--listen-http".into(),
+        entry.http_addr.clone(),
+        // Last: a joining node drops these two.
         "--initial-cluster".into(),
         initial_cluster.to_string(),
     ]

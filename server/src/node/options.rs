@@ -61,6 +61,9 @@ pub struct NodeOptions {
     /// simulator discards raft-rs's records, whose formatting would be a
     /// tenth of its time.
     pub raft_logger: Option<slog::Logger>,
+    /// Where the node records its latencies and counts (see
+    /// [`crate::metrics`]); a fresh, unexported set by default.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for NodeOptions {
@@ -71,6 +74,7 @@ impl Default for NodeOptions {
             election_tick_range: None,
             apply_observer: None,
             raft_logger: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -81,7 +85,7 @@ const RATE_FILE_POLL: Duration = Duration::from_millis(100);
 const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
 
 /// A clock that runs at the rate written in a file (`1.05`: 5 % fast),
-/// re-read every [`RATE_FILE_POLL`]. A change of rate never makes the clock
+/// re-read every `RATE_FILE_POLL`. A change of rate never makes the clock
 /// jump: time read after it continues from where it was. Test-only: it is
 /// how the fault-injection harness changes a running node's clock rate
 /// (`serve --unsafe-clock-rate-file`).

@@ -111,10 +111,19 @@ impl Node {
         if let Some(hard_state) = &hard_state {
             store.set_hard_state(&mut batch, hard_state);
         }
-        store.engine().write(batch, must_sync)
+        let started = std::time::Instant::now();
+        store.engine().write(batch, must_sync)?;
+        if must_sync {
+            self.metrics.observe_fsync(started.elapsed());
+        }
+        Ok(())
     }
 
     pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
         for entry in entries {
             let mut batch = Batch::new(self.raw.store().engine());
             let result = self.apply_entry(&mut batch, &entry)?;
@@ -140,6 +149,7 @@ impl Node {
                 self.complete(&entry, result);
             }
         }
+        self.metrics.observe_apply(started.elapsed());
         Ok(())
     }
 
@@ -161,6 +171,7 @@ impl Node {
                 let session = command.request.as_ref().map_or(0, |r| r.client_id);
                 let output = self.state_machine.apply(batch, entry.index, command)?;
                 self.note_session_activity(session, &output.events);
+                self.metrics.applied(&output.events, &output.result);
                 for event in &output.events {
                     if let Event::LeaseRemoved { lease, .. } = event {
                         self.lease_clock.removed(*lease);

@@ -241,6 +241,7 @@ impl World {
             boot_id: self.rng.gen(),
             election_tick_range: Some((election_ticks, election_ticks + 1)),
             raft_logger: Some(slog::Logger::root(slog::Discard, slog::o!())),
+            metrics: Arc::default(),
             apply_observer: Some(Box::new(move |entry, result: Option<&CommandResult>| {
                 sink.lock().push(AppliedEntry {
                     index: entry.index,
