@@ -7,7 +7,8 @@
 //!    [`MAX_INBOX_BATCH`] more messages without waiting, so that many
 //!    proposals share one Ready and one fsync (group commit);
 //! 2. handle the Ready in the order raft-rs documents: send messages; apply
-//!    a snapshot; apply committed entries; persist entries and hard state in
+//!    a snapshot; apply committed entries (many to one unsynced RocksDB
+//!    write, see `ready.rs`); persist entries and hard state in
 //!    one batch (fsynced when `must_sync`); send persisted messages;
 //!    `advance`; send the light ready's messages, record its commit index and
 //!    apply its committed entries; `advance_apply`;

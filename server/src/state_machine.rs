@@ -3,9 +3,12 @@
 //!
 //! Apply reads no clock, no randomness and does no I/O beyond the `state`
 //! column family: every replica that applies the same entries reaches the
-//! same state. Each entry's changes and the new applied position are written
-//! in one batch by the caller. A committed entry that does not decode is a
-//! fatal error, not a result: a replica that skipped it would diverge.
+//! same state. The caller writes the changes of one or more consecutive
+//! entries and the new applied position in one batch; until it reports the
+//! batch written ([`StateMachine::batch_written`]), the key-value records
+//! those entries wrote are read from an overlay, so each entry sees the
+//! ones before it. A committed entry that does not decode is a fatal error,
+//! not a result: a replica that skipped it would diverge.
 //!
 //! It holds two things:
 //! - the fenced key-value store, records under [`keys::KV_PREFIX`]; their
@@ -75,6 +78,9 @@ pub struct StateMachine {
     /// `no_fencing` skips the token check, `volatile_token_counter` never
     /// writes the token counter.
     switches: UnsafeSwitches,
+    /// Key-value records (by stored key; `None`: deleted) written into the
+    /// batch being built and not yet in the engine.
+    unwritten_kv: std::collections::HashMap<Vec<u8>, Option<KvRecord>>,
 }
 
 /// What applying one command produced.
@@ -93,7 +99,23 @@ impl StateMachine {
             applied,
             coordination: Arc::new(RwLock::new(coordination)),
             switches: switches.clone(),
+            unwritten_kv: std::collections::HashMap::new(),
         })
+    }
+
+    /// The caller wrote the batch it has been building: reads go to the
+    /// engine again.
+    pub fn batch_written(&mut self) {
+        self.unwritten_kv.clear();
+    }
+
+    /// The stored record of a key, as of the entries applied so far (the
+    /// batch being built included).
+    fn read_kv(&self, stored_key: &[u8]) -> Result<Option<KvRecord>, FatalError> {
+        match self.unwritten_kv.get(stored_key) {
+            Some(record) => Ok(record.clone()),
+            None => self.engine.get_message::<KvRecord>(CF_STATE, stored_key),
+        }
     }
 
     pub fn applied(&self) -> LogPosition {
@@ -106,6 +128,10 @@ impl StateMachine {
 
     /// Re-reads the state after a snapshot replaced it.
     pub fn reload(&mut self) -> Result<(), FatalError> {
+        assert!(
+            self.unwritten_kv.is_empty(),
+            "a snapshot is installed only between written batches"
+        );
         *self.coordination.write() = load_coordination(&self.engine, &self.switches)?;
         self.applied = load_applied(&self.engine)?;
         Ok(())
@@ -315,7 +341,7 @@ impl StateMachine {
         put: latchkey_proto::state::v1::Put,
     ) -> Result<CommandResult, FatalError> {
         let stored_key = keys::kv(&put.key);
-        let existing = self.engine.get_message::<KvRecord>(CF_STATE, &stored_key)?;
+        let existing = self.read_kv(&stored_key)?;
         if let Err(refusal) = self.check_write(
             &put.key,
             existing.as_ref(),
@@ -337,6 +363,7 @@ impl StateMachine {
             fence_name,
         };
         batch.put_message(CF_STATE, &stored_key, &record);
+        self.unwritten_kv.insert(stored_key, Some(record));
         Ok(result(command_result::Result::Put(PutResult {
             revision: index,
         })))
@@ -349,7 +376,7 @@ impl StateMachine {
         delete: latchkey_proto::state::v1::Delete,
     ) -> Result<CommandResult, FatalError> {
         let stored_key = keys::kv(&delete.key);
-        let existing = self.engine.get_message::<KvRecord>(CF_STATE, &stored_key)?;
+        let existing = self.read_kv(&stored_key)?;
         if let Err(refusal) = self.check_write(
             &delete.key,
             existing.as_ref(),
@@ -361,6 +388,7 @@ impl StateMachine {
         let deleted = existing.is_some();
         if deleted {
             batch.delete(CF_STATE, &stored_key);
+            self.unwritten_kv.insert(stored_key, None);
         }
         Ok(result(command_result::Result::Delete(DeleteResult {
             deleted,

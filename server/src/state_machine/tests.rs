@@ -50,6 +50,7 @@ impl Harness {
             },
         );
         self.engine.write(batch, false).unwrap();
+        self.machine.batch_written();
         output.result
     }
 
@@ -281,4 +282,70 @@ fn tokens_keep_increasing_after_reload() {
     h.machine = reopened;
     let t2 = token_of(&h.acquire("b", lease));
     assert!(t2 > t1, "token after restart {t2} must exceed {t1}");
+}
+
+#[test]
+fn entries_applied_into_one_batch_see_each_others_writes_before_it_is_written() {
+    let mut h = Harness::new();
+    let mut batch = Batch::new(&h.engine);
+    let put = |key: &str, value: &str, expected: Option<u64>| Command {
+        command: Some(command::Command::Put(Put {
+            key: key.into(),
+            value: value.into(),
+            expected_mod_revision: expected,
+            ..Put::default()
+        })),
+        request: None,
+    };
+    // Entry 1 creates the key; entry 2's compare-and-set expects entry 1's
+    // revision, which only the overlay knows; entry 3 expects the key absent.
+    let first = h
+        .machine
+        .apply(&mut batch, 1, put("k", "a", Some(0)))
+        .unwrap();
+    assert!(matches!(
+        first.result.result,
+        Some(command_result::Result::Put(_))
+    ));
+    let second = h
+        .machine
+        .apply(&mut batch, 2, put("k", "b", Some(1)))
+        .unwrap();
+    assert!(
+        matches!(second.result.result, Some(command_result::Result::Put(_))),
+        "{:?}",
+        second.result
+    );
+    let third = h
+        .machine
+        .apply(&mut batch, 3, put("k", "c", Some(0)))
+        .unwrap();
+    assert!(
+        matches!(third.result.result, Some(command_result::Result::Error(_))),
+        "the key exists as of entry 2: {:?}",
+        third.result
+    );
+    assert_eq!(
+        h.machine.read_kv(&keys::kv(b"k")).unwrap().unwrap().value,
+        b"b"
+    );
+    // Nothing is in the engine until the batch is written.
+    assert!(h
+        .engine
+        .get_message::<KvRecord>(CF_STATE, &keys::kv(b"k"))
+        .unwrap()
+        .is_none());
+    h.machine
+        .set_applied(&mut batch, LogPosition { index: 3, term: 1 });
+    h.engine.write(batch, false).unwrap();
+    h.machine.batch_written();
+    let stored = h.machine.read_kv(&keys::kv(b"k")).unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.value.as_slice(),
+            stored.create_revision,
+            stored.mod_revision
+        ),
+        (&b"b"[..], 1, 2)
+    );
 }
