@@ -289,8 +289,12 @@ async fn lease_ttl_outside_the_bounds_is_rejected_naming_both() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // The floor is twice the election timeout.
+    let min_ttl_ms = 2 * latchkey_server::config::RaftTiming::default().election_timeout_ms();
     assert!(
-        status.message().contains("1000") && status.message().contains("86400000"),
+        status
+            .message()
+            .contains(&format!("[{min_ttl_ms}, 86400000]")),
         "{}",
         status.message()
     );
