@@ -498,26 +498,12 @@ fn dev_cluster_nodes_serve_metrics_that_follow_a_lock_and_a_status_page() {
     cluster.stop_and_check_every_node_is_gone(&nodes);
 }
 
-/// Polls `addr`'s `/metrics` until `name` satisfies `wanted`; returns the text.
 async fn wait_for_metric(
     addr: std::net::SocketAddr,
     name: &str,
     wanted: impl Fn(f64) -> bool,
 ) -> String {
-    let start = Instant::now();
-    loop {
-        let answer = support::http::get(addr, "/metrics").await;
-        if let Ok((200, text)) = &answer {
-            if support::http::sample(text, name).is_some_and(&wanted) {
-                return text.clone();
-            }
-        }
-        assert!(
-            start.elapsed() < STARTUP_DEADLINE,
-            "{name} on {addr} never as wanted; last answer: {answer:?}"
-        );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    support::http::wait_for_sample(addr, name, wanted, STARTUP_DEADLINE).await
 }
 
 /// Writes five keys through a follower, which must redirect to the leader.

@@ -16,7 +16,7 @@ use latchkey_proto::v1::{Fence, PutRequest};
 use latchkey_server::api::Api;
 use latchkey_server::types::NodeId;
 use serde_json::Value;
-use support::http::{get, request, sample};
+use support::http::{get, request, sample, wait_for_sample};
 use support::{TestCluster, DEADLINE};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -77,14 +77,7 @@ async fn expect_code(addr: SocketAddr, path: &str, code: u16) -> String {
 
 /// Polls `addr`'s `/metrics` until sample `name` equals `wanted`.
 async fn metric_reaches(addr: SocketAddr, name: &str, wanted: f64) -> String {
-    poll(&format!("{name} is {wanted}"), DEADLINE, || async {
-        let (_, text) = get(addr, "/metrics").await?;
-        match sample(&text, name) {
-            Some(value) if (value - wanted).abs() < f64::EPSILON => Ok(text),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await
+    wait_for_sample(addr, name, |v| (v - wanted).abs() < f64::EPSILON, DEADLINE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,3 +59,28 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
         (key == name).then(|| value.parse().ok()).flatten()
     })
 }
+
+/// Polls `addr`'s `/metrics` until sample `name` satisfies `wanted`, and
+/// returns that exposition; fails the test after `deadline` with the last
+/// answer.
+pub async fn wait_for_sample(
+    addr: SocketAddr,
+    name: &str,
+    wanted: impl Fn(f64) -> bool,
+    deadline: Duration,
+) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let answer = get(addr, "/metrics").await;
+        if let Ok((200, text)) = &answer {
+            if sample(text, name).is_some_and(&wanted) {
+                return text.clone();
+            }
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{name} on {addr} never as wanted within {deadline:?}; last answer: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
