@@ -15,6 +15,7 @@
 
 use std::fmt::Write as _;
 
+use latchkey_server::cli::status::align_columns;
 use serde::Serialize;
 
 use crate::cluster::System;
@@ -209,7 +210,7 @@ pub fn table(measurements: &[Measurement], floor: Option<&Floor>) -> String {
             ]);
         }
     }
-    let mut text = align(&rows);
+    let mut text = align_columns(&rows);
     text.push_str(&footnotes(measurements));
     text
 }
@@ -318,30 +319,6 @@ fn floor_cell(m: Option<&Measurement>, p50: Option<f64>, floor: Option<&Floor>) 
     )
 }
 
-/// Pads every column to its widest cell.
-pub fn align(rows: &[Vec<String>]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, s)| format!("{s:<width$}", width = widths[c]))
-            .collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-    }
-    out
-}
-
 /// CPU and disk during each window, and the verdict.
 fn resources(measurements: &[Measurement], floor: Option<&Floor>) -> String {
     let mut rows = vec![[
@@ -388,7 +365,7 @@ fn resources(measurements: &[Measurement], floor: Option<&Floor>) -> String {
     }
     format!(
         "resources during each window (% of one core unless it says machine):\n{}",
-        align(&rows)
+        align_columns(&rows)
     )
 }
 

@@ -24,7 +24,8 @@ use etcd_client::{Client, ConnectOptions, StatusResponse};
 use tokio::time::Instant;
 
 use super::{
-    cluster_dir, free_ports, remove_dir, NODES, POLL_INTERVAL, READY_TIMEOUT, STATUS_TIMEOUT,
+    agreed_leader, cluster_dir, free_ports, remove_dir, LeaderView, NODES, POLL_INTERVAL,
+    READY_TIMEOUT, STATUS_TIMEOUT,
 };
 use crate::processes::{Proc, STOP_GRACE};
 
@@ -143,7 +144,7 @@ impl EtcdCluster {
         // Bounded by the deadline.
         loop {
             let statuses = self.statuses().await;
-            if let Some(leader) = agreed_leader(&statuses, &self.down()) {
+            if let Some(leader) = agreed_leader(&leader_views(&statuses), &self.down()) {
                 let commit = statuses[leader].as_ref().map_or(0, |s| s.raft_index());
                 let goal = *target.get_or_insert(commit);
                 if statuses
@@ -166,7 +167,8 @@ impl EtcdCluster {
 
     pub async fn leader(&self) -> Result<usize, String> {
         let statuses = self.statuses().await;
-        agreed_leader(&statuses, &self.down()).ok_or_else(|| "no agreed leader".to_string())
+        agreed_leader(&leader_views(&statuses), &self.down())
+            .ok_or_else(|| "no agreed leader".to_string())
     }
 
     pub fn pids(&mut self) -> Vec<(usize, u32)> {
@@ -240,26 +242,13 @@ async fn status_of(endpoint: String) -> Option<StatusResponse> {
         .flatten()
 }
 
-/// The 0-based index of the leader every answering node names, if all
-/// nodes not in `down` answered and agree.
-fn agreed_leader(statuses: &[Option<StatusResponse>], down: &[usize]) -> Option<usize> {
-    let mut leader = None;
-    for (index, status) in statuses.iter().enumerate() {
-        match status {
-            None if down.contains(&index) => continue,
-            None => return None,
-            Some(s) if s.leader() == 0 => return None,
-            Some(s) => match leader {
-                None => leader = Some(s.leader()),
-                Some(l) if l != s.leader() => return None,
-                Some(_) => {}
-            },
-        }
-    }
-    let id = leader?;
-    statuses.iter().position(|s| {
-        s.as_ref()
-            .and_then(|s| s.header())
-            .is_some_and(|h| h.member_id() == id)
-    })
+/// Each member's own id (0 without a header) and the leader it names.
+fn leader_views(statuses: &[Option<StatusResponse>]) -> Vec<Option<LeaderView>> {
+    statuses
+        .iter()
+        .map(|s| {
+            s.as_ref()
+                .map(|s| (s.header().map_or(0, |h| h.member_id()), s.leader()))
+        })
+        .collect()
 }

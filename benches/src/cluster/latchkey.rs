@@ -22,12 +22,14 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use latchkey_proto::v1::cluster_client::ClusterClient;
-use latchkey_proto::v1::{StatusRequest, StatusResponse};
+use latchkey_proto::v1::StatusResponse;
 use latchkey_server::dev::manifest::Manifest;
 use tokio::time::Instant;
 
-use super::{cluster_dir, remove_dir, NODES, POLL_INTERVAL, READY_TIMEOUT, STATUS_TIMEOUT};
+use super::{
+    agreed_leader, cluster_dir, remove_dir, LeaderView, NODES, POLL_INTERVAL, READY_TIMEOUT,
+    STATUS_TIMEOUT,
+};
 use crate::processes::{Proc, STOP_GRACE};
 
 /// A running `latchkey dev` cluster.
@@ -122,7 +124,7 @@ impl LatchkeyCluster {
         // Bounded by the deadline.
         loop {
             let statuses = self.statuses().await;
-            if let Some(leader) = agreed_leader(&statuses, &self.killed) {
+            if let Some(leader) = agreed_leader(&leader_views(&statuses), &self.killed) {
                 let leader_commit = statuses[leader].as_ref().map_or(0, |s| s.commit_index);
                 let goal = *target.get_or_insert(leader_commit);
                 let caught_up = statuses.iter().flatten().all(|s| s.applied_index >= goal);
@@ -142,7 +144,8 @@ impl LatchkeyCluster {
 
     pub async fn leader(&self) -> Result<usize, String> {
         let statuses = self.statuses().await;
-        agreed_leader(&statuses, &self.killed).ok_or_else(|| "no agreed leader".to_string())
+        agreed_leader(&leader_views(&statuses), &self.killed)
+            .ok_or_else(|| "no agreed leader".to_string())
     }
 
     pub fn pids(&mut self) -> Vec<(usize, u32)> {
@@ -251,43 +254,15 @@ fn open_log(path: &Path) -> Result<std::fs::File, String> {
 }
 
 async fn status_of(endpoint: String) -> Option<StatusResponse> {
-    let ask = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-            .ok()?
-            .connect_timeout(STATUS_TIMEOUT)
-            .connect()
-            .await
-            .ok()?;
-        let answer = ClusterClient::new(channel)
-            .status(StatusRequest {})
-            .await
-            .ok()?;
-        Some(answer.into_inner())
-    };
-    tokio::time::timeout(STATUS_TIMEOUT, ask)
+    latchkey_server::cli::connect::fetch_status(&endpoint, STATUS_TIMEOUT)
         .await
         .ok()
-        .flatten()
 }
 
-/// The 0-based index of the leader every answering node names, if all
-/// nodes not in `down` answered and agree.
-fn agreed_leader(statuses: &[Option<StatusResponse>], down: &[usize]) -> Option<usize> {
-    let mut leader = None;
-    for (index, status) in statuses.iter().enumerate() {
-        match status {
-            None if down.contains(&index) => continue,
-            None => return None,
-            Some(s) if s.leader_id == 0 => return None,
-            Some(s) => match leader {
-                None => leader = Some(s.leader_id),
-                Some(l) if l != s.leader_id => return None,
-                Some(_) => {}
-            },
-        }
-    }
-    let id = leader?;
+/// Each node's own id and the leader it names.
+fn leader_views(statuses: &[Option<StatusResponse>]) -> Vec<Option<LeaderView>> {
     statuses
         .iter()
-        .position(|s| s.as_ref().is_some_and(|s| s.id == id))
+        .map(|s| s.as_ref().map(|s| (s.id, s.leader_id)))
+        .collect()
 }

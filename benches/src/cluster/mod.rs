@@ -182,6 +182,32 @@ pub fn remove_dir(dir: tempfile::TempDir) {
     crate::processes::unregister_dir(&path);
 }
 
+/// What one node said of itself: its own id, and the leader it names (0:
+/// none).
+pub(crate) type LeaderView = (u64, u64);
+
+/// The 0-based index of the leader every answering node names, if all
+/// nodes not in `down` answered (`Some`) and agree.
+pub(crate) fn agreed_leader(views: &[Option<LeaderView>], down: &[usize]) -> Option<usize> {
+    let mut leader = None;
+    for (index, view) in views.iter().enumerate() {
+        match view {
+            None if down.contains(&index) => continue,
+            None => return None,
+            Some((_, 0)) => return None,
+            Some((_, named)) => match leader {
+                None => leader = Some(*named),
+                Some(l) if l != *named => return None,
+                Some(_) => {}
+            },
+        }
+    }
+    let id = leader?;
+    views
+        .iter()
+        .position(|v| v.is_some_and(|(own, _)| own == id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +217,21 @@ mod tests {
         let ports = free_ports(10).expect("ports");
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), 10);
+    }
+
+    #[test]
+    fn a_leader_is_agreed_only_when_every_running_node_names_it() {
+        let all = [Some((7, 9)), Some((9, 9)), Some((8, 9))];
+        assert_eq!(agreed_leader(&all, &[]), Some(1));
+        let silent = [Some((7, 9)), Some((9, 9)), None];
+        assert_eq!(agreed_leader(&silent, &[]), None);
+        assert_eq!(agreed_leader(&silent, &[2]), Some(1));
+        let split = [Some((7, 9)), Some((9, 8)), Some((8, 8))];
+        assert_eq!(agreed_leader(&split, &[]), None);
+        let none = [Some((7, 0)), Some((9, 0))];
+        assert_eq!(agreed_leader(&none, &[]), None);
+        // Named by all, but not among the answers: no index to give.
+        let gone = [Some((7, 5)), Some((9, 5)), None];
+        assert_eq!(agreed_leader(&gone, &[2]), None);
     }
 }

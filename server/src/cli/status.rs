@@ -159,8 +159,9 @@ fn render_table(report: &StatusReport) -> String {
     out
 }
 
-/// Left-aligns every column to its widest cell, two spaces apart.
-fn align_columns(rows: &[Vec<String>]) -> String {
+/// Left-aligns every column to its widest cell, two spaces apart; each row
+/// ends with a newline, without trailing spaces.
+pub fn align_columns(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
