@@ -181,6 +181,18 @@ impl DevCluster {
         }
     }
 
+    /// Waits until `latchkey dev` has printed `needle`.
+    fn wait_for_output(&mut self, needle: &str) {
+        self.poll(
+            &format!("{needle:?} in the output"),
+            STARTUP_DEADLINE,
+            |cluster| {
+                let output = cluster.output_text();
+                output.contains(needle).then_some(()).ok_or(output)
+            },
+        );
+    }
+
     fn output_text(&self) -> String {
         std::fs::read_to_string(&self.output).unwrap_or_default()
     }
@@ -746,13 +758,7 @@ fn dev_cluster_grows_and_shrinks_through_membership_changes() {
 
     // Grow: the same directory with --nodes 5 adds nodes 4 and 5.
     let mut grown = DevCluster::start(&dir, &["--nodes", "5"]);
-    grown.poll("the report of the resize", STARTUP_DEADLINE, |cluster| {
-        let output = cluster.output_text();
-        output
-            .contains("cluster resized to 5 nodes")
-            .then_some(())
-            .ok_or(output)
-    });
+    grown.wait_for_output("cluster resized to 5 nodes");
     let five = grown.running_nodes(5);
     assert_eq!(
         addresses(&five[..3]),
@@ -778,13 +784,7 @@ fn dev_cluster_grows_and_shrinks_through_membership_changes() {
 
     // Shrink to two: nodes 5, 4 and 3 are removed and their data deleted.
     let mut shrunk = DevCluster::start(&dir, &["--nodes", "2"]);
-    shrunk.poll("the report of the resize", STARTUP_DEADLINE, |cluster| {
-        let output = cluster.output_text();
-        output
-            .contains("cluster resized to 2 nodes")
-            .then_some(())
-            .ok_or(output)
-    });
+    shrunk.wait_for_output("cluster resized to 2 nodes");
     let two = shrunk.running_nodes(2);
     assert_eq!(two.iter().map(|n| n.id).collect::<Vec<_>>(), vec![1, 2]);
     let roles = member_roles(&client_endpoints(&two).join(",")).expect("member list");

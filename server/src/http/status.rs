@@ -121,7 +121,7 @@ pub struct LeaseView {
 /// Builds the document; never fails (what cannot be learnt is absent).
 pub async fn collect(state: &HttpState) -> StatusDocument {
     let status = state.node.status();
-    let stopping = *state.stopping.borrow();
+    let ready = readiness(&status, *state.stopping.borrow());
     let (locks, elections, leases, totals) = {
         let coordination = state.node.coordination();
         let coordination = coordination.read();
@@ -152,8 +152,8 @@ pub async fn collect(state: &HttpState) -> StatusDocument {
             term: status.term,
             commit_index: status.commit_index,
             applied_index: status.applied_index,
-            ready: readiness(&status, stopping).is_ok(),
-            not_ready: readiness(&status, stopping).err(),
+            ready: ready.is_ok(),
+            not_ready: ready.err(),
         },
         members,
         leader_id: status.leader_id,
