@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "latchkey/v1/election.proto",
         "latchkey/v1/session.proto",
         "latchkey/v1/maintenance.proto",
+        "latchkey/v1/auth.proto",
         "latchkey/peer/v1/peer.proto",
         "latchkey/state/v1/state.proto",
     ];

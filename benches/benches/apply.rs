@@ -65,7 +65,10 @@ impl Machine {
     }
 
     fn lease(&mut self) -> u64 {
-        match self.apply(command::Command::GrantLease(GrantLease { ttl_ms: 60_000 })) {
+        match self.apply(command::Command::GrantLease(GrantLease {
+            ttl_ms: 60_000,
+            ..Default::default()
+        })) {
             Some(command_result::Result::LeaseGranted(granted)) => granted.lease,
             other => panic!("lease not granted: {other:?}"),
         }

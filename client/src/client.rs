@@ -32,8 +32,15 @@
 //! a deduplicated retry would get the first attempt's "queued" answer and
 //! then wait for a grant that may already have happened.
 //!
+//! # TLS and authentication
+//! With [`ClientBuilder::tls`] every endpoint is dialed with TLS (an
+//! `http://` endpoint is dialed as `https://`), verified against the CA
+//! given, presenting the client certificate if one is given. With
+//! [`ClientBuilder::credentials`] the client logs in when it connects and
+//! sends its bearer token with every call; when the cluster says the token
+//! expired or was revoked, it logs in again once and resends the call.
+//!
 //! # Not done yet
-//! - TLS and authentication.
 //! - Reads always go to the leader first; spreading linearizable reads over
 //!   followers is left for later.
 //! - Nothing stops a caller from having more than 64 writes of one
@@ -46,14 +53,20 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use latchkey_proto::v1::auth_client::AuthClient;
 use latchkey_proto::v1::cluster_client::ClusterClient;
 use latchkey_proto::v1::session_client::SessionClient;
 use latchkey_proto::v1::{
-    error_details, RequestId, SessionCloseRequest, SessionOpenRequest, StatusRequest,
+    error_details, AuthenticateRequest, RequestId, SessionCloseRequest, SessionOpenRequest,
+    StatusRequest,
 };
 use parking_lot::Mutex;
 use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::TlsConfig;
 
 use crate::error::{decode_details, describe_status, Error};
 use crate::retry::{certainly_not_applied, classify, normalize_endpoint, Backoff, Verdict};
@@ -90,6 +103,37 @@ const MAX_CHANNELS: usize = 64;
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connection to one endpoint, carrying the client's bearer token.
+pub(crate) type Conn = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer <token>` to every call once the client has
+/// a token. Clones share the token.
+#[derive(Clone, Default)]
+pub(crate) struct Credentials {
+    token: Arc<parking_lot::RwLock<Option<MetadataValue<Ascii>>>>,
+}
+
+impl Credentials {
+    fn set(&self, token: &str) -> Result<(), Error> {
+        let value = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::Config("the token has characters a header cannot carry".into()))?;
+        *self.token.write() = Some(value);
+        Ok(())
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = self.token.read().clone() {
+            request.metadata_mut().insert("authorization", token);
+        }
+        Ok(request)
+    }
+}
+
 /// Configures and connects a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
@@ -111,6 +155,11 @@ pub(crate) struct Options {
     pub(crate) max_clock_drift_ppm: u64,
     /// Subtracted from every lease deadline.
     pub(crate) lease_safety_margin: Duration,
+    pub(crate) tls: Option<TlsConfig>,
+    /// User name and password to log in with.
+    pub(crate) login: Option<(String, String)>,
+    /// A bearer token given outright.
+    pub(crate) token: Option<String>,
 }
 
 impl ClientBuilder {
@@ -131,6 +180,9 @@ impl ClientBuilder {
                 sessionless: false,
                 max_clock_drift_ppm: DEFAULT_MAX_CLOCK_DRIFT_PPM,
                 lease_safety_margin: DEFAULT_LEASE_SAFETY_MARGIN,
+                tls: None,
+                login: None,
+                token: None,
             },
         }
     }
@@ -196,6 +248,25 @@ impl ClientBuilder {
         self
     }
 
+    /// Dials every endpoint with TLS under these settings (see [`TlsConfig`]).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.options.tls = Some(tls);
+        self
+    }
+
+    /// Logs in as `user` when connecting (`Auth.Authenticate`), and again
+    /// whenever the token expires or is revoked.
+    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.options.login = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Sends this bearer token (from `latchkey auth login`) with every call.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.options.token = Some(token.into());
+        self
+    }
+
     /// Checks the endpoints and contacts the cluster: returns once one
     /// member answers (and adopts the leader it knows), or fails with
     /// [`Error::Unavailable`] when none does within the retry timeout.
@@ -208,9 +279,18 @@ impl ClientBuilder {
             .iter()
             .map(|e| normalize_endpoint(e))
             .collect::<Result<Vec<_>, _>>()?;
+        let credentials = Credentials::default();
+        if let Some(token) = &self.options.token {
+            credentials.set(token)?;
+        }
         let client = Client {
             inner: Arc::new(Inner {
-                router: Router::new(seeds, self.options.connect_timeout),
+                router: Router::new(
+                    seeds,
+                    self.options.connect_timeout,
+                    self.options.tls.clone(),
+                    credentials,
+                ),
                 options: self.options,
                 sessions: SessionIds::new(),
                 cluster_drift_ppm: AtomicU64::new(0),
@@ -225,6 +305,9 @@ impl ClientBuilder {
             .await?;
         if let Ok(leader) = normalize_endpoint(&status.leader_client_addr) {
             client.inner.router.set_leader(leader);
+        }
+        if client.inner.options.login.is_some() {
+            client.inner.login().await?;
         }
         Ok(client)
     }
@@ -371,6 +454,24 @@ impl Inner {
         self.cluster_drift_ppm.fetch_max(ppm, Ordering::Relaxed);
     }
 
+    /// Logs in with the configured user name and password and keeps the
+    /// token for the calls that follow.
+    pub(crate) async fn login(&self) -> Result<(), Error> {
+        let Some((user, password)) = self.options.login.clone() else {
+            return Ok(());
+        };
+        let answer = self
+            .call(CallSpec::read(&self.options), |channel| {
+                let request = AuthenticateRequest {
+                    user: user.clone(),
+                    password: password.clone(),
+                };
+                async move { AuthClient::new(channel).authenticate(request).await }
+            })
+            .await?;
+        self.router.credentials.set(&answer.token)
+    }
+
     /// A request id for one call: a ticket in the open session, which is
     /// opened first if there is none. `None` for sessionless clients.
     async fn ticket(&self) -> Result<Option<Ticket<'_>>, Error> {
@@ -402,7 +503,7 @@ impl Inner {
     /// module docs.
     pub(crate) async fn call<T, F, Fut>(&self, spec: CallSpec, mut attempt: F) -> Result<T, Error>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.run(spec, None, |channel, _| attempt(channel)).await
@@ -413,7 +514,7 @@ impl Inner {
     /// for sessionless clients).
     pub(crate) async fn call_write<T, F, Fut>(&self, spec: CallSpec, attempt: F) -> Result<T, Error>
     where
-        F: FnMut(Channel, Option<RequestId>) -> Fut,
+        F: FnMut(Conn, Option<RequestId>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let ticket = self.ticket().await?;
@@ -429,7 +530,7 @@ impl Inner {
         mut attempt: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(Channel, Option<RequestId>) -> Fut,
+        F: FnMut(Conn, Option<RequestId>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let is_write = ticket.is_some();
@@ -439,6 +540,7 @@ impl Inner {
         let mut redirects = 0;
         // Whether some attempt may have been applied.
         let mut maybe_applied = false;
+        let mut logged_in_again = false;
         for attempts in 0..MAX_ATTEMPTS_PER_CALL {
             if spec.idempotent && is_write && attempts > 0 {
                 // Drop the old ticket first: it no longer counts as pending.
@@ -459,6 +561,12 @@ impl Inner {
                 Err(AttemptFailed::Deadline) => return Err(timed_out(first_failure)),
                 Err(AttemptFailed::Status(status)) => status,
             };
+            if !logged_in_again && self.options.login.is_some() && token_needs_renewal(&status) {
+                // Refused before anything was done: log in again and resend.
+                logged_in_again = true;
+                Box::pin(self.login()).await?;
+                continue;
+            }
             if let Some(expired) = expired_session(&status) {
                 self.sessions.expired(expired.session);
                 if maybe_applied && !spec.idempotent {
@@ -523,7 +631,7 @@ impl Inner {
         attempt: &mut F,
     ) -> Result<T, AttemptFailed>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let channel = self.router.channel(target).map_err(|error| {
@@ -548,6 +656,18 @@ impl Inner {
                 format!("no answer from {target} within the call timeout"),
             ))),
         }
+    }
+}
+
+/// Whether a refusal says the token expired or was revoked.
+fn token_needs_renewal(status: &tonic::Status) -> bool {
+    use latchkey_proto::v1::unauthenticated::Reason;
+    match decode_details(status) {
+        Some(error_details::Detail::Unauthenticated(refusal)) => matches!(
+            Reason::try_from(refusal.reason),
+            Ok(Reason::TokenExpired | Reason::TokenRevoked)
+        ),
+        _ => false,
     }
 }
 
@@ -577,17 +697,26 @@ fn timed_out(first_failure: Option<Instant>) -> Error {
 pub(crate) struct Router {
     seeds: Vec<String>,
     connect_timeout: Duration,
+    tls: Option<TlsConfig>,
+    credentials: Credentials,
     channels: Mutex<HashMap<String, Channel>>,
     leader: Mutex<Option<String>>,
     cursor: AtomicUsize,
 }
 
 impl Router {
-    fn new(seeds: Vec<String>, connect_timeout: Duration) -> Router {
+    fn new(
+        seeds: Vec<String>,
+        connect_timeout: Duration,
+        tls: Option<TlsConfig>,
+        credentials: Credentials,
+    ) -> Router {
         assert!(!seeds.is_empty(), "a router needs at least one endpoint");
         Router {
             seeds,
             connect_timeout,
+            tls,
+            credentials,
             channels: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             cursor: AtomicUsize::new(0),
@@ -646,8 +775,13 @@ impl Router {
         self.next_target(target)
     }
 
-    /// The channel to `endpoint`, created (unconnected) on first use.
-    pub(crate) fn channel(&self, endpoint: &str) -> Result<Channel, Error> {
+    /// The connection to `endpoint`, created (unconnected) on first use.
+    pub(crate) fn channel(&self, endpoint: &str) -> Result<Conn, Error> {
+        let channel = self.raw_channel(endpoint)?;
+        Ok(InterceptedService::new(channel, self.credentials.clone()))
+    }
+
+    fn raw_channel(&self, endpoint: &str) -> Result<Channel, Error> {
         let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(endpoint) {
             return Ok(channel.clone());
@@ -656,8 +790,16 @@ impl Router {
             let seeds = &self.seeds;
             channels.retain(|key, _| seeds.contains(key));
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| Error::Config(format!("endpoint {endpoint:?}: {e}")))?
+        let dialed = match (&self.tls, endpoint.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => endpoint.to_string(),
+        };
+        let mut target = Endpoint::from_shared(dialed)
+            .map_err(|e| Error::Config(format!("endpoint {endpoint:?}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            target = tls.apply(target)?;
+        }
+        let channel = target
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
@@ -674,7 +816,7 @@ mod tests {
 
     fn router() -> Router {
         let seeds = vec!["http://a:1".to_string(), "http://b:1".to_string()];
-        Router::new(seeds, DEFAULT_CONNECT_TIMEOUT)
+        Router::new(seeds, DEFAULT_CONNECT_TIMEOUT, None, Credentials::default())
     }
 
     #[test]

@@ -71,6 +71,21 @@ pub enum Error {
     /// The server refused the request for a reason without typed details.
     #[error("rejected ({code:?}): {message}")]
     Rejected { code: Code, message: String },
+    /// The cluster has authentication on and could not tell who this client
+    /// is: no credentials, a wrong password, or a token that expired or was
+    /// revoked. `reason` is the server's word for it; nothing was changed.
+    #[error("unauthenticated ({reason}): {message}")]
+    Unauthenticated { reason: String, message: String },
+    /// The client's user lacks `permission` on `resource`; nothing was changed.
+    #[error("permission denied: user {user:?} lacks {permission} on {resource:?}")]
+    PermissionDenied {
+        user: String,
+        permission: String,
+        resource: String,
+    },
+    /// A configured limit of the cluster was reached; nothing was changed.
+    #[error("limit exceeded: {limit} allows {allowed}")]
+    LimitExceeded { limit: String, allowed: u64 },
     /// The client was given something it cannot use (an endpoint that does
     /// not parse, an empty endpoint list, a TTL out of range).
     #[error("invalid configuration: {0}")]
@@ -97,7 +112,13 @@ impl Error {
     /// the retry deadline passes.
     pub fn from_status(status: &tonic::Status) -> Error {
         if let Some(detail) = decode_details(status) {
-            return from_detail(detail);
+            return match from_detail(detail) {
+                Error::Unauthenticated { reason, .. } => Error::Unauthenticated {
+                    reason,
+                    message: status.message().to_string(),
+                },
+                other => other,
+            };
         }
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
@@ -176,6 +197,21 @@ fn from_detail(detail: error_details::Detail) -> Error {
         Detail::SessionExpired(expired) => Error::SessionExpired {
             session: expired.session,
             seq: expired.seq,
+        },
+        Detail::Unauthenticated(refusal) => Error::Unauthenticated {
+            reason: latchkey_proto::v1::unauthenticated::Reason::try_from(refusal.reason)
+                .map(|r| r.as_str_name().to_ascii_lowercase())
+                .unwrap_or_else(|_| "unknown".into()),
+            message: String::new(),
+        },
+        Detail::PermissionDenied(denied) => Error::PermissionDenied {
+            user: denied.user,
+            permission: denied.permission,
+            resource: denied.resource,
+        },
+        Detail::LimitExceeded(limit) => Error::LimitExceeded {
+            limit: limit.limit,
+            allowed: limit.allowed,
         },
         Detail::NotLeader(not_leader) => Error::Unavailable {
             message: format!(

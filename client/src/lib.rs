@@ -51,6 +51,7 @@
 //! - [`types`]: newtypes ([`LeaseId`], [`FencingToken`], [`Revision`]) and
 //!   [`Fence`].
 
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod election;
@@ -65,6 +66,7 @@ pub(crate) mod observe;
 pub mod raw;
 pub(crate) mod retry;
 pub mod session;
+pub mod tls;
 pub mod types;
 
 pub use client::{Client, ClientBuilder};
@@ -73,4 +75,5 @@ pub use error::Error;
 pub use kv::{Deleted, KeyValue, RangeAnswer};
 pub use lease::{Lease, LeaseLost, LeaseState};
 pub use lock::LockGuard;
+pub use tls::TlsConfig;
 pub use types::{Fence, FenceKind, Fenced, FencingToken, GrantInfo, LeaseId, Revision};

@@ -19,6 +19,7 @@
 //! - [`member`](mod@member): `latchkey member list|add|promote|remove` and
 //!   `latchkey leader transfer`.
 //! - [`snapshot`](mod@snapshot): `latchkey snapshot save|restore|info`.
+//! - [`auth`](mod@auth): `latchkey auth`, `latchkey user`, `latchkey role`.
 //!
 //! # Design
 //! Each command builds its own single-threaded tokio runtime, sends a few
@@ -52,11 +53,15 @@
 //!
 //! `lock -- CMD` and `elect -- CMD` otherwise exit with CMD's own code.
 //!
+//! Every client command takes `--cacert/--cert/--key` (TLS) and
+//! `--user/--password` or `--token` (authentication); see
+//! [`session::SecurityArgs`].
+//!
 //! # Not done yet
-//! - TLS and authentication.
 //! - Keys and values are taken from the command line as UTF-8; binary values
 //!   are printed raw by `kv get` but lossily (U+FFFD) in JSON.
 
+pub mod auth;
 pub mod connect;
 pub mod elect;
 pub mod hold;
@@ -73,6 +78,7 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub use auth::{AuthArgs, RoleArgs, UserArgs};
 pub use elect::{ElectArgs, LeaderArgs, LeaderCommandArgs, ResignArgs};
 pub use kv::{KvArgs, KvCommand};
 pub use lease::{LeaseArgs, LeaseCommand};
@@ -157,6 +163,21 @@ pub fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn Error>> {
 /// `latchkey member list|add|promote|remove`.
 pub fn member(args: MemberArgs) -> Result<ExitCode, Box<dyn Error>> {
     run_client(member::run(args))
+}
+
+/// `latchkey auth enable|disable|status|login`.
+pub fn auth(args: AuthArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(auth::run_auth(args))
+}
+
+/// `latchkey user …`.
+pub fn user(args: UserArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(auth::run_user(args))
+}
+
+/// `latchkey role …`.
+pub fn role(args: RoleArgs) -> Result<ExitCode, Box<dyn Error>> {
+    run_client(auth::run_role(args))
 }
 
 /// `latchkey observe NAME`.

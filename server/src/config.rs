@@ -75,6 +75,52 @@ pub struct ServeArgs {
     /// that makes no request for this long is expired through Raft.
     #[arg(long, env = "LATCHKEY_SESSION_IDLE_TIMEOUT_MS")]
     pub session_idle_timeout_ms: Option<u64>,
+    /// Serve the client port with TLS: this node's certificate (PEM chain).
+    #[arg(long, env = "LATCHKEY_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, env = "LATCHKEY_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Require client certificates signed by this CA on the client port
+    /// (mutual TLS); the certificate's common name is the client's user.
+    #[arg(long, env = "LATCHKEY_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve and dial the peer port with mutual TLS: this node's
+    /// certificate (PEM chain), used as server and as client.
+    #[arg(long, env = "LATCHKEY_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --peer-cert-file.
+    #[arg(long, env = "LATCHKEY_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// The cluster CA: peers must present a certificate it signed.
+    #[arg(long, env = "LATCHKEY_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) checked on both ports.
+    #[arg(long, env = "LATCHKEY_CRL_FILE")]
+    pub crl_file: Option<PathBuf>,
+    /// Lifetime of the bearer tokens `latchkey auth login` hands out, in seconds.
+    #[arg(long, env = "LATCHKEY_AUTH_TOKEN_TTL_SECS")]
+    pub auth_token_ttl_secs: Option<u64>,
+    /// Largest client request, in bytes (default 1 MiB + 64 KiB).
+    #[arg(long, env = "LATCHKEY_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Longest key, in bytes (default and maximum 1024).
+    #[arg(long, env = "LATCHKEY_MAX_KEY_BYTES")]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value, in bytes (default and maximum 1 MiB).
+    #[arg(long, env = "LATCHKEY_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// Most live leases one identity (user, or all anonymous clients
+    /// together) may hold (default 250000).
+    #[arg(long, env = "LATCHKEY_MAX_LEASES_PER_IDENTITY")]
+    pub max_leases_per_identity: Option<u64>,
+    /// Most waiters one lock or election may queue (default and maximum 10000).
+    #[arg(long, env = "LATCHKEY_MAX_WAITERS_PER_LOCK")]
+    pub max_waiters_per_lock: Option<u64>,
+    /// Most calls and streams open at once on one client connection
+    /// (default 100000).
+    #[arg(long, env = "LATCHKEY_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<usize>,
     /// Accept fenced writes without checking their tokens. Breaks Invariant
     /// 3 on purpose: it exists so that fault-injection tests can show what
     /// fencing prevents. Never use it for anything else.
@@ -109,6 +155,20 @@ struct FileConfig {
     compact_log_after_entries: Option<u64>,
     max_clock_drift_ppm: Option<u64>,
     session_idle_timeout_ms: Option<u64>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    peer_cert_file: Option<PathBuf>,
+    peer_key_file: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
+    crl_file: Option<PathBuf>,
+    auth_token_ttl_secs: Option<u64>,
+    max_request_bytes: Option<usize>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_leases_per_identity: Option<u64>,
+    max_waiters_per_lock: Option<u64>,
+    max_streams_per_connection: Option<usize>,
 }
 
 /// Raft timing. Defaults: a follower campaigns after 200–400 ms without
@@ -149,6 +209,33 @@ pub const MAX_MAX_CLOCK_DRIFT_PPM: u64 = 100_000;
 pub const DEFAULT_SESSION_IDLE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 /// Shortest session idle timeout accepted.
 pub const MIN_SESSION_IDLE_TIMEOUT_MS: u64 = 100;
+
+/// Default for [`Config::auth_token_ttl`]: ten minutes.
+pub const DEFAULT_AUTH_TOKEN_TTL_SECS: u64 = 600;
+
+/// Resource limits a node enforces on its clients; each has a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_leases_per_identity: u64,
+    pub max_waiters_per_lock: u64,
+    pub max_streams_per_connection: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: crate::api::MAX_REQUEST_BYTES,
+            max_key_bytes: crate::state_machine::MAX_KEY_BYTES,
+            max_value_bytes: crate::state_machine::MAX_VALUE_BYTES,
+            max_leases_per_identity: 250_000,
+            max_waiters_per_lock: crate::coordination::MAX_WAITERS_PER_LOCK as u64,
+            max_streams_per_connection: 100_000,
+        }
+    }
+}
 
 /// Switches that break an invariant on purpose, so that tests can show
 /// the invariant's mechanism matters and that the checkers notice. All off
@@ -202,6 +289,11 @@ pub struct Config {
     pub max_clock_drift_ppm: u64,
     /// See [`ServeArgs::session_idle_timeout_ms`].
     pub session_idle_timeout_ms: u64,
+    /// TLS of the client and peer ports (default: none).
+    pub tls: crate::tls::TlsSettings,
+    /// Lifetime of bearer tokens.
+    pub auth_token_ttl: std::time::Duration,
+    pub limits: Limits,
     /// Test-only breakage; all off in production.
     pub unsafe_switches: UnsafeSwitches,
 }
@@ -229,6 +321,9 @@ impl Config {
             compact_log_after_entries: DEFAULT_COMPACT_LOG_AFTER_ENTRIES,
             max_clock_drift_ppm: DEFAULT_MAX_CLOCK_DRIFT_PPM,
             session_idle_timeout_ms: DEFAULT_SESSION_IDLE_TIMEOUT_MS,
+            tls: crate::tls::TlsSettings::default(),
+            auth_token_ttl: std::time::Duration::from_secs(DEFAULT_AUTH_TOKEN_TTL_SECS),
+            limits: Limits::default(),
             unsafe_switches: UnsafeSwitches::default(),
         }
     }
@@ -275,7 +370,7 @@ impl Config {
         let advertise_client = args
             .advertise_client
             .clone()
-            .or(file.advertise_client)
+            .or(file.advertise_client.clone())
             .unwrap_or_else(|| listen_client.to_string());
         let defaults = RaftTiming::default();
         let timing = RaftTiming {
@@ -320,6 +415,17 @@ impl Config {
                 "--session-idle-timeout-ms {session_idle_timeout_ms} is below {MIN_SESSION_IDLE_TIMEOUT_MS}"
             )));
         }
+        let tls = resolve_tls(args, &file)?;
+        let auth_token_ttl_secs = args
+            .auth_token_ttl_secs
+            .or(file.auth_token_ttl_secs)
+            .unwrap_or(DEFAULT_AUTH_TOKEN_TTL_SECS);
+        if !(1..=86_400).contains(&auth_token_ttl_secs) {
+            return Err(StartupError::config(format!(
+                "--auth-token-ttl-secs {auth_token_ttl_secs} is outside 1..=86400"
+            )));
+        }
+        let limits = resolve_limits(args, &file)?;
         Ok(Config {
             id,
             data_dir,
@@ -333,6 +439,9 @@ impl Config {
             compact_log_after_entries,
             max_clock_drift_ppm,
             session_idle_timeout_ms,
+            tls,
+            auth_token_ttl: std::time::Duration::from_secs(auth_token_ttl_secs),
+            limits,
             unsafe_switches: UnsafeSwitches {
                 no_fencing: args.unsafe_no_fencing,
                 unconfirmed_renewals: args.unsafe_unconfirmed_renewals,
@@ -378,6 +487,135 @@ fn initial_peers(
         )));
     }
     Ok(peers)
+}
+
+fn resolve_tls(
+    args: &ServeArgs,
+    file: &FileConfig,
+) -> Result<crate::tls::TlsSettings, StartupError> {
+    let either = |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or(file.clone());
+    let cert = either(&args.cert_file, &file.cert_file);
+    let key = either(&args.key_file, &file.key_file);
+    let client_ca = either(&args.client_ca, &file.client_ca);
+    let peer_cert = either(&args.peer_cert_file, &file.peer_cert_file);
+    let peer_key = either(&args.peer_key_file, &file.peer_key_file);
+    let peer_ca = either(&args.peer_ca, &file.peer_ca);
+    let crl = either(&args.crl_file, &file.crl_file);
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca,
+            crl: crl.clone(),
+        }),
+        (None, None) if client_ca.is_none() => None,
+        (None, None) => {
+            return Err(StartupError::config(
+                "--client-ca needs TLS on the client port: give --cert-file and --key-file too",
+            ))
+        }
+        _ => {
+            return Err(StartupError::config(
+                "--cert-file and --key-file go together: give both or neither",
+            ))
+        }
+    };
+    let peer = match (peer_cert, peer_key, peer_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: Some(ca),
+            crl: crl.clone(),
+        }),
+        (None, None, None) => None,
+        _ => {
+            return Err(StartupError::config(
+                "peer TLS is always mutual: give --peer-cert-file, --peer-key-file and --peer-ca together",
+            ))
+        }
+    };
+    if crl.is_some() && client.is_none() && peer.is_none() {
+        return Err(StartupError::config(
+            "--crl-file needs TLS on a port (--cert-file or --peer-cert-file)",
+        ));
+    }
+    Ok(crate::tls::TlsSettings { client, peer })
+}
+
+fn resolve_limits(args: &ServeArgs, file: &FileConfig) -> Result<Limits, StartupError> {
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_request_bytes: args
+            .max_request_bytes
+            .or(file.max_request_bytes)
+            .unwrap_or(defaults.max_request_bytes),
+        max_key_bytes: args
+            .max_key_bytes
+            .or(file.max_key_bytes)
+            .unwrap_or(defaults.max_key_bytes),
+        max_value_bytes: args
+            .max_value_bytes
+            .or(file.max_value_bytes)
+            .unwrap_or(defaults.max_value_bytes),
+        max_leases_per_identity: args
+            .max_leases_per_identity
+            .or(file.max_leases_per_identity)
+            .unwrap_or(defaults.max_leases_per_identity),
+        max_waiters_per_lock: args
+            .max_waiters_per_lock
+            .or(file.max_waiters_per_lock)
+            .unwrap_or(defaults.max_waiters_per_lock),
+        max_streams_per_connection: args
+            .max_streams_per_connection
+            .or(file.max_streams_per_connection)
+            .unwrap_or(defaults.max_streams_per_connection),
+    };
+    let checks: [(&str, u64, u64, u64); 6] = [
+        (
+            "--max-request-bytes",
+            limits.max_request_bytes as u64,
+            1024,
+            64 * 1024 * 1024,
+        ),
+        (
+            "--max-key-bytes",
+            limits.max_key_bytes as u64,
+            1,
+            defaults.max_key_bytes as u64,
+        ),
+        (
+            "--max-value-bytes",
+            limits.max_value_bytes as u64,
+            0,
+            defaults.max_value_bytes as u64,
+        ),
+        (
+            "--max-leases-per-identity",
+            limits.max_leases_per_identity,
+            1,
+            crate::coordination::MAX_LEASES as u64,
+        ),
+        (
+            "--max-waiters-per-lock",
+            limits.max_waiters_per_lock,
+            1,
+            defaults.max_waiters_per_lock,
+        ),
+        (
+            "--max-streams-per-connection",
+            limits.max_streams_per_connection as u64,
+            1,
+            1_000_000,
+        ),
+    ];
+    for (flag, value, min, max) in checks {
+        if !(min..=max).contains(&value) {
+            return Err(StartupError::config(format!(
+                "{flag} {value} is outside {min}..={max}"
+            )));
+        }
+    }
+    Ok(limits)
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, StartupError> {

@@ -37,6 +37,7 @@
 pub mod manifest;
 mod resize;
 pub mod supervisor;
+pub mod tls;
 
 use std::error::Error;
 use std::fmt::Display;
@@ -49,7 +50,7 @@ use latchkey_proto::v1::{Role, StatusResponse};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
-use crate::cli::connect::fetch_status;
+use crate::cli::connect::fetch_status_tls;
 use manifest::{Manifest, MANIFEST_FILE};
 use supervisor::Node;
 
@@ -76,6 +77,15 @@ pub struct DevArgs {
     /// [default: free ports chosen by the kernel].
     #[arg(long, value_name = "P")]
     pub base_port: Option<u16>,
+    /// Run with TLS on every port (mutual TLS), with a throwaway CA and
+    /// certificates made under DATA_DIR/tls; prints what a client needs.
+    /// A cluster made with --tls keeps it when restarted.
+    #[arg(long)]
+    pub tls: bool,
+    /// Turn authentication on once the cluster is ready: makes user `root`
+    /// (role `root`, admin) with a random password, printed once.
+    #[arg(long)]
+    pub auth: bool,
 }
 
 /// Runs `latchkey dev` until it is told to stop.
@@ -91,6 +101,9 @@ pub fn run(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
 async fn run_cluster(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
     let dir = std::path::absolute(args.data_dir.clone().unwrap_or_else(default_data_dir))?;
     let (manifest, reused) = prepare(&args, &dir)?;
+    if args.tls {
+        tls::ensure_ca(&dir).map_err(|e| format!("cannot make the dev certificates: {e}"))?;
+    }
     // Another --nodes on an existing cluster grows or shrinks it.
     let target = args.nodes.unwrap_or(manifest.nodes.len());
     let added = manifest.growth(&dir, target, args.base_port)?;
@@ -101,6 +114,7 @@ async fn run_cluster(args: DevArgs) -> Result<ExitCode, Box<dyn Error>> {
         dir,
         manifest,
         nodes,
+        auth: args.auth,
     };
     cluster.record_pids();
     cluster.print_endpoints(reused);
@@ -176,13 +190,15 @@ struct Cluster {
     dir: PathBuf,
     manifest: Manifest,
     nodes: Vec<Node>,
+    /// `--auth`: turn authentication on once ready.
+    auth: bool,
 }
 
 /// What happened while waiting.
 enum Event {
     Stop(&'static str),
     Exited(usize),
-    Ready(Result<u64, String>),
+    Ready(Result<(u64, Option<RootCredentials>), String>),
 }
 
 impl Cluster {
@@ -206,6 +222,7 @@ impl Cluster {
                     .map(|n| n.client_addr.clone())
                     .collect(),
                 Instant::now() + READY_TIMEOUT,
+                tls::root_client(&self.dir)?,
             )
             .await?;
             say(format!(
@@ -242,7 +259,22 @@ impl Cluster {
             .iter()
             .map(|n| n.client_addr.clone())
             .collect();
-        let probe = wait_for_leader(endpoints, Instant::now() + READY_TIMEOUT);
+        let tls = tls::root_client(&self.dir);
+        let auth = self.auth;
+        let probe = async move {
+            let tls = tls?;
+            let leader = wait_for_leader(
+                endpoints.clone(),
+                Instant::now() + READY_TIMEOUT,
+                tls.clone(),
+            )
+            .await?;
+            let credentials = match auth {
+                true => Some(set_up_auth(&endpoints, tls).await?),
+                false => None,
+            };
+            Ok((leader, credentials))
+        };
         tokio::pin!(probe);
         let mut probing = true;
         say(format!(
@@ -275,9 +307,9 @@ impl Cluster {
         }
     }
 
-    fn on_ready(&self, result: Result<u64, String>) {
+    fn on_ready(&self, result: Result<(u64, Option<RootCredentials>), String>) {
         match result {
-            Ok(leader) => {
+            Ok((leader, credentials)) => {
                 let addr = self
                     .manifest
                     .nodes
@@ -285,6 +317,17 @@ impl Cluster {
                     .find(|n| n.id == leader)
                     .map_or(String::new(), |n| format!(" ({})", n.client_addr));
                 say(format!("cluster ready: leader is node {leader}{addr}"));
+                match credentials {
+                    Some(RootCredentials::Made { password }) => {
+                        say("authentication is on; user root (admin), shown this once:");
+                        say("  export LATCHKEY_USER=root");
+                        say(format!("  export LATCHKEY_PASSWORD={password}"));
+                    }
+                    Some(RootCredentials::AlreadyOn) => {
+                        say("authentication was already on (root's password was shown when it was turned on)")
+                    }
+                    None => {}
+                }
                 say("press Ctrl-C to stop the cluster");
             }
             Err(summary) => warn(format!(
@@ -389,17 +432,30 @@ impl Cluster {
         say("client endpoints (for latchkey status / kv):");
         say(format!("  --endpoints {endpoints}"));
         say(format!("  export LATCHKEY_ENDPOINTS={endpoints}"));
+        if tls::enabled(&self.dir) {
+            say("TLS is on (mutual); a client presents a certificate, e.g. root's:");
+            for line in tls::client_env(&self.dir, "root") {
+                say(format!("  {line}"));
+            }
+        }
     }
 }
 
 /// Polls every endpoint until all answer and agree on a leader, or the
 /// deadline passes. Returns the leader's id, or a summary of what was missing.
-async fn wait_for_leader(endpoints: Vec<String>, deadline: Instant) -> Result<u64, String> {
+async fn wait_for_leader(
+    endpoints: Vec<String>,
+    deadline: Instant,
+    tls: Option<latchkey_client::TlsConfig>,
+) -> Result<u64, String> {
     // Bounded by the deadline: each pass takes at least READY_POLL_INTERVAL.
     loop {
-        let answers =
-            futures::future::join_all(endpoints.iter().map(|e| fetch_status(e, STATUS_TIMEOUT)))
-                .await;
+        let answers = futures::future::join_all(
+            endpoints
+                .iter()
+                .map(|e| fetch_status_tls(e, STATUS_TIMEOUT, tls.as_ref())),
+        )
+        .await;
         if let Some(leader) = agreed_leader(&answers) {
             return Ok(leader);
         }
@@ -412,6 +468,80 @@ async fn wait_for_leader(endpoints: Vec<String>, deadline: Instant) -> Result<u6
         }
         tokio::time::sleep(READY_POLL_INTERVAL).await;
     }
+}
+
+/// What `--auth` did.
+enum RootCredentials {
+    /// Made user `root` with this password and turned authentication on.
+    Made { password: String },
+    /// Authentication was on already (a restarted cluster).
+    AlreadyOn,
+}
+
+/// Makes user and role `root` (admin) with a random password and turns
+/// authentication on, unless it is on already.
+async fn set_up_auth(
+    endpoints: &[String],
+    tls: Option<latchkey_client::TlsConfig>,
+) -> Result<RootCredentials, String> {
+    let mut builder = latchkey_client::Client::builder(endpoints.iter().cloned()).sessionless();
+    if let Some(tls) = tls {
+        builder = builder.tls(tls);
+    }
+    let client = builder
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the cluster to turn authentication on: {e}"))?;
+    let failed = |e: latchkey_client::Error| format!("cannot turn authentication on: {e}");
+    match client.auth_status().await {
+        Ok(status) if status.enabled => return Ok(RootCredentials::AlreadyOn),
+        Ok(_) => {}
+        // On, and this client (no certificate) is not let in.
+        Err(latchkey_client::Error::Unauthenticated { .. }) => {
+            return Ok(RootCredentials::AlreadyOn)
+        }
+        Err(e) => return Err(failed(e)),
+    }
+    let password: String = {
+        use rand::Rng as _;
+        rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(24)
+            .map(char::from)
+            .collect()
+    };
+    match client.user_add("root", &password).await {
+        Ok(()) => {}
+        Err(latchkey_client::Error::Rejected {
+            code: tonic::Code::AlreadyExists,
+            ..
+        }) => {
+            client
+                .user_change_password("root", &password)
+                .await
+                .map_err(failed)?;
+        }
+        Err(e) => return Err(failed(e)),
+    }
+    match client.role_add("root").await {
+        Ok(()) => {}
+        Err(latchkey_client::Error::Rejected {
+            code: tonic::Code::AlreadyExists,
+            ..
+        }) => {}
+        Err(e) => return Err(failed(e)),
+    }
+    use latchkey_client::auth::PermissionKind;
+    client
+        .role_grant("root", PermissionKind::Admin, "")
+        .await
+        .map_err(failed)?;
+    client
+        .user_grant_role("root", "root")
+        .await
+        .map_err(failed)?;
+    client.auth_enable().await.map_err(failed)?;
+    Ok(RootCredentials::Made { password })
 }
 
 /// The leader every node names, if all answered, all name the same one, and
@@ -487,6 +617,8 @@ mod tests {
             nodes: Some(3),
             data_dir: None,
             base_port: None,
+            tls: false,
+            auth: false,
         };
         let (manifest, reused) = prepare(&args, dir.path()).expect("prepare");
         assert!(!reused);

@@ -51,6 +51,9 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True once the node has begun to stop.
     pub stopping: watch::Receiver<bool>,
+    /// How this node dials the other members' client ports, when they
+    /// have TLS: the client CA (or the cluster CA) and its own certificate.
+    pub member_tls: Option<latchkey_client::TlsConfig>,
 }
 
 /// Why a node is not ready, or `Ok` if it is: its task runs, it knows a

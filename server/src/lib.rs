@@ -6,6 +6,8 @@
 //! - [`error`]: startup errors, fatal (node-stopping) errors and request errors.
 //! - [`storage`]: `raft::Storage` over RocksDB; every record checksummed.
 //! - [`state_machine`]: the deterministic apply of committed commands.
+//! - [`auth`]: users, roles, permissions and bearer tokens, replicated.
+//! - [`tls`]: TLS on the client and peer ports, re-read on SIGHUP.
 //! - [`coordination`]: leases, locks, elections and exactly-once sessions as a pure, deterministic state machine.
 //! - [`lease_clock`]: the leader's lease deadlines, the confirmation rounds
 //!   that renewals wait for, and expiry.
@@ -25,6 +27,7 @@
 //! - [`cli`]: the client-side commands of the binary (`status`, `kv`).
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod coordination;
@@ -42,5 +45,6 @@ pub mod server;
 pub mod session_clock;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod types;

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one cluster member.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a local cluster of `serve` child processes on loopback.
     Dev(dev::DevArgs),
     /// Show each node's Raft status.
@@ -46,12 +46,18 @@ enum Command {
     Member(cli::MemberArgs),
     /// Save a backup of a running cluster, restore a new cluster from one, or check one.
     Snapshot(cli::SnapshotArgs),
+    /// Turn authentication on or off, see its state, or log in for a token.
+    Auth(cli::AuthArgs),
+    /// Add, delete and list users, set passwords, grant and revoke roles.
+    User(cli::UserArgs),
+    /// Add, delete and list roles; grant and revoke their permissions.
+    Role(cli::RoleArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => server::run_from_args(args),
+        Command::Serve(args) => server::run_from_args(*args),
         Command::Dev(args) => dev::run(args),
         Command::Status(args) => cli::status(args),
         Command::Kv(args) => cli::kv(args),
@@ -65,6 +71,9 @@ fn main() -> ExitCode {
         Command::Release(args) => cli::release(args),
         Command::Member(args) => cli::member(args),
         Command::Snapshot(args) => cli::snapshot(args),
+        Command::Auth(args) => cli::auth(args),
+        Command::User(args) => cli::user(args),
+        Command::Role(args) => cli::role(args),
     };
     match result {
         Ok(code) => code,

@@ -227,6 +227,7 @@ pub struct NodeHandle {
     fatal: FatalSlot,
     events: broadcast::Sender<Arc<AppliedEvents>>,
     coordination: SharedCoordination,
+    auth: crate::auth::SharedAuth,
     metrics: Arc<Metrics>,
 }
 
@@ -244,6 +245,11 @@ impl NodeHandle {
     /// The coordination state as applied on this node.
     pub fn coordination(&self) -> SharedCoordination {
         self.coordination.clone()
+    }
+
+    /// Users, roles and the authentication switch, as applied on this node.
+    pub fn auth(&self) -> crate::auth::SharedAuth {
+        self.auth.clone()
     }
 
     /// A receiver that sees every status update.
@@ -475,6 +481,7 @@ impl Node {
         let (status, status_rx) = watch::channel(NodeStatus::default());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let coordination = state_machine.coordination();
+        let auth = state_machine.auth();
         let mut node = Node {
             id: config.id,
             boot_id: options.boot_id,
@@ -521,6 +528,7 @@ impl Node {
             fatal: node.fatal.clone(),
             events,
             coordination,
+            auth,
             metrics: options.metrics,
         };
         Ok((node, handle))

@@ -37,6 +37,8 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 /// its tasks running until the runtime stops.
 pub struct RunningServer {
     pub config: Config,
+    /// Re-reads the TLS files (SIGHUP).
+    pub tls: crate::tls::TlsReloader,
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     /// Where `/metrics`, the health checks and the status page are served.
@@ -59,10 +61,40 @@ impl RunningServer {
             Some(addr) => Some(bind(addr, "--listen-http").await?),
             None => None,
         };
+        let tls_error = |e: String| StartupError::config(format!("TLS: {e}"));
+        let client_tls = config
+            .tls
+            .client
+            .clone()
+            .map(crate::tls::ServerTls::load)
+            .transpose()
+            .map_err(tls_error)?;
+        let peer_tls = config
+            .tls
+            .peer
+            .clone()
+            .map(crate::tls::ServerTls::load)
+            .transpose()
+            .map_err(tls_error)?;
+        let peer_client_tls = config
+            .tls
+            .peer
+            .clone()
+            .map(crate::tls::PeerClientTls::load)
+            .transpose()
+            .map_err(tls_error)?;
+        if client_tls.is_some() && peer_tls.is_none() {
+            tracing::warn!("the client port has TLS but the peer port has none: anyone who reaches the peer port can take part in Raft; give --peer-cert-file, --peer-key-file and --peer-ca");
+        }
+        let reloader = crate::tls::TlsReloader::new(
+            client_tls.clone(),
+            peer_tls.clone(),
+            peer_client_tls.clone(),
+        );
         let engine = open_engine(&config)?;
         let joining = crate::join::prepare(&mut config, &engine).await?;
         let directory = PeerDirectory::new(&config);
-        let (transport, outbound) = GrpcTransport::new(&config, directory.clone());
+        let (transport, outbound) = GrpcTransport::new(&config, directory.clone(), peer_client_tls);
         let metrics = Arc::new(Metrics::new());
         let (node, handle) = Node::new(
             &config,
@@ -76,7 +108,7 @@ impl RunningServer {
         let stopped = futures::future::FutureExt::shared(async move {
             let _ = stopped.await;
         });
-        let reader = Reader::new(engine, handle.coordination());
+        let reader = Reader::new(engine, handle.coordination(), handle.auth());
         let (stopping, stopping_rx) = watch::channel(false);
         let api = Api::new(
             config.id,
@@ -88,6 +120,8 @@ impl RunningServer {
                 max_clock_drift_ppm: config.max_clock_drift_ppm,
                 session_idle_timeout_ms: config.session_idle_timeout_ms,
                 election_timeout_ms: config.timing.election_timeout_ms(),
+                auth_token_ttl: config.auth_token_ttl,
+                limits: config.limits,
             },
             config.data_dir.join("snapshots"),
             stopping_rx,
@@ -109,6 +143,7 @@ impl RunningServer {
                     directory: directory.clone(),
                     metrics: metrics.clone(),
                     stopping: stopping.subscribe(),
+                    member_tls: member_tls(&config),
                 };
                 let stop = stopped.clone();
                 servers.push(tokio::spawn(async move {
@@ -120,8 +155,11 @@ impl RunningServer {
             }
             None => None,
         };
-        let client_server = tonic::transport::Server::builder()
+        let client_router = tonic::transport::Server::builder()
             .layer(metrics.grpc_layer())
+            .layer(crate::api::streams::StreamLimitLayer::new(
+                config.limits.max_streams_per_connection,
+            ))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
@@ -132,15 +170,32 @@ impl RunningServer {
             .add_service(api.election_service())
             .add_service(api.session_service())
             .add_service(api.maintenance_service())
-            .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone());
-        let peer_server = tonic::transport::Server::builder()
-            .add_service(PeerService::new(
-                config.id,
-                handle.clone(),
-                directory,
-                config.data_dir.join("snapshots"),
-            ))
-            .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone());
+            .add_service(api.auth_service());
+        let client_server: BoxedServer = match client_tls {
+            Some(tls) => Box::pin(client_router.serve_with_incoming_shutdown(
+                crate::tls::incoming(client_listener, tls, "client"),
+                stopped.clone(),
+            )),
+            None => Box::pin(
+                client_router
+                    .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone()),
+            ),
+        };
+        let peer_router = tonic::transport::Server::builder().add_service(PeerService::new(
+            config.id,
+            handle.clone(),
+            directory,
+            config.data_dir.join("snapshots"),
+        ));
+        let peer_server: BoxedServer = match peer_tls {
+            Some(tls) => Box::pin(peer_router.serve_with_incoming_shutdown(
+                crate::tls::incoming(peer_listener, tls, "peer"),
+                stopped.clone(),
+            )),
+            None => Box::pin(
+                peer_router.serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone()),
+            ),
+        };
         servers.push(spawn_server("client", client_server));
         servers.push(spawn_server("peer", peer_server));
         let node_task = tokio::spawn(node.run(stopped));
@@ -150,6 +205,7 @@ impl RunningServer {
         tracing::info!(node = %config.id, client = %client_addr, peer = %peer_addr, http = ?http_addr, "serving");
         Ok(RunningServer {
             config,
+            tls: reloader,
             client_addr,
             peer_addr,
             http_addr,
@@ -291,6 +347,29 @@ async fn join_node(task: &mut JoinHandle<Result<(), FatalError>>) -> Result<(), 
     }
 }
 
+/// What the status page dials other members' client ports with: their CA
+/// (`--client-ca`, else `--peer-ca`) and this node's client-port
+/// certificate. `None` without TLS on the client port, or when the files
+/// do not make a client configuration (logged).
+fn member_tls(config: &Config) -> Option<latchkey_client::TlsConfig> {
+    let client = config.tls.client.as_ref()?;
+    let ca = client.client_ca.as_ref().or(config
+        .tls
+        .peer
+        .as_ref()
+        .and_then(|p| p.client_ca.as_ref()))?;
+    match latchkey_client::TlsConfig::from_files(ca, Some(&client.cert), Some(&client.key)) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            tracing::warn!("the status page cannot dial other members with TLS: {e}");
+            None
+        }
+    }
+}
+
+type BoxedServer =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 fn spawn_server(
     name: &'static str,
     server: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
@@ -360,9 +439,30 @@ pub fn run_from_args(args: ServeArgs) -> Result<ExitCode, Box<dyn std::error::Er
     runtime.block_on(serve(config))
 }
 
+/// Re-reads the TLS files whenever the process gets SIGHUP.
+fn spawn_reload_on_hangup(tls: crate::tls::TlsReloader) -> std::io::Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            if tls.is_empty() {
+                tracing::info!("SIGHUP: no TLS configured; nothing to re-read");
+                continue;
+            }
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificates, keys, CAs and CRLs re-read"),
+                Err(e) => {
+                    tracing::error!("SIGHUP: TLS files not re-read, the old ones stay in use: {e}")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 async fn serve(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut server = RunningServer::start(config).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    spawn_reload_on_hangup(server.tls.clone())?;
     let why = tokio::select! {
         result = server.stopped() => {
             return match result {

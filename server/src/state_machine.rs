@@ -14,7 +14,9 @@
 //! - the fenced key-value store, records under [`keys::KV_PREFIX`]; their
 //!   revisions are the Raft indexes of the entries that wrote them;
 //! - the [`Coordination`] state (leases, locks, elections, sessions), kept
-//!   in memory and persisted as records under [`coordination::RECORD_PREFIX`].
+//!   in memory and persisted as records under [`coordination::RECORD_PREFIX`];
+//! - the [`AuthState`] (users, roles, the authentication switch), kept in
+//!   memory and persisted as records under [`keys::AUTH_PREFIX`].
 //!
 //! Exactly-once (Invariant 5): a command with a [`RequestId`] is first
 //! looked up in the session table; a duplicate returns the recorded result
@@ -39,9 +41,10 @@ use latchkey_proto::state::v1::{
 };
 use latchkey_proto::v1::{error_details, fence, ErrorDetails, Fence, RequestId};
 
+use crate::auth::{AuthState, SharedAuth};
 use crate::config::UnsafeSwitches;
 use crate::coordination::{
-    self, Coordination, CoordinationError, Event, FencingToken, Kind, LeaseId, Op, Outcome,
+    self, Caller, Coordination, CoordinationError, Event, FencingToken, Kind, LeaseId, Op, Outcome,
     SequenceNumber, SessionCheck, SessionId, TtlBounds,
 };
 use crate::error::FatalError;
@@ -74,6 +77,7 @@ pub struct StateMachine {
     engine: Engine,
     applied: LogPosition,
     coordination: SharedCoordination,
+    auth: SharedAuth,
     /// Invariants broken on purpose for tests (all off in production):
     /// `no_fencing` skips the token check, `volatile_token_counter` never
     /// writes the token counter.
@@ -93,11 +97,13 @@ impl StateMachine {
     /// Loads the applied position and the coordination state.
     pub fn open(engine: Engine, switches: &UnsafeSwitches) -> Result<StateMachine, FatalError> {
         let coordination = load_coordination(&engine, switches)?;
+        let auth = load_auth(&engine)?;
         let applied = load_applied(&engine)?;
         Ok(StateMachine {
             engine,
             applied,
             coordination: Arc::new(RwLock::new(coordination)),
+            auth: Arc::new(RwLock::new(auth)),
             switches: switches.clone(),
             unwritten_kv: std::collections::HashMap::new(),
         })
@@ -126,6 +132,10 @@ impl StateMachine {
         self.coordination.clone()
     }
 
+    pub fn auth(&self) -> SharedAuth {
+        self.auth.clone()
+    }
+
     /// Re-reads the state after a snapshot replaced it.
     pub fn reload(&mut self) -> Result<(), FatalError> {
         assert!(
@@ -133,6 +143,7 @@ impl StateMachine {
             "a snapshot is installed only between written batches"
         );
         *self.coordination.write() = load_coordination(&self.engine, &self.switches)?;
+        *self.auth.write() = load_auth(&self.engine)?;
         self.applied = load_applied(&self.engine)?;
         Ok(())
     }
@@ -218,25 +229,54 @@ impl StateMachine {
                 events: Vec::new(),
             })
         };
+        let mut caller = Caller::default();
         let op = match command.command {
             Some(command::Command::Put(put)) => return no_events(self.put(batch, index, put)?),
+            Some(command::Command::AuthChange(change)) => {
+                let result = match self.auth.write().apply(index, change) {
+                    Ok(changes) => {
+                        for (key, value) in changes {
+                            match value {
+                                Some(value) => batch.put(CF_STATE, &key, &value),
+                                None => batch.delete(CF_STATE, &key),
+                            }
+                        }
+                        done()
+                    }
+                    Err(e) => error_result(e.code(), e.to_string(), None),
+                };
+                return no_events(result);
+            }
             Some(command::Command::Delete(delete)) => {
                 return no_events(self.delete(batch, index, delete)?)
             }
-            Some(command::Command::GrantLease(c)) => Op::GrantLease { ttl_ms: c.ttl_ms },
-            Some(command::Command::RevokeLease(c)) => Op::RevokeLease {
-                lease: LeaseId(c.lease),
-            },
+            Some(command::Command::GrantLease(c)) => {
+                caller.identity = Some(c.owner).filter(|o| !o.is_empty());
+                caller.max_owner_leases = c.max_owner_leases;
+                Op::GrantLease { ttl_ms: c.ttl_ms }
+            }
+            Some(command::Command::RevokeLease(c)) => {
+                caller.check_owner = c.caller.is_some();
+                caller.identity = c.caller.filter(|o| !o.is_empty());
+                Op::RevokeLease {
+                    lease: LeaseId(c.lease),
+                }
+            }
             Some(command::Command::ExpireLeases(c)) => Op::ExpireLeases {
                 leases: c.leases.into_iter().map(LeaseId).collect(),
             },
-            Some(command::Command::Acquire(c)) => Op::Acquire {
-                kind: kind_of(c.kind),
-                name: c.name,
-                lease: LeaseId(c.lease),
-                wait: c.wait,
-                value: c.value,
-            },
+            Some(command::Command::Acquire(c)) => {
+                caller.check_owner = c.caller.is_some();
+                caller.identity = c.caller.filter(|o| !o.is_empty());
+                caller.max_waiters = c.max_waiters;
+                Op::Acquire {
+                    kind: kind_of(c.kind),
+                    name: c.name,
+                    lease: LeaseId(c.lease),
+                    wait: c.wait,
+                    value: c.value,
+                }
+            }
             Some(command::Command::Release(c)) => Op::Release {
                 kind: kind_of(c.kind),
                 name: c.name,
@@ -272,7 +312,10 @@ impl StateMachine {
             }
         };
         let name = op_name(&op);
-        let applied = self.coordination.write().apply(LogIndex(index), op);
+        let applied = self
+            .coordination
+            .write()
+            .apply_as(LogIndex(index), op, &caller);
         write_changes(batch, applied.changes, &self.switches);
         let result = match applied.result {
             Ok(outcome) => outcome_result(&name, outcome),
@@ -437,6 +480,19 @@ fn load_coordination(
     })
 }
 
+fn load_auth(engine: &Engine) -> Result<AuthState, FatalError> {
+    let mut records = Vec::new();
+    engine.scan_prefix(CF_STATE, keys::AUTH_PREFIX, |key, payload| {
+        records.push((key.to_vec(), payload));
+        true
+    })?;
+    AuthState::load(records).map_err(|reason| FatalError::Corruption {
+        cf: CF_STATE,
+        key: "auth records".into(),
+        reason,
+    })
+}
+
 fn write_changes(batch: &mut Batch, changes: coordination::Changes, switches: &UnsafeSwitches) {
     for (key, value) in changes {
         if switches.volatile_token_counter && key == coordination::NEXT_TOKEN_KEY {
@@ -583,8 +639,22 @@ pub(crate) fn coordination_error(name: &str, error: CoordinationError) -> Comman
         CoordinationError::StaleToken { presented, current } => {
             stale(name, presented.0, current.map_or(0, |t| t.0))
         }
-        CoordinationError::ResourceExhausted { .. } => {
-            error_result(Code::ResourceExhausted, message, None)
+        CoordinationError::ResourceExhausted { what, limit } => {
+            let details = error_details::Detail::LimitExceeded(latchkey_proto::v1::LimitExceeded {
+                limit: what.to_string(),
+                allowed: limit,
+                requested: limit.saturating_add(1),
+            });
+            error_result(Code::ResourceExhausted, message, Some(details))
+        }
+        CoordinationError::NotOwner { lease, caller } => {
+            let details =
+                error_details::Detail::PermissionDenied(latchkey_proto::v1::PermissionDenied {
+                    user: caller,
+                    permission: "lease owner".into(),
+                    resource: format!("lease {lease}"),
+                });
+            error_result(Code::PermissionDenied, message, Some(details))
         }
         CoordinationError::RestoreInProgress => error_result(Code::Unavailable, message, None),
     }
@@ -598,6 +668,7 @@ pub type KeyRecord = (Vec<u8>, KvRecord);
 pub struct Reader {
     engine: Engine,
     coordination: SharedCoordination,
+    auth: SharedAuth,
 }
 
 impl Reader {
@@ -606,11 +677,17 @@ impl Reader {
         &self.engine
     }
 
-    pub fn new(engine: Engine, coordination: SharedCoordination) -> Reader {
+    pub fn new(engine: Engine, coordination: SharedCoordination, auth: SharedAuth) -> Reader {
         Reader {
             engine,
             coordination,
+            auth,
         }
+    }
+
+    /// Users, roles and the authentication switch, as applied here.
+    pub fn auth(&self) -> SharedAuth {
+        self.auth.clone()
     }
 
     /// The coordination state, for queries. Hold the guard briefly.

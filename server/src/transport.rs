@@ -133,6 +133,8 @@ impl PeerDirectory {
 /// The node's side of the transport: one bounded queue per peer.
 pub struct GrpcTransport {
     me: NodeId,
+    /// Mutual TLS for the links, when the peer port has it.
+    tls: Option<crate::tls::PeerClientTls>,
     queues: HashMap<NodeId, PeerQueue>,
     node: Arc<OnceLock<NodeHandle>>,
     hello: Hello,
@@ -155,7 +157,11 @@ pub struct Outbound {
 }
 
 impl GrpcTransport {
-    pub fn new(config: &Config, directory: PeerDirectory) -> (GrpcTransport, Outbound) {
+    pub fn new(
+        config: &Config,
+        directory: PeerDirectory,
+        tls: Option<crate::tls::PeerClientTls>,
+    ) -> (GrpcTransport, Outbound) {
         let node = Arc::new(OnceLock::new());
         let unstarted = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let hello = Hello {
@@ -166,6 +172,7 @@ impl GrpcTransport {
         };
         let mut transport = GrpcTransport {
             me: config.id,
+            tls,
             queues: HashMap::new(),
             node: node.clone(),
             hello,
@@ -186,6 +193,7 @@ impl GrpcTransport {
         hello.to = peer.0;
         let link = PeerLink {
             peer,
+            tls: self.tls.clone(),
             addr: addr.to_string(),
             hello,
             queue,
@@ -249,6 +257,7 @@ pub fn spawn_outbound(outbound: Outbound, node: NodeHandle) {
 /// One outbound stream to one peer, reopened whenever it breaks.
 struct PeerLink {
     peer: NodeId,
+    tls: Option<crate::tls::PeerClientTls>,
     addr: String,
     hello: Hello,
     queue: mpsc::Receiver<Message>,
@@ -304,15 +313,29 @@ impl PeerLink {
         }
     }
 
-    async fn connect(&self) -> Result<PeerClient<Channel>, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.addr))?
+    async fn connect(&self) -> Result<PeerClient<Channel>, String> {
+        let endpoint = match &self.tls {
+            // The settings of the moment: a reload applies to the next connection.
+            Some(tls) => tls
+                .current()
+                .apply(
+                    Endpoint::from_shared(format!("https://{}", self.addr))
+                        .map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| e.to_string())?,
+            None => {
+                Endpoint::from_shared(format!("http://{}", self.addr)).map_err(|e| e.to_string())?
+            }
+        };
+        let channel = endpoint
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .connect()
-            .await?;
+            .await
+            .map_err(|e| crate::cli::connect::describe(&e))?;
         Ok(PeerClient::new(channel)
             .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
             .max_decoding_message_size(MAX_PEER_FRAME_BYTES))

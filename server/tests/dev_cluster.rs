@@ -802,3 +802,243 @@ fn dev_cluster_grows_and_shrinks_through_membership_changes() {
     assert_values(&client_endpoints(&two).join(","), &acknowledged);
     shrunk.stop_and_check_every_node_is_gone(&two);
 }
+
+/// `latchkey`, with TLS (the dev CA and client certificate `cert`) and
+/// extra environment; no endpoints or credentials from the test's own
+/// environment leak in.
+fn secure(dir: &Path, cert: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let tls = dir.join("tls");
+    let mut command = Command::new(LATCHKEY);
+    command
+        .args(args)
+        .env_remove("LATCHKEY_USER")
+        .env_remove("LATCHKEY_PASSWORD")
+        .env_remove("LATCHKEY_TOKEN")
+        .env("LATCHKEY_CACERT", tls.join("ca.pem"));
+    match cert {
+        Some(cert) => command
+            .env("LATCHKEY_CERT", tls.join(format!("{cert}.pem")))
+            .env("LATCHKEY_KEY", tls.join(format!("{cert}-key.pem"))),
+        None => command
+            .env_remove("LATCHKEY_CERT")
+            .env_remove("LATCHKEY_KEY"),
+    };
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    run(&mut command, COMMAND_DEADLINE)
+}
+
+/// The root password `latchkey dev --auth` printed.
+fn printed_password(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("export LATCHKEY_PASSWORD="))
+        .expect("dev printed the root password")
+        .to_string()
+}
+
+/// The DER of the certificate `addr` presents, trusting `ca`.
+async fn served_certificate(addr: &str, ca: &Path, cert: &Path, key: &Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(der.expect("ca pem")).expect("ca usable");
+    }
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .expect("cert")
+        .map(|c| c.expect("cert pem"))
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).expect("key");
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client auth");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let (_, session) = tls.get_ref();
+    session.peer_certificates().expect("server certificate")[0].to_vec()
+}
+
+#[test]
+fn dev_tls_auth_cluster_works_end_to_end_and_rotates_certificates_on_sighup() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = temp.path().join("cluster");
+    let mut cluster = DevCluster::start(&dir, &["--tls", "--auth"]);
+    let nodes = cluster.running_nodes(5);
+    cluster.wait_for_output("export LATCHKEY_PASSWORD=");
+    let output = cluster.output_text();
+    assert!(output.contains("export LATCHKEY_CACERT="), "{output}");
+    let password = printed_password(&output);
+    let endpoints = client_endpoints(&nodes).join(",");
+    let root_login = format!("root:{password}");
+    let as_root = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--endpoints", endpoints.as_str()]);
+        secure(&dir, Some("root"), &[("LATCHKEY_USER", &root_login)], &all)
+    };
+
+    // Status and writes over TLS, as root.
+    let status = as_root(&["status", "--json"]);
+    assert_success(&status, "status over TLS");
+    assert_success(&as_root(&["kv", "put", "app/config", "v1"]), "root writes");
+    let who = as_root(&["auth", "status"]);
+    assert_success(&who, "auth status");
+    assert!(
+        text(&who.stdout).contains("enabled; you are root"),
+        "{}",
+        text(&who.stdout)
+    );
+
+    // A user who may lock app/* and nothing under billing/.
+    for args in [
+        vec!["role", "add", "app"],
+        vec!["role", "grant", "app", "lock", "app/"],
+        vec!["role", "grant", "app", "lease"],
+        vec!["role", "grant", "app", "readwrite", "app/"],
+        vec!["user", "add", "alice", "--new-password", "s3cret"],
+        vec!["user", "grant-role", "alice", "app"],
+    ] {
+        assert_success(&as_root(&args), &args.join(" "));
+    }
+    let as_alice = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--endpoints", endpoints.as_str(), "--timeout", "3s"]);
+        secure(
+            &dir,
+            Some("client"),
+            &[("LATCHKEY_USER", "alice:s3cret")],
+            &all,
+        )
+    };
+    assert_success(&as_alice(&["kv", "get", "app/config"]), "alice reads app/");
+    let denied = as_alice(&["kv", "get", "billing/ledger"]);
+    assert_eq!(denied.status.code(), Some(4), "{}", text(&denied.stderr));
+    assert!(
+        text(&denied.stderr).contains("permission denied"),
+        "{}",
+        text(&denied.stderr)
+    );
+
+    // No credentials at all: the `client` certificate names no user.
+    let anonymous = secure(
+        &dir,
+        Some("client"),
+        &[],
+        &["kv", "get", "app/config", "--endpoints", &endpoints],
+    );
+    assert_eq!(
+        anonymous.status.code(),
+        Some(4),
+        "{}",
+        text(&anonymous.stderr)
+    );
+    assert!(
+        text(&anonymous.stderr).contains("unauthenticated"),
+        "{}",
+        text(&anonymous.stderr)
+    );
+    // A wrong password.
+    let wrong = secure(
+        &dir,
+        Some("client"),
+        &[("LATCHKEY_USER", "alice:nope")],
+        &["kv", "get", "app/config", "--endpoints", &endpoints],
+    );
+    assert_eq!(wrong.status.code(), Some(4), "{}", text(&wrong.stderr));
+    assert!(!text(&wrong.stderr).contains("nope"), "no secret is echoed");
+    // Plaintext (no --cacert) to a TLS port fails quickly.
+    let started = Instant::now();
+    let plain = run(
+        Command::new(LATCHKEY)
+            .args(["status", "--endpoints", &endpoints, "--timeout", "1s"])
+            .env_remove("LATCHKEY_CACERT")
+            .env_remove("LATCHKEY_CERT")
+            .env_remove("LATCHKEY_KEY"),
+        COMMAND_DEADLINE,
+    );
+    assert_ne!(plain.status.code(), Some(0), "plaintext is refused");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The client crate: TLS with a client certificate, and a password login.
+    let tls_dir = dir.join("tls");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let tls = latchkey_client::TlsConfig::from_files(
+            &tls_dir.join("ca.pem"),
+            Some(&tls_dir.join("client.pem")),
+            Some(&tls_dir.join("client-key.pem")),
+        )
+        .expect("tls config");
+        let client = latchkey_client::Client::builder(client_endpoints(&nodes))
+            .tls(tls)
+            .credentials("alice", "s3cret")
+            .connect()
+            .await
+            .expect("alice connects");
+        let lease = client
+            .grant_lease(Duration::from_secs(10))
+            .await
+            .expect("lease");
+        let guard = lease.lock("app/job").await.expect("alice locks app/job");
+        match lease.lock("billing/run").await {
+            Err(latchkey_client::Error::PermissionDenied { resource, .. }) => {
+                assert_eq!(resource, "billing/run")
+            }
+            other => panic!("billing/run must be refused, got {:?}", other.map(|_| ())),
+        }
+        guard.release().await.expect("release");
+        lease.revoke().await.expect("revoke");
+    });
+
+    // Rotate every node's certificate and SIGHUP the nodes: the cluster
+    // stays up and serves the new certificates.
+    let first = nodes[0].client_addr.clone();
+    let (ca, root_cert, root_key) = (
+        tls_dir.join("ca.pem"),
+        tls_dir.join("root.pem"),
+        tls_dir.join("root-key.pem"),
+    );
+    let before = runtime.block_on(served_certificate(&first, &ca, &root_cert, &root_key));
+    for node in &nodes {
+        for file in [
+            format!("node-{}.pem", node.id),
+            format!("node-{}-key.pem", node.id),
+        ] {
+            std::fs::remove_file(tls_dir.join(file)).expect("remove old certificate");
+        }
+        latchkey_server::dev::tls::ensure_node(&dir, node.id).expect("new certificate");
+        signal(node.pid, libc::SIGHUP);
+    }
+    let new_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(
+            tls_dir.join(format!("node-{}.pem", nodes[0].id)),
+        )
+        .expect("new cert")
+        .to_vec()
+    };
+    cluster.poll("the new certificate served", STARTUP_DEADLINE, |_| {
+        let served = runtime.block_on(served_certificate(&first, &ca, &root_cert, &root_key));
+        (served == new_der && served != before)
+            .then_some(())
+            .ok_or_else(|| "old certificate still served".to_string())
+    });
+    for node in &nodes {
+        assert!(process_exists(node.pid), "node {} survived SIGHUP", node.id);
+    }
+    assert_success(
+        &as_root(&["kv", "put", "app/config", "v2"]),
+        "writes after rotation",
+    );
+    let got = as_root(&["kv", "get", "app/config"]);
+    assert_success(&got, "read after rotation");
+    assert_eq!(text(&got.stdout).trim(), "v2");
+    cluster.stop_and_check_every_node_is_gone(&nodes);
+}

@@ -282,9 +282,13 @@ fn converge(world: &mut World, workload: &mut Workload) -> BTreeMap<u64, (u64, u
 
 /// Durability: every acknowledged put is in the converged state.
 fn check_final_state(world: &mut World) {
-    let reader = world
-        .running(1)
-        .map(|running| Reader::new(running.engine.clone(), running.handle.coordination()));
+    let reader = world.running(1).map(|running| {
+        Reader::new(
+            running.engine.clone(),
+            running.handle.coordination(),
+            running.handle.auth(),
+        )
+    });
     let Some(reader) = reader else {
         return;
     };

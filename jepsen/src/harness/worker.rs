@@ -332,6 +332,9 @@ pub fn error_kind(error: &Error) -> OpType {
         | Error::InvalidArgument { .. }
         | Error::RevisionMismatch { .. }
         | Error::Rejected { .. }
+        | Error::Unauthenticated { .. }
+        | Error::PermissionDenied { .. }
+        | Error::LimitExceeded { .. }
         | Error::Config(_) => OpType::Fail,
         Error::Unavailable { .. }
         | Error::Timeout { .. }

@@ -170,6 +170,7 @@ impl Cluster for Api {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.identify(&request)?.require_admin()?;
         let MemberAddRequest {
             id,
             peer_addr,
@@ -200,6 +201,7 @@ impl Cluster for Api {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.identify(&request)?.require_admin()?;
         let id = NodeId(request.into_inner().id);
         let (members, applied) = self.change(Change::Promote { id }).await?;
         Ok(Response::new(MemberPromoteResponse {
@@ -212,6 +214,7 @@ impl Cluster for Api {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.identify(&request)?.require_admin()?;
         let id = NodeId(request.into_inner().id);
         if id == self.id && self.node.status().role == Role::Leader {
             // Hand leadership on, then send the client to the new leader.
@@ -237,6 +240,7 @@ impl Cluster for Api {
         &self,
         request: Request<LeaderTransferRequest>,
     ) -> Result<Response<LeaderTransferResponse>, Status> {
+        self.identify(&request)?.require_admin()?;
         let to = NodeId(request.into_inner().to);
         self.node
             .transfer_leader(Some(to))

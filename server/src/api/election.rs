@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 
+use latchkey_proto::v1::PermissionKind;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +31,7 @@ impl Election for Api {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let identity = self.require(&request, PermissionKind::Elect, &request.get_ref().name)?;
         let CampaignRequest {
             name,
             lease,
@@ -37,7 +39,17 @@ impl Election for Api {
             request,
         } = request.into_inner();
         let (header, leadership) = self
-            .acquire_grant(Kind::Election, name, LeaseId(lease), true, value, request)
+            .acquire_grant(
+                Kind::Election,
+                name,
+                LeaseId(lease),
+                true,
+                value,
+                super::lock::Asker {
+                    request,
+                    caller: super::owner_check(&identity),
+                },
+            )
             .await?;
         Ok(Response::new(CampaignResponse {
             header: Some(header),
@@ -49,6 +61,7 @@ impl Election for Api {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        self.require(&request, PermissionKind::Elect, &request.get_ref().name)?;
         let ProclaimRequest {
             name,
             token,
@@ -70,6 +83,7 @@ impl Election for Api {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        self.require(&request, PermissionKind::Elect, &request.get_ref().name)?;
         let LeaderRequest { name, serializable } = request.into_inner();
         self.check_name(&name)?;
         self.read_point(serializable).await?;
@@ -82,6 +96,7 @@ impl Election for Api {
         &self,
         request: Request<ObserveRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        self.require(&request, PermissionKind::Elect, &request.get_ref().name)?;
         let ObserveRequest { name } = request.into_inner();
         self.check_name(&name)?;
         let mut events = self.node.subscribe();
@@ -130,6 +145,7 @@ impl Election for Api {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        self.require(&request, PermissionKind::Elect, &request.get_ref().name)?;
         let ResignRequest {
             name,
             token,

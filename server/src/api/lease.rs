@@ -19,12 +19,13 @@ use latchkey_proto::v1::{
     LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 
-use super::{header_at, Api};
+use super::{header_at, owner_check, Api};
 use crate::coordination::{Kind, LeaseId};
 use crate::error::RequestError;
 use crate::lease_clock::KeepAlive;
 use crate::node::{HeldGrant, KeepAliveAnswer, Role};
 use crate::state_machine::{grant_proto, MAX_LEASE_TTL_MS};
+use latchkey_proto::v1::PermissionKind;
 
 /// Keepalive responses buffered per stream.
 const KEEPALIVE_BUFFER: usize = 16;
@@ -37,6 +38,7 @@ impl Lease for Api {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let identity = self.require(&request, PermissionKind::Lease, "")?;
         let LeaseGrantRequest { ttl_ms, request } = request.into_inner();
         let min_ttl_ms = self.settings.min_lease_ttl_ms;
         if ttl_ms < min_ttl_ms || ttl_ms > MAX_LEASE_TTL_MS {
@@ -48,7 +50,14 @@ impl Lease for Api {
             }));
         }
         let (applied, result) = self
-            .propose_once(command::Command::GrantLease(GrantLease { ttl_ms }), request)
+            .propose_once(
+                command::Command::GrantLease(GrantLease {
+                    ttl_ms,
+                    owner: identity.name().unwrap_or_default().to_string(),
+                    max_owner_leases: self.limits.max_leases_per_identity,
+                }),
+                request,
+            )
             .await?;
         let command_result::Result::LeaseGranted(granted) = result else {
             return Err(Status::internal("grant produced another command's result"));
@@ -65,10 +74,12 @@ impl Lease for Api {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let identity = self.identify(&request)?;
         let LeaseRevokeRequest { lease, request } = request.into_inner();
+        let caller = owner_check(&identity);
         let (applied, _) = self
             .propose_once(
-                command::Command::RevokeLease(RevokeLease { lease }),
+                command::Command::RevokeLease(RevokeLease { lease, caller }),
                 request,
             )
             .await?;
@@ -83,6 +94,7 @@ impl Lease for Api {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let identity = self.identify(&request)?;
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
         let api = self.clone();
@@ -102,7 +114,10 @@ impl Lease for Api {
                 let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
                     return;
                 };
-                let answer = api.keep_alive_once(LeaseId(lease)).await;
+                let answer = match api.check_lease_owner(&identity, LeaseId(lease)) {
+                    Ok(()) => api.keep_alive_once(LeaseId(lease)).await,
+                    Err(refused) => Err(refused),
+                };
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {
                     return;
@@ -116,10 +131,12 @@ impl Lease for Api {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let identity = self.identify(&request)?;
         let LeaseTimeToLiveRequest {
             lease,
             serializable,
         } = request.into_inner();
+        self.check_lease_owner(&identity, LeaseId(lease))?;
         if !serializable && self.node.status().role != Role::Leader {
             // Only the leader knows the time left; send the caller there.
             return Err(self.status(RequestError::NotLeader {
@@ -161,9 +178,20 @@ impl Lease for Api {
         &self,
         request: Request<LeaseListRequest>,
     ) -> Result<Response<LeaseListResponse>, Status> {
+        let identity = self.identify(&request)?;
         self.read_point(request.into_inner().serializable).await?;
         let header = self.header();
-        let ids: Vec<LeaseId> = self.reader.coordination().leases().map(|l| l.id).collect();
+        // A user that is not an admin sees its own leases only.
+        let visible = |lease: &crate::coordination::Lease| {
+            !identity.checks_owner() || lease.owner.as_deref() == identity.name()
+        };
+        let ids: Vec<LeaseId> = self
+            .reader
+            .coordination()
+            .leases()
+            .filter(|l| visible(l))
+            .map(|l| l.id)
+            .collect();
         // Only a leader's lease clock knows the time left; elsewhere it is absent.
         let remaining: std::collections::BTreeMap<LeaseId, std::time::Duration> =
             if self.node.status().role == Role::Leader {
@@ -182,6 +210,7 @@ impl Lease for Api {
         let state = self.reader.coordination();
         let leases = state
             .leases()
+            .filter(|l| visible(l))
             .map(|lease| LeaseInfo {
                 lease: lease.id.0,
                 ttl_ms: lease.ttl_ms,

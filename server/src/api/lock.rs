@@ -24,11 +24,12 @@ use latchkey_proto::v1::{
 };
 use prost::Message as _;
 
-use super::{header_at, refusal, Api};
+use super::{header_at, owner_check, refusal, Api};
 use crate::coordination::{validate_name, validate_value, Event, Kind, LeaseId};
 use crate::error::RequestError;
 use crate::node::Role;
 use crate::state_machine::grant_proto;
+use latchkey_proto::v1::PermissionKind;
 
 #[tonic::async_trait]
 impl Lock for Api {
@@ -36,6 +37,8 @@ impl Lock for Api {
         &self,
         request: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
+        let name = &request.get_ref().name;
+        let identity = self.require(&request, PermissionKind::Lock, name)?;
         let AcquireRequest {
             name,
             lease,
@@ -43,7 +46,17 @@ impl Lock for Api {
             request,
         } = request.into_inner();
         let (header, grant) = self
-            .acquire_grant(Kind::Lock, name, LeaseId(lease), wait, Vec::new(), request)
+            .acquire_grant(
+                Kind::Lock,
+                name,
+                LeaseId(lease),
+                wait,
+                Vec::new(),
+                Asker {
+                    request,
+                    caller: owner_check(&identity),
+                },
+            )
             .await?;
         Ok(Response::new(AcquireResponse {
             header: Some(header),
@@ -55,6 +68,7 @@ impl Lock for Api {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
+        self.require(&request, PermissionKind::Lock, &request.get_ref().name)?;
         let ReleaseRequest {
             name,
             token,
@@ -70,6 +84,7 @@ impl Lock for Api {
         &self,
         request: Request<DescribeRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
+        self.require(&request, PermissionKind::Lock, &request.get_ref().name)?;
         let DescribeRequest { name, serializable } = request.into_inner();
         self.check_name(&name)?;
         self.read_point(serializable).await?;
@@ -84,6 +99,13 @@ impl Lock for Api {
                 .unwrap_or_default(),
         }))
     }
+}
+
+/// Who asks for a grant: the exactly-once request id, and the owner the
+/// lease must have (see [`owner_check`]).
+pub(super) struct Asker {
+    pub request: Option<RequestId>,
+    pub caller: Option<String>,
 }
 
 fn grant_kind(kind: Kind) -> i32 {
@@ -140,8 +162,9 @@ impl Api {
         lease: LeaseId,
         wait: bool,
         value: Vec<u8>,
-        request: Option<RequestId>,
+        asker: Asker,
     ) -> Result<(latchkey_proto::v1::ResponseHeader, Grant), Status> {
+        let Asker { request, caller } = asker;
         self.check_name(&name)?;
         validate_value(kind, &value).map_err(|e| refusal(&name, e))?;
         let mut events = self.node.subscribe();
@@ -151,6 +174,8 @@ impl Api {
             lease: lease.0,
             wait,
             value,
+            caller,
+            max_waiters: self.limits.max_waiters_per_lock,
         };
         let (applied, result) = self
             .propose_once(command::Command::Acquire(acquire), request)

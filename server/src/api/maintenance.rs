@@ -39,8 +39,9 @@ impl Maintenance for Api {
 
     async fn snapshot(
         &self,
-        _request: Request<SnapshotSaveRequest>,
+        request: Request<SnapshotSaveRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.identify(&request)?.require_admin()?;
         self.read_point(false).await?;
         let number = NEXT_BACKUP.fetch_add(1, Ordering::Relaxed);
         let path = self

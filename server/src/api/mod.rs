@@ -22,13 +22,26 @@
 //! - `election.rs`: Campaign, Proclaim, Leader, Observe, Resign.
 //! - `session.rs`: Open and Close of exactly-once sessions.
 //! - `maintenance.rs`: backups (a snapshot streamed to the client).
+//! - `auth.rs`: logging in, users, roles, the authentication switch.
+//! - `streams.rs`: the bound on calls open at once on one connection.
+//!
+//! # Authentication
+//! Each call first finds out who is asking ([`Authenticator::identify`])
+//! and checks the permission it needs on the name it touches, before it
+//! reads or proposes anything; a refusal changes nothing. Leases belong to
+//! the identity that granted them: a user that is not an admin may only
+//! keep alive, inspect, revoke or acquire with its own (checked here for
+//! reads and keepalives, and in apply for revokes and acquires, so the
+//! check holds whichever node proposed).
 
+mod auth;
 mod cluster;
 mod election;
 mod lease;
 mod lock;
 mod maintenance;
 mod session;
+pub mod streams;
 
 use std::future::Future;
 
@@ -48,12 +61,15 @@ use latchkey_proto::v1::{
 };
 use prost::Message as _;
 
-use crate::coordination::CoordinationError;
+use crate::auth::{Authenticator, Identity};
+use crate::config::Limits;
+use crate::coordination::{CoordinationError, LeaseId};
 use crate::error::{FatalError, RequestError};
 use crate::node::{Applied, NodeHandle};
 use crate::state_machine::{Reader, MAX_KEY_BYTES, MAX_RANGE_KEYS, MAX_VALUE_BYTES};
 use crate::transport::PeerDirectory;
 use crate::types::NodeId;
+use latchkey_proto::v1::PermissionKind;
 
 /// Metadata key carrying the leader's node id on `UNAVAILABLE`.
 pub const LEADER_ID_HEADER: &str = "latchkey-leader-id";
@@ -74,6 +90,9 @@ pub struct ApiSettings {
     pub session_idle_timeout_ms: u64,
     /// The shortest time after which a follower may start an election.
     pub election_timeout_ms: u64,
+    /// Lifetime of the bearer tokens `Auth.Authenticate` issues.
+    pub auth_token_ttl: std::time::Duration,
+    pub limits: Limits,
 }
 
 impl ApiSettings {
@@ -96,6 +115,16 @@ pub struct Api {
     /// KeepAlive) then end with `UNAVAILABLE`, so their clients move to
     /// another node instead of waiting on a node that no longer serves.
     stopping: watch::Receiver<bool>,
+    auth: Authenticator,
+    limits: Limits,
+}
+
+/// The owner a non-admin user's lease-using command must match; `None`
+/// for admins and when authentication is off.
+pub(super) fn owner_check(identity: &Identity) -> Option<String> {
+    identity
+        .checks_owner()
+        .then(|| identity.name().unwrap_or_default().to_string())
 }
 
 impl Api {
@@ -108,6 +137,8 @@ impl Api {
         snapshot_dir: std::path::PathBuf,
         stopping: watch::Receiver<bool>,
     ) -> Api {
+        let auth = Authenticator::new(reader.auth(), settings.auth_token_ttl);
+        let limits = settings.limits;
         Api {
             id,
             node,
@@ -116,6 +147,51 @@ impl Api {
             settings,
             snapshot_dir,
             stopping,
+            auth,
+            limits,
+        }
+    }
+
+    /// Who is asking; `UNAUTHENTICATED` when authentication is on and the
+    /// request proves no identity.
+    pub(super) fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        self.auth.identify(request)
+    }
+
+    /// Who is asking, if they hold `kind` on `resource`.
+    pub(super) fn require<T>(
+        &self,
+        request: &Request<T>,
+        kind: PermissionKind,
+        resource: &str,
+    ) -> Result<Identity, Status> {
+        let identity = self.identify(request)?;
+        identity.require(kind, resource)?;
+        Ok(identity)
+    }
+
+    /// Refuses a user that is not an admin a lease it does not own, as this
+    /// node has applied it. An unknown lease passes (the call reports it).
+    pub(super) fn check_lease_owner(
+        &self,
+        identity: &Identity,
+        lease: LeaseId,
+    ) -> Result<(), Status> {
+        if !identity.checks_owner() {
+            return Ok(());
+        }
+        let state = self.reader.coordination();
+        match state.lease(lease) {
+            Some(found) if found.owner.as_deref() != identity.name() => {
+                let user = identity.name().unwrap_or_default();
+                tracing::info!(%user, %lease, "request refused: not the lease's owner");
+                Err(crate::auth::identity::permission_denied(
+                    user,
+                    "lease owner",
+                    &format!("lease {lease}"),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -130,7 +206,7 @@ impl Api {
 
     /// The gRPC names of every client service above, for health and
     /// reflection.
-    pub const SERVICE_NAMES: [&'static str; 7] = {
+    pub const SERVICE_NAMES: [&'static str; 8] = {
         use tonic::server::NamedService;
         [
             <KvServer<Api> as NamedService>::NAME,
@@ -140,40 +216,53 @@ impl Api {
             <latchkey_proto::v1::election_server::ElectionServer<Api> as NamedService>::NAME,
             <latchkey_proto::v1::session_server::SessionServer<Api> as NamedService>::NAME,
             <latchkey_proto::v1::maintenance_server::MaintenanceServer<Api> as NamedService>::NAME,
+            <latchkey_proto::v1::auth_server::AuthServer<Api> as NamedService>::NAME,
         ]
     };
 
+    // Every service refuses a request larger than --max-request-bytes
+    // before decoding it (`RESOURCE_EXHAUSTED`, naming the size).
+
     pub fn lease_service(&self) -> latchkey_proto::v1::lease_server::LeaseServer<Api> {
         latchkey_proto::v1::lease_server::LeaseServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     pub fn lock_service(&self) -> latchkey_proto::v1::lock_server::LockServer<Api> {
         latchkey_proto::v1::lock_server::LockServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     pub fn election_service(&self) -> latchkey_proto::v1::election_server::ElectionServer<Api> {
         latchkey_proto::v1::election_server::ElectionServer::new(self.clone())
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     pub fn kv_service(&self) -> KvServer<Api> {
         KvServer::new(self.clone())
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_decoding_message_size(self.limits.max_request_bytes)
             .max_encoding_message_size(usize::MAX)
     }
 
     pub fn cluster_service(&self) -> ClusterServer<Api> {
-        ClusterServer::new(self.clone())
+        ClusterServer::new(self.clone()).max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     pub fn session_service(&self) -> latchkey_proto::v1::session_server::SessionServer<Api> {
         latchkey_proto::v1::session_server::SessionServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     pub fn maintenance_service(
         &self,
     ) -> latchkey_proto::v1::maintenance_server::MaintenanceServer<Api> {
         latchkey_proto::v1::maintenance_server::MaintenanceServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
+    }
+
+    pub fn auth_service(&self) -> latchkey_proto::v1::auth_server::AuthServer<Api> {
+        latchkey_proto::v1::auth_server::AuthServer::new(self.clone())
+            .max_decoding_message_size(self.limits.max_request_bytes)
     }
 
     fn status(&self, error: RequestError) -> Status {
@@ -317,30 +406,45 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
     }
 }
 
-fn check_key(key: &[u8]) -> Result<(), RequestError> {
-    if key.is_empty() {
-        return Err(RequestError::InvalidArgument {
-            field: "key",
-            reason: "must not be empty".into(),
-        });
+impl Api {
+    fn check_key(&self, key: &[u8]) -> Result<(), RequestError> {
+        if key.is_empty() {
+            return Err(RequestError::InvalidArgument {
+                field: "key",
+                reason: "must not be empty".into(),
+            });
+        }
+        let limit = self.limits.max_key_bytes.min(MAX_KEY_BYTES);
+        if key.len() > limit {
+            return Err(RequestError::InvalidArgument {
+                field: "key",
+                reason: format!(
+                    "is {} bytes; the limit is {limit} (--max-key-bytes)",
+                    key.len()
+                ),
+            });
+        }
+        Ok(())
     }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(RequestError::InvalidArgument {
-            field: "key",
-            reason: format!("is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
-        });
+
+    fn check_value(&self, value: &[u8]) -> Result<(), RequestError> {
+        let limit = self.limits.max_value_bytes.min(MAX_VALUE_BYTES);
+        if value.len() > limit {
+            return Err(RequestError::InvalidArgument {
+                field: "value",
+                reason: format!(
+                    "is {} bytes; the limit is {limit} (--max-value-bytes)",
+                    value.len()
+                ),
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-fn check_value(value: &[u8]) -> Result<(), RequestError> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(RequestError::InvalidArgument {
-            field: "value",
-            reason: format!("is {} bytes; the limit is {MAX_VALUE_BYTES}", value.len()),
-        });
-    }
-    Ok(())
+/// A key as the name permissions match against.
+fn key_name(key: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(key)
 }
 
 fn key_value(key: Vec<u8>, record: KvRecord) -> KeyValue {
@@ -357,6 +461,11 @@ fn key_value(key: Vec<u8>, record: KvRecord) -> KeyValue {
 #[tonic::async_trait]
 impl Kv for Api {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.require(
+            &request,
+            PermissionKind::Write,
+            &key_name(&request.get_ref().key),
+        )?;
         let PutRequest {
             key,
             value,
@@ -364,8 +473,8 @@ impl Kv for Api {
             request,
             expected_mod_revision,
         } = request.into_inner();
-        check_key(&key)
-            .and_then(|()| check_value(&value))
+        self.check_key(&key)
+            .and_then(|()| self.check_value(&value))
             .map_err(|e| self.status(e))?;
         if let Some(fence) = &fence {
             crate::coordination::validate_name(&fence.name).map_err(|e| match e {
@@ -398,8 +507,13 @@ impl Kv for Api {
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.require(
+            &request,
+            PermissionKind::Read,
+            &key_name(&request.get_ref().key),
+        )?;
         let GetRequest { key, serializable } = request.into_inner();
-        check_key(&key).map_err(|e| self.status(e))?;
+        self.check_key(&key).map_err(|e| self.status(e))?;
         self.read_point(serializable).await?;
         let header = self.header();
         let record = self.reader.get(&key).map_err(|e| self.fatal(e))?;
@@ -413,13 +527,18 @@ impl Kv for Api {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
+        self.require(
+            &request,
+            PermissionKind::Write,
+            &key_name(&request.get_ref().key),
+        )?;
         let DeleteRequest {
             key,
             fence,
             request,
             expected_mod_revision,
         } = request.into_inner();
-        check_key(&key).map_err(|e| self.status(e))?;
+        self.check_key(&key).map_err(|e| self.status(e))?;
         let delete = Delete {
             key,
             fence,
@@ -442,6 +561,11 @@ impl Kv for Api {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        self.require(
+            &request,
+            PermissionKind::Read,
+            &key_name(&request.get_ref().prefix),
+        )?;
         let RangeRequest {
             prefix,
             limit,

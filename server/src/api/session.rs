@@ -17,8 +17,9 @@ use crate::error::RequestError;
 impl Session for Api {
     async fn open(
         &self,
-        _request: Request<SessionOpenRequest>,
+        request: Request<SessionOpenRequest>,
     ) -> Result<Response<SessionOpenResponse>, Status> {
+        self.identify(&request)?;
         let (applied, result) = self
             .propose_once(command::Command::OpenSession(OpenSession {}), None)
             .await?;
@@ -36,6 +37,7 @@ impl Session for Api {
         &self,
         request: Request<SessionCloseRequest>,
     ) -> Result<Response<SessionCloseResponse>, Status> {
+        self.identify(&request)?;
         let SessionCloseRequest { session } = request.into_inner();
         if session == 0 {
             return Err(self.status(RequestError::InvalidArgument {

@@ -1,7 +1,7 @@
 //! Dialing one endpoint, and describing what went wrong in one line.
 //!
-//! Endpoints are plain `HOST:PORT`; they are dialed as `http://HOST:PORT`
-//! (no TLS yet). Every dial and every call has a deadline, because a node
+//! Endpoints are plain `HOST:PORT`; they are dialed as `http://HOST:PORT`,
+//! or `https://HOST:PORT` with TLS settings. Every dial and every call has a deadline, because a node
 //! that is stopped (SIGSTOP) or partitioned accepts nothing and refuses
 //! nothing: without a deadline the command would hang.
 
@@ -16,10 +16,22 @@ use super::format_duration;
 
 /// Opens a connection (TCP and HTTP/2 handshake) to `endpoint` within `timeout`.
 pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
-    let target = Endpoint::from_shared(format!("http://{endpoint}"))
-        .map_err(|err| format!("{endpoint} is not a valid HOST:PORT: {}", describe(&err)))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true);
+    connect_tls(endpoint, timeout, None).await
+}
+
+/// [`connect`], with TLS when `tls` is given.
+pub async fn connect_tls(
+    endpoint: &str,
+    timeout: Duration,
+    tls: Option<&latchkey_client::TlsConfig>,
+) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut target = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+        .map_err(|err| format!("{endpoint} is not a valid HOST:PORT: {}", describe(&err)))?;
+    if let Some(tls) = tls {
+        target = tls.apply(target).map_err(|e| e.to_string())?;
+    }
+    let target = target.connect_timeout(timeout).tcp_nodelay(true);
     match tokio::time::timeout(timeout, target.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(err)) => Err(describe(&err)),
@@ -29,8 +41,17 @@ pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, Strin
 
 /// Asks `endpoint` for its `Cluster.Status`, connection included, within `timeout`.
 pub async fn fetch_status(endpoint: &str, timeout: Duration) -> Result<StatusResponse, String> {
+    fetch_status_tls(endpoint, timeout, None).await
+}
+
+/// [`fetch_status`], with TLS when `tls` is given.
+pub async fn fetch_status_tls(
+    endpoint: &str,
+    timeout: Duration,
+    tls: Option<&latchkey_client::TlsConfig>,
+) -> Result<StatusResponse, String> {
     let call = async {
-        let channel = connect(endpoint, timeout).await?;
+        let channel = connect_tls(endpoint, timeout, tls).await?;
         ClusterClient::new(channel)
             .status(StatusRequest {})
             .await

@@ -30,6 +30,8 @@ pub struct KvArgs {
     /// Give up after this long, retries and leader changes included (500ms, 5s, …).
     #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub security: super::session::SecurityArgs,
     #[command(subcommand)]
     pub command: KvCommand,
 }
@@ -111,7 +113,7 @@ impl FenceArgs {
 }
 
 pub(crate) async fn run(args: KvArgs) -> Result<u8, Failure> {
-    let client = connect_one_shot(&args.endpoints, args.timeout).await?;
+    let client = connect_one_shot(&args.endpoints, args.timeout, &args.security).await?;
     let json = args.json;
     match args.command {
         KvCommand::Put { key, value, fence } => {

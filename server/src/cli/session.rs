@@ -27,6 +27,109 @@ pub struct ClientArgs {
     /// unreachable nodes before the command gives up (500ms, 5s, …).
     #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// TLS and credentials of every client command.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityArgs {
+    /// Dial the endpoints with TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(
+        long = "cacert",
+        id = "tls_cacert",
+        env = "LATCHKEY_CACERT",
+        global = true
+    )]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its common name is the user.
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        env = "LATCHKEY_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(
+        long = "key",
+        id = "tls_key",
+        env = "LATCHKEY_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    pub key: Option<std::path::PathBuf>,
+    /// Log in as this user (`NAME` with --password, or `NAME:PASSWORD`).
+    #[arg(long = "user", id = "auth_user", env = "LATCHKEY_USER", global = true)]
+    pub user: Option<String>,
+    /// The password of --user.
+    #[arg(
+        long = "password",
+        id = "auth_password",
+        env = "LATCHKEY_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// A bearer token from `latchkey auth login`, instead of --user.
+    #[arg(
+        long = "auth-token",
+        id = "auth_token",
+        env = "LATCHKEY_TOKEN",
+        global = true,
+        hide_env_values = true,
+        conflicts_with = "auth_user"
+    )]
+    pub token: Option<String>,
+}
+
+impl SecurityArgs {
+    /// The TLS settings, if --cacert is given.
+    pub fn tls(&self) -> Result<Option<latchkey_client::TlsConfig>, Failure> {
+        let Some(ca) = &self.cacert else {
+            if self.cert.is_some() {
+                return Err(Failure::usage(
+                    "--cert needs --cacert (the CA that signed the servers' certificates)",
+                ));
+            }
+            return Ok(None);
+        };
+        latchkey_client::TlsConfig::from_files(ca, self.cert.as_deref(), self.key.as_deref())
+            .map(Some)
+            .map_err(|e| Failure::usage(e.to_string()))
+    }
+
+    /// The user name and password, if --user is given.
+    pub fn login(&self) -> Result<Option<(String, String)>, Failure> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        match (user.split_once(':'), &self.password) {
+            (Some((name, password)), None) => Ok(Some((name.to_string(), password.to_string()))),
+            (None, Some(password)) => Ok(Some((user.clone(), password.clone()))),
+            (Some(_), Some(_)) => Err(Failure::usage(
+                "give the password once: --user NAME:PASSWORD or --user NAME --password PASSWORD",
+            )),
+            (None, None) => Err(Failure::usage(
+                "--user needs a password: --password (or LATCHKEY_PASSWORD), or --user NAME:PASSWORD",
+            )),
+        }
+    }
+
+    /// Applies the TLS settings and credentials to a client builder.
+    pub fn apply(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, Failure> {
+        if let Some(tls) = self.tls()? {
+            builder = builder.tls(tls);
+        }
+        if let Some((user, password)) = self.login()? {
+            builder = builder.credentials(user, password);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        Ok(builder)
+    }
 }
 
 /// How often a held lease is renewed. Renewals cost the leader no Raft
@@ -41,7 +144,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// a lease for a while (`lock`, `elect`, `lease keepalive`): its writes are
 /// deduplicated under an exactly-once session, closed when it exits.
 pub async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
-    builder(&args.endpoints, args.timeout)?
+    args.security
+        .apply(builder(&args.endpoints, args.timeout)?)?
         .connect()
         .await
         .map_err(failure)
@@ -51,8 +155,13 @@ pub async fn connect(args: &ClientArgs) -> Result<Client, Failure> {
 /// exactly-once session, so the command takes no slot in the cluster's
 /// session table; a write whose outcome is unknown is reported (exit 4),
 /// not resent.
-pub async fn connect_one_shot(endpoints: &[String], timeout: Duration) -> Result<Client, Failure> {
-    builder(endpoints, timeout)?
+pub async fn connect_one_shot(
+    endpoints: &[String],
+    timeout: Duration,
+    security: &SecurityArgs,
+) -> Result<Client, Failure> {
+    security
+        .apply(builder(endpoints, timeout)?)?
         .sessionless()
         .connect()
         .await
@@ -61,7 +170,7 @@ pub async fn connect_one_shot(endpoints: &[String], timeout: Duration) -> Result
 
 /// [`connect_one_shot`] with the shared flags.
 pub async fn connect_once(args: &ClientArgs) -> Result<Client, Failure> {
-    connect_one_shot(&args.endpoints, args.timeout).await
+    connect_one_shot(&args.endpoints, args.timeout, &args.security).await
 }
 
 fn builder(endpoints: &[String], timeout: Duration) -> Result<ClientBuilder, Failure> {
@@ -87,6 +196,9 @@ pub fn failure(error: Error) -> Failure {
         | Error::Timeout { .. }
         | Error::SessionExpired { .. }
         | Error::OutcomeUnknown { .. }
+        | Error::Unauthenticated { .. }
+        | Error::PermissionDenied { .. }
+        | Error::LimitExceeded { .. }
         | Error::Rejected { .. } => EXIT_FAILED,
     };
     let hint = match &error {
@@ -97,6 +209,9 @@ pub fn failure(error: Error) -> Failure {
         }
         Error::LeaseNotFound { .. } | Error::LeaseLost { .. } => {
             "; grant a new lease (`latchkey lease grant`)"
+        }
+        Error::Unauthenticated { .. } => {
+            "; give --user and --password, --token, or a client certificate (--cert/--key)"
         }
         _ => "",
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use latchkey_proto::v1::{Role, StatusResponse};
 use serde::Serialize;
 
-use super::connect::fetch_status;
+use super::connect::fetch_status_tls;
 use super::{parse_duration, parse_endpoints, print_error, write_json, write_stdout, Failure};
 use super::{EXIT_OK, EXIT_UNREACHABLE};
 
@@ -26,6 +26,8 @@ pub struct StatusArgs {
     /// How long to wait for each endpoint (500ms, 2s, …).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub security: super::session::SecurityArgs,
 }
 
 /// The `--json` output.
@@ -61,8 +63,13 @@ pub struct Unreachable {
 
 pub(crate) async fn run(args: StatusArgs) -> Result<u8, Failure> {
     let endpoints = parse_endpoints(&args.endpoints)?;
-    let answers =
-        futures::future::join_all(endpoints.iter().map(|e| fetch_status(e, args.timeout))).await;
+    let tls = args.security.tls()?;
+    let answers = futures::future::join_all(
+        endpoints
+            .iter()
+            .map(|e| fetch_status_tls(e, args.timeout, tls.as_ref())),
+    )
+    .await;
     let report = build_report(&endpoints, answers);
     if args.json {
         write_json(&report)?;

@@ -22,7 +22,8 @@
 //!
 //! Values start with a format version byte (1), then fixed-width big-endian
 //! integers and byte strings prefixed by their `u32` length:
-//! - lease: `ttl_ms: u64`
+//! - lease: `ttl_ms: u64`; with an owner, version 2: `ttl_ms: u64, owner:
+//!   bytes` (an anonymous lease keeps version 1, so its bytes are unchanged)
 //! - grant: `lease: u64, token: u64, granted_index: u64, value: bytes`
 //! - waiter: `lease: u64, value: bytes, attempt: u64`
 //! - session header: `opened_index: u64, forgotten_below: u64`
@@ -51,6 +52,8 @@ pub const NEXT_TOKEN_KEY: &[u8] = b"c/meta/next_token";
 pub const RESTORE_PENDING_KEY: &[u8] = b"c/meta/restore_pending";
 
 const FORMAT_VERSION: u8 = 1;
+/// The lease record of a lease with an owner.
+const OWNED_LEASE_VERSION: u8 = 2;
 /// Ends the name inside a waiter key.
 const NAME_END: u8 = 0;
 const U64_BYTES: usize = 8;
@@ -95,6 +98,7 @@ pub(super) enum Decoded {
     Lease {
         lease: LeaseId,
         ttl_ms: u64,
+        owner: Option<String>,
     },
     Lock {
         key: LockKey,
@@ -129,10 +133,20 @@ pub fn encode_restore_pending() -> Vec<u8> {
     vec![FORMAT_VERSION]
 }
 
-pub(super) fn encode_lease(ttl_ms: u64) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
-    put_u64(&mut out, ttl_ms);
-    out
+pub(super) fn encode_lease(ttl_ms: u64, owner: Option<&str>) -> Vec<u8> {
+    match owner {
+        None => {
+            let mut out = vec![FORMAT_VERSION];
+            put_u64(&mut out, ttl_ms);
+            out
+        }
+        Some(owner) => {
+            let mut out = vec![OWNED_LEASE_VERSION];
+            put_u64(&mut out, ttl_ms);
+            put_bytes(&mut out, owner.as_bytes());
+            out
+        }
+    }
 }
 
 pub(super) fn encode_grant(grant: &Grant) -> Vec<u8> {
@@ -167,16 +181,14 @@ pub(super) fn encode_session_result(result: &[u8]) -> Vec<u8> {
 
 /// Decodes one record; the error says what is wrong (the caller names the key).
 pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, String> {
+    if let Some(rest) = key.strip_prefix(LEASE_PREFIX) {
+        return decode_lease(rest, value);
+    }
     let mut reader = Reader::new(value)?;
     let decoded = if key == NEXT_TOKEN_KEY {
         Decoded::NextToken(FencingToken(reader.u64()?))
     } else if key == RESTORE_PENDING_KEY {
         Decoded::RestorePending
-    } else if let Some(rest) = key.strip_prefix(LEASE_PREFIX) {
-        Decoded::Lease {
-            lease: LeaseId(key_u64(rest)?),
-            ttl_ms: reader.u64()?,
-        }
     } else if let Some(rest) = key.strip_prefix(LOCK_PREFIX) {
         let (kind, name) = rest.split_first().ok_or("lock key has no kind")?;
         Decoded::Lock {
@@ -224,6 +236,32 @@ pub(super) fn decode(key: &[u8], value: &[u8]) -> Result<Decoded, String> {
     };
     reader.finish()?;
     Ok(decoded)
+}
+
+fn decode_lease(key_rest: &[u8], value: &[u8]) -> Result<Decoded, String> {
+    let lease = LeaseId(key_u64(key_rest)?);
+    let (mut reader, owned) = match value.first() {
+        Some(&OWNED_LEASE_VERSION) => (Reader::new_unversioned(&value[1..]), true),
+        _ => (Reader::new(value)?, false),
+    };
+    let ttl_ms = reader.u64()?;
+    let owner = if owned {
+        let bytes = reader.bytes()?;
+        let owner =
+            String::from_utf8(bytes).map_err(|e| format!("lease owner is not UTF-8: {e}"))?;
+        if owner.is_empty() {
+            return Err("lease owner is empty".into());
+        }
+        Some(owner)
+    } else {
+        None
+    };
+    reader.finish()?;
+    Ok(Decoded::Lease {
+        lease,
+        ttl_ms,
+        owner,
+    })
 }
 
 fn key_u64(bytes: &[u8]) -> Result<u64, String> {
@@ -286,6 +324,11 @@ impl<'a> Reader<'a> {
             Some((version, _)) => Err(format!("unknown format version {version}")),
             None => Err("empty value".into()),
         }
+    }
+
+    /// A reader of what follows a version byte already checked.
+    fn new_unversioned(rest: &'a [u8]) -> Reader<'a> {
+        Reader { rest }
     }
 
     fn take(&mut self, len: usize) -> Result<&'a [u8], String> {

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeSet;
 use std::mem;
+use std::sync::Arc;
 
-use super::ops::{CoordinationError, Event, Outcome};
+use super::ops::{Caller, CoordinationError, Event, Outcome};
 use super::types::{Lease, LeaseId};
 use super::{Coordination, Effects, Record, TtlBounds, MAX_LEASES};
 use crate::types::LogIndex;
@@ -14,6 +15,7 @@ impl Coordination {
         &mut self,
         index: LogIndex,
         ttl_ms: u64,
+        caller: &Caller,
         fx: &mut Effects,
     ) -> Result<Outcome, CoordinationError> {
         let TtlBounds {
@@ -32,10 +34,20 @@ impl Coordination {
                 limit: MAX_LEASES as u64,
             });
         }
+        let owner = self.intern_owner(caller.identity.as_deref());
+        let owned = self.owner_lease_count(owner.as_deref());
+        if caller.max_owner_leases > 0 && owned >= caller.max_owner_leases {
+            return Err(CoordinationError::ResourceExhausted {
+                what: "leases per identity (--max-leases-per-identity)",
+                limit: caller.max_owner_leases,
+            });
+        }
         let id = LeaseId(index.0);
+        self.count_owner_lease(&owner, 1);
         let lease = Lease {
             id,
             ttl_ms,
+            owner,
             held: BTreeSet::new(),
             waiting: BTreeSet::new(),
         };
@@ -96,7 +108,9 @@ impl Coordination {
             for key in &held {
                 self.release_holder(index, key, fx);
             }
-            self.leases.remove(id);
+            if let Some(lease) = self.leases.remove(id) {
+                self.count_owner_lease(&lease.owner, -1);
+            }
             fx.touched.insert(Record::Lease(*id));
             fx.events.push(Event::LeaseRemoved {
                 lease: *id,
@@ -120,6 +134,56 @@ impl Coordination {
                 .expect("position is in the queue");
             fx.touched
                 .insert(Record::Waiter(key, waiter.enqueued_index));
+        }
+    }
+
+    /// Refuses `lease` to a caller that must own it and does not. An
+    /// unknown lease passes: the op itself reports it as not found.
+    pub(super) fn check_owner(
+        &self,
+        lease: LeaseId,
+        caller: &Caller,
+    ) -> Result<(), CoordinationError> {
+        if !caller.check_owner {
+            return Ok(());
+        }
+        let Some(found) = self.leases.get(&lease) else {
+            return Ok(());
+        };
+        if found.owner.as_deref() == caller.identity.as_deref() {
+            Ok(())
+        } else {
+            Err(CoordinationError::NotOwner {
+                lease,
+                caller: caller.identity.clone().unwrap_or_default(),
+            })
+        }
+    }
+
+    /// The shared name of `owner`, so that the leases of one owner hold
+    /// one allocation between them.
+    pub(super) fn intern_owner(&self, owner: Option<&str>) -> Option<Arc<str>> {
+        let owner = owner.filter(|o| !o.is_empty())?;
+        match self.owner_leases.get_key_value(owner) {
+            Some((name, _)) => Some(name.clone()),
+            None => Some(Arc::from(owner)),
+        }
+    }
+
+    /// How many live leases `owner` has (`None`: anonymous ones).
+    pub fn owner_lease_count(&self, owner: Option<&str>) -> u64 {
+        self.owner_leases
+            .get(owner.unwrap_or(""))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn count_owner_lease(&mut self, owner: &Option<Arc<str>>, delta: i64) {
+        let name = owner.clone().unwrap_or_else(|| Arc::from(""));
+        let count = self.owner_leases.entry(name.clone()).or_insert(0);
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.owner_leases.remove(&name);
         }
     }
 }

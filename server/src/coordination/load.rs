@@ -74,16 +74,27 @@ impl Coordination {
             let fresh = match decoded {
                 Decoded::NextToken(token) => next_token.replace(token).is_none(),
                 Decoded::RestorePending => !std::mem::replace(&mut state.restore_pending, true),
-                Decoded::Lease { lease, ttl_ms } => {
+                Decoded::Lease {
+                    lease,
+                    ttl_ms,
+                    owner,
+                } => {
                     let held = BTreeSet::new();
                     let waiting = BTreeSet::new();
+                    let owner = state.intern_owner(owner.as_deref());
                     let lease = Lease {
                         id: lease,
                         ttl_ms,
+                        owner,
                         held,
                         waiting,
                     };
-                    state.leases.insert(lease.id, lease).is_none()
+                    let owner = lease.owner.clone();
+                    let fresh = state.leases.insert(lease.id, lease).is_none();
+                    if fresh {
+                        state.count_owner_lease(&owner, 1);
+                    }
+                    fresh
                 }
                 Decoded::Lock { key, holder } => {
                     let waiters = VecDeque::new();

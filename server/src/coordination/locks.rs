@@ -17,16 +17,30 @@ use crate::types::LogIndex;
 /// What [`MAX_LOCKS_PER_LEASE`] counts, for its error.
 const PER_LEASE_LIMIT: &str = "locks held or awaited per lease";
 
+/// What an acquire asks for besides the lock and the lease.
+pub(super) struct Wanted {
+    /// Queue if the lock is held (else fail at once).
+    pub wait: bool,
+    /// The candidate's published value (elections).
+    pub value: Vec<u8>,
+    /// The proposer's bound on the queue (0: the global one only).
+    pub max_waiters: u64,
+}
+
 impl Coordination {
     pub(super) fn acquire(
         &mut self,
         index: LogIndex,
         key: LockKey,
         lease: LeaseId,
-        wait: bool,
-        value: Vec<u8>,
+        wanted: Wanted,
         fx: &mut Effects,
     ) -> Result<Outcome, CoordinationError> {
+        let Wanted {
+            wait,
+            value,
+            max_waiters,
+        } = wanted;
         validate_name(&key.name)?;
         validate_value(key.kind, &value)?;
         if self.restore_pending {
@@ -64,8 +78,13 @@ impl Coordination {
             fx.touched.insert(Record::Waiter(key, enqueued_index));
             return Ok(Outcome::Queued { position });
         }
-        let queue_has_room = lock.waiters.len() < MAX_WAITERS_PER_LOCK;
-        check_limit(queue_has_room, "waiters per lock", MAX_WAITERS_PER_LOCK)?;
+        let (what, waiter_limit) = match max_waiters as usize {
+            n if n > 0 && n < MAX_WAITERS_PER_LOCK => {
+                ("waiters per lock (--max-waiters-per-lock)", n)
+            }
+            _ => ("waiters per lock", MAX_WAITERS_PER_LOCK),
+        };
+        check_limit(lock.waiters.len() < waiter_limit, what, waiter_limit)?;
         check_limit(has_room, PER_LEASE_LIMIT, MAX_LOCKS_PER_LEASE)?;
         Ok(self.enqueue(index, key, lease, value, fx))
     }

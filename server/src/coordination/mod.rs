@@ -134,7 +134,7 @@ pub use codec::{
     SESSION_RESULT_PREFIX, WAITER_PREFIX,
 };
 pub use load::LoadError;
-pub use ops::{Applied, Changes, CoordinationError, Event, FenceError, Op, Outcome};
+pub use ops::{Applied, Caller, Changes, CoordinationError, Event, FenceError, Op, Outcome};
 pub use sessions::{
     SequenceNumber, Session, SessionCheck, SessionId, Sessions, MAX_SESSIONS, SESSION_WINDOW,
 };
@@ -176,6 +176,8 @@ pub struct Coordination {
     /// may be made until it is (see `docs/semantics.md`, Invariant 1).
     restore_pending: bool,
     leases: BTreeMap<LeaseId, Lease>,
+    /// Live leases per owner (`""`: anonymous); derived from `leases`.
+    owner_leases: std::collections::HashMap<std::sync::Arc<str>, u64>,
     /// Held locks and elections only.
     locks: BTreeMap<LockKey, Lock>,
     sessions: Sessions,
@@ -214,6 +216,7 @@ impl Coordination {
             next_token: FencingToken(1),
             restore_pending: false,
             leases: BTreeMap::new(),
+            owner_leases: std::collections::HashMap::new(),
             locks: BTreeMap::new(),
             sessions: Sessions::default(),
         }
@@ -222,11 +225,19 @@ impl Coordination {
     /// Applies `op`, committed at `index`. Indexes must be applied once each,
     /// in increasing order.
     pub fn apply(&mut self, index: LogIndex, op: Op) -> Applied {
+        self.apply_as(index, op, &Caller::default())
+    }
+
+    /// Applies `op` on behalf of `caller`: leases it grants are the
+    /// caller's, and the owner and limit checks it asks for are made.
+    pub fn apply_as(&mut self, index: LogIndex, op: Op, caller: &Caller) -> Applied {
         let mut effects = Effects::default();
         let fx = &mut effects;
         let result = match op {
-            Op::GrantLease { ttl_ms } => self.grant_lease(index, ttl_ms, fx),
-            Op::RevokeLease { lease } => self.revoke_lease(index, lease, fx),
+            Op::GrantLease { ttl_ms } => self.grant_lease(index, ttl_ms, caller, fx),
+            Op::RevokeLease { lease } => self
+                .check_owner(lease, caller)
+                .and_then(|()| self.revoke_lease(index, lease, fx)),
             Op::ExpireLeases { leases } => Ok(self.expire_leases(index, leases, fx)),
             Op::Acquire {
                 kind,
@@ -234,7 +245,15 @@ impl Coordination {
                 lease,
                 wait,
                 value,
-            } => self.acquire(index, LockKey::new(kind, name), lease, wait, value, fx),
+            } => self.check_owner(lease, caller).and_then(|()| {
+                let key = LockKey::new(kind, name);
+                let wanted = locks::Wanted {
+                    wait,
+                    value,
+                    max_waiters: caller.max_waiters,
+                };
+                self.acquire(index, key, lease, wanted, fx)
+            }),
             Op::Release { kind, name, token } => {
                 self.release(index, &LockKey::new(kind, name), token, fx)
             }
@@ -452,7 +471,7 @@ impl Coordination {
                 lease_key(*id),
                 self.leases
                     .get(id)
-                    .map(|lease| codec::encode_lease(lease.ttl_ms)),
+                    .map(|lease| codec::encode_lease(lease.ttl_ms, lease.owner.as_deref())),
             ),
             Record::Lock(key) => (
                 lock_key(key),

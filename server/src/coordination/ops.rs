@@ -55,6 +55,22 @@ pub enum Op {
     RaiseTokenFloor { floor: FencingToken },
 }
 
+/// Who proposed an op, and the limits the proposing node enforces. It
+/// travels in the command, so every replica applies the same checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity that asked (`None`: anonymous). A granted lease is
+    /// owned by it.
+    pub identity: Option<String>,
+    /// Refuse to use or revoke a lease that `identity` does not own (off
+    /// for admins and while authentication is off).
+    pub check_owner: bool,
+    /// Most live leases one identity may own (0: only the global bound).
+    pub max_owner_leases: u64,
+    /// Most waiters one lock may have (0: only the global bound).
+    pub max_waiters: u64,
+}
+
 /// The successful result of an [`Op`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -127,6 +143,9 @@ pub enum CoordinationError {
     },
     #[error("resource exhausted: at most {limit} {what}")]
     ResourceExhausted { what: &'static str, limit: u64 },
+    /// The caller does not own the lease it named.
+    #[error("lease {lease} belongs to another user")]
+    NotOwner { lease: LeaseId, caller: String },
     /// Restored from a backup; grants wait until the first leader has
     /// raised the token floor (moments after it is elected).
     #[error("the cluster is completing a restore; retry shortly")]

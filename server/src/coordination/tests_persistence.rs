@@ -214,7 +214,7 @@ fn load_refuses_records_that_do_not_decode() {
     let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
         (lease.clone(), vec![1, 0, 0]),
         (lease.clone(), vec![9, 0, 0, 0, 0, 0, 0, 0, 1]),
-        (lease, [codec::encode_lease(5), vec![0]].concat()),
+        (lease, [codec::encode_lease(5, None), vec![0]].concat()),
         (b"c/unknown".to_vec(), vec![1]),
         (b"k/user-key".to_vec(), vec![1]),
         (

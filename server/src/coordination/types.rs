@@ -94,12 +94,15 @@ impl fmt::Display for LockKey {
 
 /// A live lease and what hangs off it.
 ///
-/// Only `id` and `ttl_ms` are stored in the lease's record; `held` and
-/// `waiting` are indexes rebuilt from the lock and waiter records on load.
+/// Only `id`, `ttl_ms` and `owner` are stored in the lease's record; `held`
+/// and `waiting` are indexes rebuilt from the lock and waiter records on load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub id: LeaseId,
     pub ttl_ms: u64,
+    /// The identity that granted it (`None`: anonymous, authentication
+    /// off). Shared with the other leases of the same owner.
+    pub owner: Option<std::sync::Arc<str>>,
     /// Locks and elections this lease currently holds.
     pub held: BTreeSet<LockKey>,
     /// Locks and elections this lease is queued for.

@@ -44,8 +44,11 @@ impl Cluster {
         added: Vec<NodeEntry>,
         count: usize,
     ) -> Result<(), String> {
-        let admin = Client::builder(self.manifest.endpoints().split(','))
-            .sessionless()
+        let mut builder = Client::builder(self.manifest.endpoints().split(',')).sessionless();
+        if let Some(tls) = super::tls::root_client(&self.dir)? {
+            builder = builder.tls(tls);
+        }
+        let admin = builder
             .connect()
             .await
             .map_err(|e| format!("cannot reach the cluster: {e}"))?;

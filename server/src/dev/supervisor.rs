@@ -168,7 +168,12 @@ fn spawn_with(exe: &Path, entry: &NodeEntry, args: Vec<String>) -> io::Result<No
 }
 
 fn serve_args(entry: &NodeEntry, initial_cluster: &str) -> Vec<String> {
-    vec![
+    let cluster_dir = entry.data_dir.parent().unwrap_or(Path::new("."));
+    let tls = super::tls::node_flags(cluster_dir, entry.id).unwrap_or_else(|e| {
+        tracing::warn!("node {}: cannot make its certificate: {e}", entry.id);
+        Vec::new()
+    });
+    let mut args = vec![
         "serve".into(),
         "--id".into(),
         entry.id.to_string(),
@@ -182,10 +187,11 @@ fn serve_args(entry: &NodeEntry, initial_cluster: &str) -> Vec<String> {
         entry.client_addr.clone(),
         "--listen-http".into(),
         entry.http_addr.clone(),
-        // Last: a joining node drops these two.
-        "--initial-cluster".into(),
-        initial_cluster.to_string(),
-    ]
+    ];
+    args.extend(tls);
+    // Last: a joining node drops these two.
+    args.extend(["--initial-cluster".into(), initial_cluster.to_string()]);
+    args
 }
 
 /// Waits until some running node exits, records how, and returns its index.

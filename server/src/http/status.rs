@@ -222,9 +222,13 @@ async fn member_views(state: &HttpState, status: &NodeStatus) -> Vec<MemberView>
         } else if info.client_addr.is_empty() {
             Err("its client address is not known yet".to_string())
         } else {
-            crate::cli::connect::fetch_status(&info.client_addr, MEMBER_TIMEOUT)
-                .await
-                .map(Some)
+            crate::cli::connect::fetch_status_tls(
+                &info.client_addr,
+                MEMBER_TIMEOUT,
+                state.member_tls.as_ref(),
+            )
+            .await
+            .map(Some)
         };
         (*id, info.clone(), answer)
     });
@@ -305,7 +309,7 @@ async fn lease_times(
     let Some(leader) = state.directory.get(NodeId(status.leader_id)) else {
         return (0, BTreeMap::new());
     };
-    match leader_lease_times(&leader.client_addr).await {
+    match leader_lease_times(&leader.client_addr, state.member_tls.as_ref()).await {
         Ok(times) => (status.leader_id, times),
         Err(error) => {
             tracing::debug!(
@@ -317,9 +321,12 @@ async fn lease_times(
     }
 }
 
-async fn leader_lease_times(endpoint: &str) -> Result<BTreeMap<u64, u64>, String> {
+async fn leader_lease_times(
+    endpoint: &str,
+    tls: Option<&latchkey_client::TlsConfig>,
+) -> Result<BTreeMap<u64, u64>, String> {
     let call = async {
-        let channel = crate::cli::connect::connect(endpoint, MEMBER_TIMEOUT).await?;
+        let channel = crate::cli::connect::connect_tls(endpoint, MEMBER_TIMEOUT, tls).await?;
         LeaseClient::new(channel)
             .list(LeaseListRequest { serializable: true })
             .await

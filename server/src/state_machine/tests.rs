@@ -60,7 +60,10 @@ impl Harness {
 
     fn lease(&mut self) -> u64 {
         match self
-            .apply(command::Command::GrantLease(GrantLease { ttl_ms: 5_000 }))
+            .apply(command::Command::GrantLease(GrantLease {
+                ttl_ms: 5_000,
+                ..Default::default()
+            }))
             .result
         {
             Some(command_result::Result::LeaseGranted(granted)) => granted.lease,
@@ -91,9 +94,13 @@ impl Harness {
     }
 
     fn value(&self, key: &str) -> Option<KvRecord> {
-        Reader::new(self.engine.clone(), self.machine.coordination())
-            .get(key.as_bytes())
-            .unwrap()
+        Reader::new(
+            self.engine.clone(),
+            self.machine.coordination(),
+            self.machine.auth(),
+        )
+        .get(key.as_bytes())
+        .unwrap()
     }
 }
 
@@ -232,7 +239,12 @@ fn retried_request_is_applied_once_and_returns_the_first_result() {
         seq: 1,
         oldest_pending_seq: 1,
     });
-    let grant = || command::Command::GrantLease(GrantLease { ttl_ms: 5_000 });
+    let grant = || {
+        command::Command::GrantLease(GrantLease {
+            ttl_ms: 5_000,
+            ..Default::default()
+        })
+    };
     let first = h.apply_with(grant(), request);
     let leases_before = h.machine.coordination().read().leases().count();
     let retry = h.apply_with(grant(), request);
@@ -253,7 +265,10 @@ fn request_of_an_unknown_session_is_refused_as_expired_and_changes_nothing() {
         oldest_pending_seq: 1,
     });
     let refused = h.apply_with(
-        command::Command::GrantLease(GrantLease { ttl_ms: 5_000 }),
+        command::Command::GrantLease(GrantLease {
+            ttl_ms: 5_000,
+            ..Default::default()
+        }),
         request,
     );
     let Some(command_result::Result::Error(error)) = refused.result else {

@@ -13,6 +13,8 @@ pub const CONF_STATE: &[u8] = b"\x00conf_state";
 pub const MEMBERS: &[u8] = b"\x00members";
 /// Prefix of key-value records.
 pub const KV_PREFIX: &[u8] = b"k/";
+/// Prefix of users, roles and the authentication switch (`crate::auth`).
+pub const AUTH_PREFIX: &[u8] = b"a/";
 /// Upper bound of every key in the family, for range deletes.
 pub const END: &[u8] = b"\xff";
 

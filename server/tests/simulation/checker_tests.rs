@@ -62,7 +62,10 @@ impl History {
             lease,
             ttl_ms: 2000,
         });
-        let grant = command::Command::GrantLease(GrantLease { ttl_ms: 2000 });
+        let grant = command::Command::GrantLease(GrantLease {
+            ttl_ms: 2000,
+            ..Default::default()
+        });
         self.apply(grant, None, granted, Vec::new());
     }
 
@@ -73,6 +76,7 @@ impl History {
             lease,
             wait: true,
             value: Vec::new(),
+            ..Default::default()
         });
         let (result, events) = match outcome {
             Ok(token) => (

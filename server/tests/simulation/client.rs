@@ -265,7 +265,11 @@ impl Client {
         let invoked = pending.invoked_at_us;
         match &pending.op {
             Op::Get { key } => {
-                let reader = Reader::new(running.engine.clone(), running.handle.coordination());
+                let reader = Reader::new(
+                    running.engine.clone(),
+                    running.handle.coordination(),
+                    running.handle.auth(),
+                );
                 let record = reader.get(key.as_bytes()).expect("simulated state reads");
                 world.checker.read_served("read", node, invoked, applied);
                 world.checker.completed_read(CompletedRead {

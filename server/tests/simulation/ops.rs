@@ -230,8 +230,14 @@ fn grant_kind(kind: Kind) -> i32 {
 pub fn op_command(op: &Op) -> Option<command::Command> {
     Some(match op {
         Op::OpenSession => command::Command::OpenSession(OpenSession {}),
-        Op::Grant { ttl_ms } => command::Command::GrantLease(GrantLease { ttl_ms: *ttl_ms }),
-        Op::Revoke { lease } => command::Command::RevokeLease(RevokeLease { lease: *lease }),
+        Op::Grant { ttl_ms } => command::Command::GrantLease(GrantLease {
+            ttl_ms: *ttl_ms,
+            ..Default::default()
+        }),
+        Op::Revoke { lease } => command::Command::RevokeLease(RevokeLease {
+            lease: *lease,
+            ..Default::default()
+        }),
         Op::Acquire {
             kind,
             name,
@@ -244,6 +250,7 @@ pub fn op_command(op: &Op) -> Option<command::Command> {
             lease: *lease,
             wait: *wait,
             value: value.clone(),
+            ..Default::default()
         }),
         Op::Release { holding } => command::Command::Release(Release {
             kind: grant_kind(holding.kind),
