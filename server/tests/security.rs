@@ -177,7 +177,7 @@ async fn set_up_users(cluster: &TestCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_credentials_or_permission_nothing_is_done() {
     let cluster = TestCluster::start_with(3, |config: &mut Config| {
-        config.auth_token_ttl = Duration::from_secs(2);
+        config.auth_token_ttl = Duration::from_secs(3);
     })
     .await;
     cluster.leader().await;
@@ -333,7 +333,7 @@ async fn without_credentials_or_permission_nothing_is_done() {
         matches!(wrong, Error::Unauthenticated { ref reason, .. } if reason == "bad_password"),
         "{wrong:?}"
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(
         reason(get(format!("Bearer {token}")).await.unwrap_err()),
         "token_expired"

@@ -18,7 +18,7 @@ use latchkey_proto::v1::unauthenticated::Reason;
 use latchkey_proto::v1::{ErrorDetails, Permission, PermissionKind};
 
 use super::store::SharedAuth;
-use super::token::{self, Claims, TokenError};
+use super::token::{self, Claims};
 
 /// The metadata key of bearer tokens.
 pub const AUTHORIZATION: &str = "authorization";
@@ -174,28 +174,26 @@ impl Authenticator {
                     )
                 })?;
             let (key, enabled_index) = auth.token_key();
-            let claims = match token::verify(key, token, unix_ms()) {
-                Ok(claims) => claims,
-                Err(TokenError::Expired) => {
-                    return Err(refuse(
-                        Reason::TokenExpired,
-                        "the token has expired; log in again",
-                        None,
-                    ))
-                }
-                Err(TokenError::Malformed) => {
-                    return Err(refuse(
-                        Reason::MalformedToken,
-                        "the token is not valid",
-                        None,
-                    ))
-                }
+            // Revocation is checked before expiry: it is the stronger news.
+            let Ok(claims) = token::verify_signature(key, token) else {
+                return Err(refuse(
+                    Reason::MalformedToken,
+                    "the token is not valid",
+                    None,
+                ));
             };
             let current = auth.user(&claims.user).map(|u| u.generation);
             if claims.enabled_index != enabled_index || current != Some(claims.generation) {
                 return Err(refuse(
                     Reason::TokenRevoked,
                     "the token was revoked (the password changed, the user was deleted, or authentication was re-enabled); log in again",
+                    Some(&claims.user),
+                ));
+            }
+            if claims.expired(unix_ms()) {
+                return Err(refuse(
+                    Reason::TokenExpired,
+                    "the token has expired; log in again",
                     Some(&claims.user),
                 ));
             }

@@ -48,8 +48,26 @@ pub fn issue(key: &[u8], claims: &Claims) -> String {
     )
 }
 
-/// Checks `token`'s signature under `key` and its expiry against `now_unix_ms`.
+impl Claims {
+    /// Whether the token's lifetime has passed at `now_unix_ms`.
+    pub fn expired(&self, now_unix_ms: u64) -> bool {
+        now_unix_ms >= self.expires_unix_ms
+    }
+}
+
+/// Checks `token`'s signature under `key` and its expiry against
+/// `now_unix_ms`.
 pub fn verify(key: &[u8], token: &str, now_unix_ms: u64) -> Result<Claims, TokenError> {
+    let claims = verify_signature(key, token)?;
+    if claims.expired(now_unix_ms) {
+        return Err(TokenError::Expired);
+    }
+    Ok(claims)
+}
+
+/// Checks `token`'s signature under `key` only: the claims are the
+/// issuer's, expired or not.
+pub fn verify_signature(key: &[u8], token: &str) -> Result<Claims, TokenError> {
     if token.len() > MAX_TOKEN_BYTES || key.is_empty() {
         return Err(TokenError::Malformed);
     }
@@ -76,9 +94,6 @@ pub fn verify(key: &[u8], token: &str, now_unix_ms: u64) -> Result<Claims, Token
         enabled_index: u64_at(16),
         user: String::from_utf8(payload[24..].to_vec()).map_err(|_| TokenError::Malformed)?,
     };
-    if now_unix_ms >= claims.expires_unix_ms {
-        return Err(TokenError::Expired);
-    }
     Ok(claims)
 }
 
