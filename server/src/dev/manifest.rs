@@ -178,7 +178,9 @@ impl Manifest {
         }
         let ports = match base_port {
             Some(base) => triples_from_base(base, have..count)?,
-            None => free_ports(3 * (count - have))
+            // The cluster's own nodes may not be listening yet (a restart
+            // that grows): their ports are free to the kernel, not to us.
+            None => free_ports_excluding(3 * (count - have), &self.ports())
                 .map_err(|err| format!("cannot find free ports on 127.0.0.1: {err}"))?,
         };
         let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
@@ -298,6 +300,40 @@ fn ports_from_base(base: u16, count: usize) -> Result<Vec<u16>, String> {
 /// Asks the kernel for `count` distinct free ports. They are free when this
 /// returns, not reserved: another process could take one before a node binds
 /// it, in which case that node fails to start and says so in its log.
+impl Manifest {
+    /// Every port the nodes listed use.
+    fn ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .flat_map(|n| [&n.client_addr, &n.peer_addr, &n.http_addr])
+            .filter_map(|addr| addr.rsplit_once(':')?.1.parse().ok())
+            .collect()
+    }
+}
+
+/// `count` free ports, none of them in `used`.
+fn free_ports_excluding(count: usize, used: &[u16]) -> io::Result<Vec<u16>> {
+    // All listeners stay open until every port is known, so no port
+    // repeats; bounded: a used port is skipped at most once per entry.
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..count + used.len() {
+        if ports.len() == count {
+            break;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if !used.contains(&port) {
+            ports.push(port);
+        }
+        listeners.push(listener);
+    }
+    if ports.len() < count {
+        return Err(io::Error::other("the kernel kept handing out ports in use"));
+    }
+    Ok(ports)
+}
+
 fn free_ports(count: usize) -> io::Result<Vec<u16>> {
     // All listeners stay open until every port is known, so no port repeats.
     let listeners = (0..count)
