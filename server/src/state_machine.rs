@@ -235,12 +235,7 @@ impl StateMachine {
             Some(command::Command::AuthChange(change)) => {
                 let result = match self.auth.write().apply(index, change) {
                     Ok(changes) => {
-                        for (key, value) in changes {
-                            match value {
-                                Some(value) => batch.put(CF_STATE, &key, &value),
-                                None => batch.delete(CF_STATE, &key),
-                            }
-                        }
+                        write_changes(batch, changes, &self.switches);
                         done()
                     }
                     Err(e) => error_result(e.code(), e.to_string(), None),

@@ -180,19 +180,17 @@ impl Api {
         if !identity.checks_owner() {
             return Ok(());
         }
-        let state = self.reader.coordination();
-        match state.lease(lease) {
-            Some(found) if found.owner.as_deref() != identity.name() => {
-                let user = identity.name().unwrap_or_default();
-                tracing::info!(%user, %lease, "request refused: not the lease's owner");
-                Err(crate::auth::identity::permission_denied(
-                    user,
-                    "lease owner",
-                    &format!("lease {lease}"),
-                ))
-            }
-            _ => Ok(()),
-        }
+        let caller = crate::coordination::Caller {
+            identity: owner_check(identity),
+            check_owner: true,
+            ..Default::default()
+        };
+        let checked = self.reader.coordination().check_owner(lease, &caller);
+        checked.map_err(|e| {
+            let user = identity.name().unwrap_or_default();
+            tracing::info!(%user, %lease, "request refused: not the lease's owner");
+            refusal("", e)
+        })
     }
 
     /// Completes once the server is stopping.

@@ -139,11 +139,7 @@ impl Coordination {
 
     /// Refuses `lease` to a caller that must own it and does not. An
     /// unknown lease passes: the op itself reports it as not found.
-    pub(super) fn check_owner(
-        &self,
-        lease: LeaseId,
-        caller: &Caller,
-    ) -> Result<(), CoordinationError> {
+    pub fn check_owner(&self, lease: LeaseId, caller: &Caller) -> Result<(), CoordinationError> {
         if !caller.check_owner {
             return Ok(());
         }
