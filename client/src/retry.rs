@@ -105,7 +105,7 @@ pub(crate) fn leader_hint(status: &tonic::Status) -> Option<String> {
 
 /// Turns `host:port` or `http://host:port` into the form channels are keyed
 /// by: with a scheme and without a trailing slash.
-pub(crate) fn normalize_endpoint(endpoint: &str) -> Result<String, Error> {
+pub fn normalize_endpoint(endpoint: &str) -> Result<String, Error> {
     let trimmed = endpoint.trim().trim_end_matches('/');
     if trimmed.is_empty() {
         return Err(Error::Config(format!("empty endpoint in {endpoint:?}")));

@@ -110,10 +110,10 @@ pub const EXIT_LOST: u8 = 7;
 pub const MAX_ENDPOINTS: usize = 64;
 
 /// Longest `--timeout` accepted; anything longer is almost certainly a typo.
-const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Longest lease TTL the server grants.
-const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `latchkey status`: prints every endpoint's view of the cluster.
 pub fn status(args: StatusArgs) -> Result<ExitCode, Box<dyn Error>> {
@@ -304,7 +304,11 @@ fn check_endpoint(entry: &str) -> Result<String, Failure> {
     let endpoint = entry.strip_prefix("http://").unwrap_or(entry);
     let valid = match endpoint.rsplit_once(':') {
         Some((host, port)) => {
-            !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            !host.is_empty()
+                && !host.contains('/')
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+                // What the client will dial: a URI authority of its own.
+                && endpoint.parse::<http::uri::Authority>().is_ok_and(|a| a.as_str() == endpoint)
         }
         None => false,
     };
@@ -354,7 +358,8 @@ fn parse_duration_up_to(text: &str, max: Duration) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration (try 500ms, 2s or 1m)"))?;
     let secs = value * unit_secs;
-    if !secs.is_finite() || secs <= 0.0 || secs > max.as_secs_f64() {
+    // A positive value below a nanosecond would round to zero.
+    if !secs.is_finite() || secs < 1e-9 || secs > max.as_secs_f64() {
         return Err(format!(
             "{text:?} is out of range (more than 0, at most {}s)",
             max.as_secs()
@@ -363,14 +368,17 @@ fn parse_duration_up_to(text: &str, max: Duration) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Shows a duration the way a user would type it: `500ms`, `2s`, `1.5s`.
+/// Shows a duration the way a user would type it: `500ms`, `2s`, `1.5s`,
+/// `1.25s`; to the millisecond, so that [`parse_duration`] reads it back.
 pub fn format_duration(duration: Duration) -> String {
-    if duration.subsec_millis() == 0 {
+    let millis = duration.subsec_millis();
+    if millis == 0 {
         format!("{}s", duration.as_secs())
     } else if duration < Duration::from_secs(1) {
-        format!("{}ms", duration.as_millis())
+        format!("{millis}ms")
     } else {
-        format!("{:.1}s", duration.as_secs_f64())
+        let fraction = format!("{millis:03}");
+        format!("{}.{}s", duration.as_secs(), fraction.trim_end_matches('0'))
     }
 }
 

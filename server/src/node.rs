@@ -49,6 +49,7 @@
 //! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
 //! - `sessions.rs`: expiry of idle exactly-once sessions.
 //! - `restore.rs`: a restored cluster raises its token floor first.
+//! - [`peer_messages`]: what a peer's message must be before raft-rs steps it.
 //! - `membership.rs`: conf changes (proposed after `crate::membership`'s
 //!   checks, applied with the member table), peers, leader transfer.
 //! - `options.rs`: [`NodeOptions`] and the clocks.
@@ -84,6 +85,7 @@ use crate::types::{LogIndex, NodeId};
 mod leases;
 mod membership;
 mod options;
+pub mod peer_messages;
 mod reads;
 mod ready;
 mod restore;
@@ -454,6 +456,7 @@ impl Node {
         let state_machine = StateMachine::open(engine.clone(), switches)?;
         let applied = state_machine.applied();
         raft_log.repair_commit(applied.index)?;
+        raft_log.check_commit()?;
         // (0, 0) is raft-rs's default range.
         let (min_election_tick, max_election_tick) = options.election_tick_range.unwrap_or((0, 0));
         let raft_config = raft::Config {
@@ -631,6 +634,10 @@ impl Node {
     fn handle(&mut self, message: NodeMsg) {
         match message {
             NodeMsg::Raft(message) => {
+                if let Err(refusal) = peer_messages::check(&self.raw.raft, &message) {
+                    tracing::warn!(node = %self.id, peer = message.from, "dropped a raft message from a peer: {refusal}");
+                    return;
+                }
                 self.heard_from(message.from);
                 // Stale or misdirected messages are normal in Raft; drop them.
                 if let Err(e) = self.raw.step(*message) {

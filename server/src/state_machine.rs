@@ -7,8 +7,22 @@
 //! entries and the new applied position in one batch; until it reports the
 //! batch written ([`StateMachine::batch_written`]), the key-value records
 //! those entries wrote are read from an overlay, so each entry sees the
-//! ones before it. A committed entry that does not decode is a fatal error,
-//! not a result: a replica that skipped it would diverge.
+//! ones before it.
+//!
+//! Committed entries that are not a command this binary can apply
+//! ([`StateMachine::apply_encoded`]) fall in two kinds:
+//! - bytes that are not a protobuf `Command` at all: no correct proposer,
+//!   of this version or any other (fields are only ever added), writes
+//!   them, and every replica reads the same bytes from the log and fails
+//!   to decode them the same way. Apply records a deterministic failure
+//!   (`INTERNAL`, "does not decode") as the entry's result, changes
+//!   nothing else, and goes on: stopping would take down every replica at
+//!   the same index, and again at every restart, for an entry whose outcome
+//!   all of them agree on;
+//! - a `Command` that decodes but carries no body this binary knows: that
+//!   is what a newer version's new command looks like to an older replica,
+//!   which would diverge from the newer ones if it skipped it. It stays a
+//!   fatal error naming the index: upgrade this node.
 //!
 //! It holds two things:
 //! - the fenced key-value store, records under [`keys::KV_PREFIX`]; their
@@ -91,6 +105,9 @@ pub struct StateMachine {
 pub struct ApplyOutput {
     pub result: CommandResult,
     pub events: Vec<Event>,
+    /// The client id of the command's request (0: none, or the entry did
+    /// not decode); its session is active.
+    pub session: u64,
 }
 
 impl StateMachine {
@@ -99,6 +116,7 @@ impl StateMachine {
         let coordination = load_coordination(&engine, switches)?;
         let auth = load_auth(&engine)?;
         let applied = load_applied(&engine)?;
+        check_applied(&coordination, applied)?;
         Ok(StateMachine {
             engine,
             applied,
@@ -142,10 +160,42 @@ impl StateMachine {
             self.unwritten_kv.is_empty(),
             "a snapshot is installed only between written batches"
         );
-        *self.coordination.write() = load_coordination(&self.engine, &self.switches)?;
-        *self.auth.write() = load_auth(&self.engine)?;
-        self.applied = load_applied(&self.engine)?;
+        let coordination = load_coordination(&self.engine, &self.switches)?;
+        let auth = load_auth(&self.engine)?;
+        let applied = load_applied(&self.engine)?;
+        check_applied(&coordination, applied)?;
+        *self.coordination.write() = coordination;
+        *self.auth.write() = auth;
+        self.applied = applied;
         Ok(())
+    }
+
+    /// Decodes a committed entry's bytes and applies the command at
+    /// `index`. Bytes that do not decode are a deterministic failure,
+    /// recorded as the result with nothing else changed (see the module
+    /// docs); a command without a known body is a fatal error.
+    pub fn apply_encoded(
+        &mut self,
+        batch: &mut Batch,
+        index: u64,
+        data: &[u8],
+    ) -> Result<ApplyOutput, FatalError> {
+        match Command::decode(data) {
+            Ok(command) => self.apply(batch, index, command),
+            Err(e) => {
+                tracing::error!(
+                    index,
+                    bytes = data.len(),
+                    "committed entry does not decode as a command; recorded as failed: {e}"
+                );
+                let message = format!("committed entry {index} does not decode as a command: {e}");
+                Ok(ApplyOutput {
+                    result: error_result(Code::Internal, message, None),
+                    events: Vec::new(),
+                    session: 0,
+                })
+            }
+        }
     }
 
     /// Applies one command at `index`, adding its changes to `batch`.
@@ -155,16 +205,19 @@ impl StateMachine {
         index: u64,
         command: Command,
     ) -> Result<ApplyOutput, FatalError> {
+        let session = command.request.as_ref().map_or(0, |r| r.client_id);
         let request = command.request.filter(|r| r.client_id != 0 && r.seq != 0);
         if let Some(request) = &request {
             if let Some(refusal) = self.check_session(request)? {
                 return Ok(ApplyOutput {
                     result: refusal,
                     events: Vec::new(),
+                    session,
                 });
             }
         }
-        let output = self.apply_new(batch, index, command)?;
+        let mut output = self.apply_new(batch, index, command)?;
+        output.session = session;
         if let Some(request) = request {
             let changes = self.coordination.write().record_session(
                 SessionId(request.client_id),
@@ -227,6 +280,7 @@ impl StateMachine {
             Ok(ApplyOutput {
                 result,
                 events: Vec::new(),
+                session: 0,
             })
         };
         let mut caller = Caller::default();
@@ -319,6 +373,7 @@ impl StateMachine {
         Ok(ApplyOutput {
             result,
             events: applied.events,
+            session: 0,
         })
     }
 
@@ -454,6 +509,24 @@ fn load_applied(engine: &Engine) -> Result<LogPosition, FatalError> {
         .unwrap_or_default())
 }
 
+/// The state is not ahead of its applied position (a missing or damaged
+/// position would make the node apply entries twice, which apply asserts
+/// never happens).
+fn check_applied(coordination: &Coordination, applied: LogPosition) -> Result<(), FatalError> {
+    let latest = coordination.latest_index();
+    if latest.0 > applied.index {
+        return Err(FatalError::Corruption {
+            cf: CF_STATE,
+            key: crate::storage::display_key(keys::APPLIED),
+            reason: format!(
+                "the applied position is {}, but the state holds records of index {latest}",
+                applied.index
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn load_coordination(
     engine: &Engine,
     switches: &UnsafeSwitches,
@@ -481,10 +554,10 @@ fn load_auth(engine: &Engine) -> Result<AuthState, FatalError> {
         records.push((key.to_vec(), payload));
         true
     })?;
-    AuthState::load(records).map_err(|reason| FatalError::Corruption {
+    AuthState::load(records).map_err(|(key, reason)| FatalError::Corruption {
         cf: CF_STATE,
-        key: "auth records".into(),
-        reason,
+        key: crate::storage::display_key(&key),
+        reason: format!("auth record does not decode: {reason}"),
     })
 }
 

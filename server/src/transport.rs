@@ -18,6 +18,12 @@
 //! travels inside its Raft message (up to [`MAX_PEER_FRAME_BYTES`]). The
 //! node is told whether each snapshot got through.
 //!
+//! A frame the service cannot use (not a raft message, undecodable, naming
+//! another sender or recipient, a snapshot that names a file) is dropped
+//! with a warning naming the peer, and the stream goes on
+//! ([`check_frame`]); the node checks what it steps further
+//! (`crate::node::peer_messages`).
+//!
 //! The set of peers follows the membership: the node calls
 //! [`Transport::set_peers`] at start and after every applied conf change,
 //! and the transport opens links to new members and closes those to
@@ -465,26 +471,43 @@ impl Peer for PeerService {
             }
         };
         while let Some(frame) = stream.message().await? {
-            let Some(peer_frame::Frame::RaftMessage(bytes)) = frame.frame else {
-                return Err(Status::invalid_argument(
-                    "only raft messages may follow the Hello",
-                ));
+            let message = match check_frame(from, self.id, frame) {
+                Ok(message) => message,
+                Err(reason) => {
+                    tracing::warn!(peer = %from, "dropped a frame from a peer: {reason}");
+                    continue;
+                }
             };
-            let message = Message::parse_from_bytes(&bytes).map_err(|e| {
-                Status::invalid_argument(format!("raft message does not decode: {e}"))
-            })?;
-            if message.from != from.0 || message.to != self.id.0 {
-                return Err(Status::invalid_argument(format!(
-                    "message from {} to {} on the stream of {from}",
-                    message.from, message.to
-                )));
-            }
             if self.node.step(message).await.is_err() {
                 return Err(Status::unavailable("node is shutting down"));
             }
         }
         Ok(Response::new(PeerAck {}))
     }
+}
+
+/// The raft-rs message a frame that follows the `Hello` of `from`'s stream
+/// to node `me` carries, or why it is refused: it is not a raft message, it
+/// does not decode, it names another sender or recipient, or it is a
+/// snapshot that names a file (files come on the `Snapshot` call, which
+/// checks them and names the local copy; a path from the peer must never be
+/// read). The caller drops a refused frame and keeps the stream.
+pub fn check_frame(from: NodeId, me: NodeId, frame: PeerFrame) -> Result<Message, String> {
+    let Some(peer_frame::Frame::RaftMessage(bytes)) = frame.frame else {
+        return Err("only raft messages may follow the Hello".into());
+    };
+    let message = Message::parse_from_bytes(&bytes)
+        .map_err(|e| format!("raft message does not decode: {e}"))?;
+    if message.from != from.0 || message.to != me.0 {
+        return Err(format!(
+            "message from {} to {} on the stream of {from}",
+            message.from, message.to
+        ));
+    }
+    if snapshots::is_file_snapshot(&message) {
+        return Err("a snapshot file must come on the Snapshot call".into());
+    }
+    Ok(message)
 }
 
 impl PeerService {

@@ -76,33 +76,34 @@ pub struct AuthState {
 pub type Changes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 impl AuthState {
-    /// Rebuilds the state from its records (any order).
+    /// Rebuilds the state from its records (any order). A record that does
+    /// not decode is refused with its key and the reason.
     pub fn load(
         records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
-    ) -> Result<AuthState, String> {
+    ) -> Result<AuthState, (Vec<u8>, String)> {
         let mut state = AuthState::default();
         for (key, value) in records {
-            let display = String::from_utf8_lossy(&key).into_owned();
-            if key == META_KEY {
-                state.meta = AuthMetaRecord::decode(value.as_slice())
-                    .map_err(|e| format!("{display}: {e}"))?;
-            } else if let Some(name) = key.strip_prefix(USER_PREFIX) {
-                let name =
-                    String::from_utf8(name.to_vec()).map_err(|e| format!("{display}: {e}"))?;
-                let user = AuthUserRecord::decode(value.as_slice())
-                    .map_err(|e| format!("{display}: {e}"))?;
-                state.users.insert(name, user);
-            } else if let Some(name) = key.strip_prefix(ROLE_PREFIX) {
-                let name =
-                    String::from_utf8(name.to_vec()).map_err(|e| format!("{display}: {e}"))?;
-                let role = AuthRoleRecord::decode(value.as_slice())
-                    .map_err(|e| format!("{display}: {e}"))?;
-                state.roles.insert(name, role);
-            } else if key.starts_with(AUTH_PREFIX) {
-                return Err(format!("{display}: not an auth record"));
-            }
+            state
+                .load_record(&key, &value)
+                .map_err(|reason| (key, reason))?;
         }
         Ok(state)
+    }
+
+    fn load_record(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        let name = |name: &[u8]| String::from_utf8(name.to_vec()).map_err(|e| e.to_string());
+        if key == META_KEY {
+            self.meta = AuthMetaRecord::decode(value).map_err(|e| e.to_string())?;
+        } else if let Some(user) = key.strip_prefix(USER_PREFIX) {
+            let record = AuthUserRecord::decode(value).map_err(|e| e.to_string())?;
+            self.users.insert(name(user)?, record);
+        } else if let Some(role) = key.strip_prefix(ROLE_PREFIX) {
+            let record = AuthRoleRecord::decode(value).map_err(|e| e.to_string())?;
+            self.roles.insert(name(role)?, record);
+        } else if key.starts_with(AUTH_PREFIX) {
+            return Err("not an auth record".into());
+        }
+        Ok(())
     }
 
     pub fn enabled(&self) -> bool {

@@ -167,6 +167,24 @@ impl Coordination {
 
     /// Checks every invariant of the state; the error names the record at
     /// fault. Load runs it; tests run it after every op.
+    /// The highest log index the state records (a lease's or session's
+    /// id, a grant's index, a waiter's index): the state was applied at
+    /// least that far. A stored applied position below it means the
+    /// records and the position disagree, and replaying the log from that
+    /// position would apply entries a second time.
+    pub fn latest_index(&self) -> LogIndex {
+        let leases = self.leases.keys().map(|id| id.0);
+        let locks = self.locks.values().flat_map(|lock| {
+            std::iter::once(lock.holder.granted_index.0).chain(
+                lock.waiters
+                    .iter()
+                    .flat_map(|w| [w.enqueued_index.0, w.attempt.0]),
+            )
+        });
+        let sessions = self.sessions.ids().map(|id| id.0);
+        LogIndex(leases.chain(locks).chain(sessions).max().unwrap_or(0))
+    }
+
     pub fn validate(&self) -> Result<(), LoadError> {
         if self.next_token.0 == 0 {
             return Err(LoadError::at(codec::NEXT_TOKEN_KEY, "token counter is 0"));

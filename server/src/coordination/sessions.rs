@@ -197,9 +197,11 @@ impl Sessions {
         if !dedup_requested(session, seq) {
             return changes;
         }
-        let open = self.sessions.get_mut(&session).unwrap_or_else(|| {
-            panic!("session {session} recorded while not open: apply must check before recording")
-        });
+        // Apply checked that the session was open; a command that closes or
+        // expires its own session leaves nothing to remember its result in.
+        let Some(open) = self.sessions.get_mut(&session) else {
+            return changes;
+        };
         assert!(
             !open.results.contains_key(&seq) && seq >= open.forgotten_below,
             "session {session} seq {seq} recorded twice or below what it remembers: apply must check before recording"

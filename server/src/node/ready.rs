@@ -109,11 +109,19 @@ impl Node {
         self.state_machine.reload()?;
         self.members = self.load_members()?;
         self.publish_members();
-        assert_eq!(
-            self.state_machine.applied().index,
-            meta.index,
-            "snapshot's state must be at the snapshot's index"
-        );
+        // Inline snapshots are checked before raft-rs sees them
+        // (`peer_messages`); a file's records only here.
+        let applied = self.state_machine.applied().index;
+        if applied != meta.index {
+            return Err(FatalError::Corruption {
+                cf: crate::storage::CF_STATE,
+                key: "<received snapshot>".into(),
+                reason: format!(
+                    "the snapshot of index {} holds the state applied at {applied}",
+                    meta.index
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -230,11 +238,10 @@ impl Node {
         match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => Ok(EntryOutput::default()),
             EntryType::EntryNormal => {
-                let command =
-                    Command::decode(entry.data.as_ref()).map_err(|e| undecodable("command", &e))?;
-                let session = command.request.as_ref().map_or(0, |r| r.client_id);
-                let output = self.state_machine.apply(batch, entry.index, command)?;
-                self.note_session_activity(session, &output.events);
+                let output = self
+                    .state_machine
+                    .apply_encoded(batch, entry.index, &entry.data)?;
+                self.note_session_activity(output.session, &output.events);
                 self.metrics.applied(&output.events, &output.result);
                 for event in &output.events {
                     if let Event::LeaseRemoved { lease, .. } = event {

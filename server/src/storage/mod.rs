@@ -503,7 +503,7 @@ fn frame(key: &[u8], payload: &[u8]) -> Vec<u8> {
     framed
 }
 
-fn unframe(cf: &'static str, key: &[u8], raw: &[u8]) -> Result<Vec<u8>, FatalError> {
+pub(crate) fn unframe(cf: &'static str, key: &[u8], raw: &[u8]) -> Result<Vec<u8>, FatalError> {
     if raw.len() < CHECKSUM_LEN {
         return Err(corruption(
             cf,

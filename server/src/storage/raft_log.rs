@@ -7,6 +7,12 @@
 //! state machine in the `state` family *is* the snapshot, read at one
 //! instant together with its applied position and membership.
 //!
+//! What raft-rs reads at start is checked first, because raft-rs stops the
+//! process on a bad value instead of returning an error: the stored
+//! configuration must restore ([`restorable_conf_state`]), and the hard
+//! state must commit an entry the log holds ([`RaftLog::check_commit`]).
+//! Either failing is corruption naming its key.
+//!
 //! # Bootstrap
 //! A node of a new cluster starts as if it had installed a snapshot at
 //! index 1, term 1 that holds the initial membership (as raft-rs's own
@@ -25,8 +31,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
-use raft::{GetEntriesContext, RaftState, StorageError};
+use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfState, Entry, HardState, Snapshot};
+use raft::{Changer, GetEntriesContext, ProgressTracker, RaftState, StorageError};
 
 use super::keys::{self, raft_state};
 use super::{corruption, Batch, Engine, LogPosition, CF_RAFT_LOG, CF_RAFT_STATE, CF_STATE};
@@ -80,8 +86,10 @@ impl RaftLog {
             fatal,
             snapshots: RefCell::new(snapshots::Snapshots::default()),
         };
-        if conf_state.is_none() {
-            log.bootstrap(voters, members)?;
+        match &conf_state {
+            None => log.bootstrap(voters, members)?,
+            Some(conf_state) => restorable_conf_state(conf_state)
+                .map_err(|reason| corruption(CF_RAFT_STATE, raft_state::CONF_STATE, reason))?,
         }
         log.load_last()?;
         Ok(log)
@@ -166,6 +174,24 @@ impl RaftLog {
         }
         self.last_index = entry.index;
         self.last_term = entry.term;
+        Ok(())
+    }
+
+    /// Checks, before raft-rs reads it, that the hard state commits an
+    /// entry the log holds or compacted: raft-rs stops the process on a
+    /// commit index outside that range. Call after [`RaftLog::repair_commit`].
+    pub fn check_commit(&self) -> Result<(), FatalError> {
+        let commit = self.hard_state.commit;
+        if commit > self.last_index || commit < self.truncated.index {
+            return Err(corruption(
+                CF_RAFT_STATE,
+                raft_state::HARD_STATE,
+                format!(
+                    "commits {commit}, but the log holds {}..={}",
+                    self.truncated.index, self.last_index
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -441,13 +467,92 @@ impl raft::Storage for RaftLog {
     }
 }
 
+/// Restores `conf_state` the way raft-rs does when it starts or installs a
+/// snapshot, and checks that the result is the same configuration: raft-rs
+/// stops the process on one that does not restore.
+pub fn restorable_conf_state(conf_state: &ConfState) -> Result<(), String> {
+    let single = |id: u64, change_type: ConfChangeType| {
+        let mut change = ConfChangeSingle {
+            node_id: id,
+            ..ConfChangeSingle::default()
+        };
+        change.set_change_type(change_type);
+        change
+    };
+    let outgoing: Vec<_> = conf_state
+        .voters_outgoing
+        .iter()
+        .map(|id| single(*id, ConfChangeType::AddNode))
+        .collect();
+    let incoming: Vec<_> = conf_state
+        .voters_outgoing
+        .iter()
+        .map(|id| single(*id, ConfChangeType::RemoveNode))
+        .chain(
+            conf_state
+                .voters
+                .iter()
+                .map(|id| single(*id, ConfChangeType::AddNode)),
+        )
+        .chain(
+            conf_state
+                .learners
+                .iter()
+                .map(|id| single(*id, ConfChangeType::AddLearnerNode)),
+        )
+        .chain(
+            conf_state
+                .learners_next
+                .iter()
+                .map(|id| single(*id, ConfChangeType::AddLearnerNode)),
+        )
+        .collect();
+    let refused = |e: raft::Error| format!("{conf_state:?} does not restore: {e}");
+    let mut tracker = ProgressTracker::new(1);
+    let steps: Vec<&[ConfChangeSingle]> = if outgoing.is_empty() {
+        incoming.chunks(1).collect()
+    } else {
+        outgoing.chunks(1).collect()
+    };
+    for step in steps {
+        let (conf, changes) = Changer::new(&tracker).simple(step).map_err(refused)?;
+        tracker.apply_conf(conf, changes, 1);
+    }
+    if !outgoing.is_empty() {
+        let (conf, changes) = Changer::new(&tracker)
+            .enter_joint(conf_state.auto_leave, &incoming)
+            .map_err(refused)?;
+        tracker.apply_conf(conf, changes, 1);
+    }
+    let restored = tracker.conf().to_conf_state();
+    if !same_configuration(&restored, conf_state) {
+        return Err(format!("{conf_state:?} restores as {restored:?}"));
+    }
+    Ok(())
+}
+
+/// The same members in each role, in any order (raft-rs's comparison).
+fn same_configuration(a: &ConfState, b: &ConfState) -> bool {
+    let same = |x: &[u64], y: &[u64]| {
+        x.iter().all(|id| y.contains(id)) && y.iter().all(|id| x.contains(id))
+    };
+    same(&a.voters, &b.voters)
+        && same(&a.learners, &b.learners)
+        && same(&a.voters_outgoing, &b.voters_outgoing)
+        && same(&a.learners_next, &b.learners_next)
+        && a.auto_leave == b.auto_leave
+}
+
 fn encode_pb(message: &impl protobuf::Message) -> Vec<u8> {
     // Encoding into a Vec only fails for messages missing required fields,
     // which proto3 raft-rs messages do not have.
     message.write_to_bytes().expect("raft-rs message encodes")
 }
 
-fn decode_pb<M: protobuf::Message>(
+/// Decodes a verified raft-rs record; a failure is corruption at `key`.
+/// Public for the decoder fuzz tests only.
+#[doc(hidden)]
+pub fn decode_pb<M: protobuf::Message>(
     cf: &'static str,
     key: &[u8],
     payload: &[u8],
@@ -465,7 +570,10 @@ fn load_pb<M: protobuf::Message>(
         .transpose()
 }
 
-fn decode_entry(key: &[u8], payload: &[u8]) -> Result<Entry, FatalError> {
+/// Decodes a verified log entry and checks that it is stored under its own
+/// index. Public for the decoder fuzz tests only.
+#[doc(hidden)]
+pub fn decode_entry(key: &[u8], payload: &[u8]) -> Result<Entry, FatalError> {
     let entry: Entry = decode_pb(CF_RAFT_LOG, key, payload)?;
     if key != keys::log_entry(entry.index) {
         return Err(corruption(
@@ -493,11 +601,16 @@ impl RaftLog {
         if self.hard_state.commit >= applied {
             return Ok(());
         }
-        assert!(
-            applied <= self.last_index,
-            "applied index {applied} is past the last log entry {}",
-            self.last_index
-        );
+        if applied > self.last_index {
+            return Err(corruption(
+                CF_STATE,
+                keys::APPLIED,
+                format!(
+                    "applied index {applied} is past the last log entry {}",
+                    self.last_index
+                ),
+            ));
+        }
         let mut batch = Batch::new(&self.engine);
         self.set_commit(&mut batch, applied);
         self.engine.write(batch, true)

@@ -192,6 +192,7 @@ pub fn read(
     let mut records = 0u64;
     // Bounded by the file: each pass consumes at least four bytes.
     loop {
+        let record_start = reader.inner.count;
         let key_len = reader.u32("a record")?;
         if key_len == END_OF_RECORDS {
             break;
@@ -200,15 +201,19 @@ pub fn read(
         let value_len = reader.u32("a record")?;
         let raw = reader.bytes(value_len, MAX_VALUE_BYTES, "a value")?;
         if unframe(CF_STATE, &key, &raw).is_err() {
-            return Err(reader.malformed(format!(
-                "record {} (key \"{}\") fails its checksum",
-                records + 1,
-                key.escape_ascii()
-            )));
+            return Err(reader.malformed_at(
+                record_start,
+                format!(
+                    "record {} (key \"{}\") fails its checksum",
+                    records + 1,
+                    key.escape_ascii()
+                ),
+            ));
         }
         visit(&key, &raw)?;
         records += 1;
     }
+    let trailer_start = reader.inner.count;
     let trailer_len = reader.u32("the trailer")?;
     let trailer = reader.bytes(trailer_len, MAX_TRAILER_BYTES, "the trailer")?;
     let computed = reader.inner.checksum();
@@ -226,15 +231,16 @@ pub fn read(
         });
     }
     let trailer = SnapshotTrailer::decode(trailer.as_slice())
-        .map_err(|e| reader.malformed(format!("trailer does not decode: {e}")))?;
+        .map_err(|e| reader.malformed_at(trailer_start, format!("trailer does not decode: {e}")))?;
     if trailer.records != records {
-        return Err(reader.malformed(format!(
-            "{records} records, the trailer says {}",
-            trailer.records
-        )));
+        return Err(reader.malformed_at(
+            trailer_start,
+            format!("{records} records, the trailer says {}", trailer.records),
+        ));
     }
-    let conf_state = ConfState::parse_from_bytes(&trailer.conf_state)
-        .map_err(|e| reader.malformed(format!("membership does not decode: {e}")))?;
+    let conf_state = ConfState::parse_from_bytes(&trailer.conf_state).map_err(|e| {
+        reader.malformed_at(trailer_start, format!("membership does not decode: {e}"))
+    })?;
     Ok(SnapshotInfo {
         index: trailer.index,
         term: trailer.term,
@@ -287,10 +293,16 @@ impl<R: Read> Reader<R> {
         Ok(buf)
     }
 
+    /// The file is malformed where the reader stands.
     fn malformed(&self, reason: String) -> SnapshotFileError {
+        self.malformed_at(self.inner.count, reason)
+    }
+
+    /// The file is malformed at byte `at` (what starts there).
+    fn malformed_at(&self, at: u64, reason: String) -> SnapshotFileError {
         SnapshotFileError::Malformed {
             path: self.path.clone(),
-            reason,
+            reason: format!("at byte {at}: {reason}"),
         }
     }
 }
