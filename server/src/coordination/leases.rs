@@ -6,7 +6,7 @@ use std::mem;
 use std::sync::Arc;
 
 use super::ops::{Caller, CoordinationError, Event, Outcome};
-use super::types::{Lease, LeaseId};
+use super::types::{Lease, LeaseId, LockSet};
 use super::{Coordination, Effects, Record, TtlBounds, MAX_LEASES};
 use crate::types::LogIndex;
 
@@ -48,8 +48,8 @@ impl Coordination {
             id,
             ttl_ms,
             owner,
-            held: BTreeSet::new(),
-            waiting: BTreeSet::new(),
+            held: LockSet::new(),
+            waiting: LockSet::new(),
         };
         let replaced = self.leases.insert(id, lease);
         assert!(

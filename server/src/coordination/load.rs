@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::codec::{self, Decoded};
-use super::types::{FencingToken, Kind, Lease, Lock, LockKey, Waiter};
+use super::types::{FencingToken, Kind, Lease, Lock, LockKey, LockSet, Waiter};
 use super::{lease_key, lock_key, session_key, validate_name, waiter_key, Coordination, TtlBounds};
 use crate::types::LogIndex;
 
@@ -79,8 +79,8 @@ impl Coordination {
                     ttl_ms,
                     owner,
                 } => {
-                    let held = BTreeSet::new();
-                    let waiting = BTreeSet::new();
+                    let held = LockSet::new();
+                    let waiting = LockSet::new();
                     let owner = state.intern_owner(owner.as_deref());
                     let lease = Lease {
                         id: lease,

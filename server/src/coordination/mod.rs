@@ -138,7 +138,7 @@ pub use ops::{Applied, Caller, Changes, CoordinationError, Event, FenceError, Op
 pub use sessions::{
     SequenceNumber, Session, SessionCheck, SessionId, Sessions, MAX_SESSIONS, SESSION_WINDOW,
 };
-pub use types::{FencingToken, Grant, Kind, Lease, LeaseId, Lock, LockKey, Waiter};
+pub use types::{FencingToken, Grant, Kind, Lease, LeaseId, Lock, LockKey, LockSet, Waiter};
 
 use crate::types::LogIndex;
 
