@@ -113,10 +113,7 @@ pub struct ApplyOutput {
 impl StateMachine {
     /// Loads the applied position and the coordination state.
     pub fn open(engine: Engine, switches: &UnsafeSwitches) -> Result<StateMachine, FatalError> {
-        let coordination = load_coordination(&engine, switches)?;
-        let auth = load_auth(&engine)?;
-        let applied = load_applied(&engine)?;
-        check_applied(&coordination, applied)?;
+        let (coordination, auth, applied) = load_state(&engine, switches)?;
         Ok(StateMachine {
             engine,
             applied,
@@ -160,10 +157,7 @@ impl StateMachine {
             self.unwritten_kv.is_empty(),
             "a snapshot is installed only between written batches"
         );
-        let coordination = load_coordination(&self.engine, &self.switches)?;
-        let auth = load_auth(&self.engine)?;
-        let applied = load_applied(&self.engine)?;
-        check_applied(&coordination, applied)?;
+        let (coordination, auth, applied) = load_state(&self.engine, &self.switches)?;
         *self.coordination.write() = coordination;
         *self.auth.write() = auth;
         self.applied = applied;
@@ -507,6 +501,19 @@ fn load_applied(engine: &Engine) -> Result<LogPosition, FatalError> {
     Ok(engine
         .get_message::<LogPosition>(CF_STATE, keys::APPLIED)?
         .unwrap_or_default())
+}
+
+/// Everything the state machine keeps in memory, read from the engine and
+/// checked against the applied position.
+fn load_state(
+    engine: &Engine,
+    switches: &UnsafeSwitches,
+) -> Result<(Coordination, AuthState, LogPosition), FatalError> {
+    let coordination = load_coordination(engine, switches)?;
+    let auth = load_auth(engine)?;
+    let applied = load_applied(engine)?;
+    check_applied(&coordination, applied)?;
+    Ok((coordination, auth, applied))
 }
 
 /// The state is not ahead of its applied position (a missing or damaged
