@@ -387,43 +387,35 @@ mod tests {
         }
     }
 
-    fn admin_setup(state: &mut AuthState) {
+    /// User and role root, with the admin permission, at indexes 1 to 4;
+    /// the records each change wrote.
+    fn admin_setup(state: &mut AuthState) -> Vec<Changes> {
         use auth_change::Change;
-        state
-            .apply(
-                1,
-                change(Change::PutUser(AuthUser {
-                    name: "root".into(),
-                    password_hash: "h".into(),
-                    replace: false,
-                })),
-            )
-            .unwrap();
-        state
-            .apply(2, change(Change::AddRole("root".into())))
-            .unwrap();
         let admin = Permission {
             kind: PermissionKind::Admin as i32,
             prefix: String::new(),
         };
-        state
-            .apply(
-                3,
-                change(Change::GrantPermission(AuthRolePermission {
-                    role: "root".into(),
-                    permission: Some(admin),
-                })),
-            )
-            .unwrap();
-        state
-            .apply(
-                4,
-                change(Change::GrantRole(AuthUserRole {
-                    user: "root".into(),
-                    role: "root".into(),
-                })),
-            )
-            .unwrap();
+        let changes = [
+            Change::PutUser(AuthUser {
+                name: "root".into(),
+                password_hash: "h".into(),
+                replace: false,
+            }),
+            Change::AddRole("root".into()),
+            Change::GrantPermission(AuthRolePermission {
+                role: "root".into(),
+                permission: Some(admin),
+            }),
+            Change::GrantRole(AuthUserRole {
+                user: "root".into(),
+                role: "root".into(),
+            }),
+        ];
+        changes
+            .into_iter()
+            .zip(1..)
+            .map(|(one, index)| state.apply(index, change(one)).unwrap())
+            .collect()
     }
 
     #[test]
@@ -471,50 +463,10 @@ mod tests {
                 };
             }
         };
+        for changes in admin_setup(&mut state) {
+            record(changes);
+        }
         use auth_change::Change;
-        record(
-            state
-                .apply(
-                    1,
-                    change(Change::PutUser(AuthUser {
-                        name: "root".into(),
-                        password_hash: "h".into(),
-                        replace: false,
-                    })),
-                )
-                .unwrap(),
-        );
-        record(
-            state
-                .apply(2, change(Change::AddRole("root".into())))
-                .unwrap(),
-        );
-        let admin = Permission {
-            kind: PermissionKind::Admin as i32,
-            prefix: String::new(),
-        };
-        record(
-            state
-                .apply(
-                    3,
-                    change(Change::GrantPermission(AuthRolePermission {
-                        role: "root".into(),
-                        permission: Some(admin),
-                    })),
-                )
-                .unwrap(),
-        );
-        record(
-            state
-                .apply(
-                    4,
-                    change(Change::GrantRole(AuthUserRole {
-                        user: "root".into(),
-                        role: "root".into(),
-                    })),
-                )
-                .unwrap(),
-        );
         record(state.apply(5, change(Change::Enable(vec![1; 32]))).unwrap());
         record(
             state
