@@ -8,9 +8,10 @@
 //!    proposals share one Ready and one fsync (group commit);
 //! 2. handle the Ready in the order raft-rs documents: send messages; apply
 //!    a snapshot; apply committed entries (many to one unsynced RocksDB
-//!    write, see `ready.rs`); persist entries and hard state in
-//!    one batch (fsynced when `must_sync`); send persisted messages;
-//!    `advance`; send the light ready's messages, record its commit index and
+//!    write, see `ready.rs`) and persist entries and hard state in
+//!    one batch (fsynced when `must_sync`), then send persisted messages —
+//!    a follower persists and acknowledges before it applies, a leader
+//!    applies (answers) before it persists; `advance`; send the light ready's messages, record its commit index and
 //!    apply its committed entries; `advance_apply`;
 //! 3. publish the status and compact the log if it has grown past the
 //!    configured bound.
@@ -470,6 +471,14 @@ impl Node {
             check_quorum: true,
             max_size_per_msg: MAX_APPEND_BYTES,
             max_inflight_msgs: MAX_INFLIGHT_APPENDS,
+            // The leader does not send an extra append to every follower
+            // each time its commit index moves: followers learn it from
+            // the next append or heartbeat (every `heartbeat_ticks`), and
+            // a follower's ReadIndex round is itself a heartbeat that
+            // carries it. Half the peer messages per commit; safety does
+            // not depend on when a follower hears of a commit. raft-rs
+            // still broadcasts while a conf change is pending.
+            skip_bcast_commit: true,
             ..raft::Config::default()
         };
         raft_config

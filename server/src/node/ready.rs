@@ -1,5 +1,6 @@
-//! Handling a Ready on the node task: send, install a snapshot, apply,
-//! persist, advance, then answer the read states (see [`Node::on_ready`]);
+//! Handling a Ready on the node task: send, install a snapshot, apply and
+//! persist (in the order the role wants), advance, then answer the read
+//! states (see [`Node::on_ready`]);
 //! and what applying an entry does (answers, events, membership changes).
 
 use latchkey_proto::state::v1::ProposalContext;
@@ -57,9 +58,21 @@ impl Node {
         // `ready()` and `advance()` appends to the unstable log behind the
         // Ready's back (raft-rs then panics in `advance`).
         let read_states = ready.take_read_states();
-        self.apply(ready.take_committed_entries())?;
-        self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
-        self.transport.send(ready.take_persisted_messages());
+        // Both orders are allowed (the committed entries were persisted by
+        // an earlier Ready); each role puts first what someone waits for.
+        // A leader answers its clients before the fsync of the entries
+        // proposed since; a follower acknowledges the new entries (its
+        // persisted messages) before it applies what it has learnt is
+        // committed, since the leader's commit waits for that ack.
+        if self.role == Role::Leader {
+            self.apply(ready.take_committed_entries())?;
+            self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
+            self.transport.send(ready.take_persisted_messages());
+        } else {
+            self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
+            self.transport.send(ready.take_persisted_messages());
+            self.apply(ready.take_committed_entries())?;
+        }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut batch = Batch::new(self.raw.store().engine());
