@@ -20,6 +20,15 @@
 //! latchkey renewals go to the leader (only it renews), as the client
 //! crate sends them; etcd clients are given the endpoints as in every
 //! other workload (a follower forwards a renewal to its leader).
+//!
+//! A paced run acknowledges the whole offered load on any server that
+//! keeps up, so its rate says nothing about capacity. After the paced
+//! window every lease goes on in a **closed loop** — the next renewal as
+//! soon as the last is answered — and after a warm-up a second window of
+//! the same length measures the keepalives/s each system sustains (variant
+//! `… leases, closed loop`), with the same leases, streams and client. The
+//! latency target reads the paced window, the throughput target the
+//! closed-loop one.
 
 use std::time::Duration;
 
@@ -47,6 +56,23 @@ const GRANT_PHASE: Duration = Duration::from_secs(120);
 const GRANT_POLL: Duration = Duration::from_millis(50);
 /// Renewals one lease sends at most in one run.
 const MAX_RENEWALS_PER_LEASE: u64 = 1_000_000;
+/// End of the closed-loop variant's name.
+pub const CLOSED_LOOP: &str = "closed loop";
+
+/// The two measurement windows: renewals paced at TTL/3, then in a closed
+/// loop.
+#[derive(Clone, Copy)]
+struct Phases {
+    paced: Window,
+    closed: Window,
+}
+
+/// What one lease's task brings back.
+struct LeaseOutcome {
+    lease: Option<RawLease>,
+    paced: Recorder,
+    closed: Recorder,
+}
 
 pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, String> {
     let count = run.settings.keepalive_leases;
@@ -80,31 +106,67 @@ pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, Stri
     while done.load(Ordering::Relaxed) < count && Instant::now() < deadline {
         tokio::time::sleep(GRANT_POLL).await;
     }
-    let window = Window::after(interval + run.settings.warmup, run.settings.duration);
-    let _ = set_window.send(Some(window));
-    tokio::time::sleep_until(window.start).await;
-    let probe = UsageProbe::start(&run.cluster.pids(), &run.settings.data_dir);
-    tokio::time::sleep_until(window.end).await;
-    let usage = probe.finish();
-    let (outcomes, stuck) = join_until(tasks, window.end + DRAIN_TIMEOUT).await;
-    let leases: Vec<RawLease> = outcomes.iter().filter_map(|(lease, _)| *lease).collect();
-    let total = Recorder::merged(outcomes.iter().map(|(_, recorder)| recorder));
-    let mut m = Measurement::new(
-        Workload::LeaseKeepalive,
-        format!("{count} leases"),
-        run.system,
-    )
-    .with_recorder(&total);
-    m.metric = Some(Metric {
-        value: per_second(total.count(), window.length()),
-        unit: "keepalives/s",
-        higher_is_better: true,
-    });
-    m.latency_of = "renewal sent → answer";
-    m.usage = Some(usage);
-    m.errors += stuck as u64;
-    describe_ttls(&mut m, &leases, ttl, count, interval);
-    Ok(vec![m])
+    let paced = Window::after(interval + run.settings.warmup, run.settings.duration);
+    let closed_start = paced.end + run.settings.warmup;
+    let phases = Phases {
+        paced,
+        closed: Window {
+            start: closed_start,
+            end: closed_start + run.settings.duration,
+        },
+    };
+    let _ = set_window.send(Some(phases));
+    let mut usages = Vec::new();
+    for window in [phases.paced, phases.closed] {
+        tokio::time::sleep_until(window.start).await;
+        let probe = UsageProbe::start(&run.cluster.pids(), &run.settings.data_dir);
+        tokio::time::sleep_until(window.end).await;
+        usages.push(probe.finish());
+    }
+    let (outcomes, stuck) = join_until(tasks, phases.closed.end + DRAIN_TIMEOUT).await;
+    let leases: Vec<RawLease> = outcomes.iter().filter_map(|o| o.lease).collect();
+    let mut measurements = Vec::new();
+    for ((window, usage), closed_loop) in [phases.paced, phases.closed]
+        .into_iter()
+        .zip(usages)
+        .zip([false, true])
+    {
+        let total =
+            Recorder::merged(outcomes.iter().map(
+                |o| {
+                    if closed_loop {
+                        &o.closed
+                    } else {
+                        &o.paced
+                    }
+                },
+            ));
+        let variant = if closed_loop {
+            format!("{count} leases, {CLOSED_LOOP}")
+        } else {
+            format!("{count} leases")
+        };
+        let mut m =
+            Measurement::new(Workload::LeaseKeepalive, variant, run.system).with_recorder(&total);
+        m.metric = Some(Metric {
+            value: per_second(total.count(), window.length()),
+            unit: "keepalives/s",
+            higher_is_better: true,
+        });
+        m.latency_of = "renewal sent → answer";
+        m.usage = Some(usage);
+        if closed_loop {
+            // A task that did not finish is counted once, against the end.
+            m.errors += stuck as u64;
+            m.notes.push(format!(
+                "{count} leases renewed each as soon as its last renewal was answered"
+            ));
+        } else {
+            describe_ttls(&mut m, &leases, ttl, count, interval);
+        }
+        measurements.push(m);
+    }
+    Ok(measurements)
 }
 
 fn describe_ttls(
@@ -198,10 +260,13 @@ struct LeaseTask {
 }
 
 impl LeaseTask {
-    /// Grants the lease, then renews it every interval until the window
-    /// closes. Returns the lease (if granted) and the renewals' latencies.
-    async fn run(self, windows: watch::Receiver<Option<Window>>) -> (Option<RawLease>, Recorder) {
-        let mut recorder = Recorder::new();
+    /// Grants the lease, then renews it every interval until the paced
+    /// window closes, then at once after each answer until the closed-loop
+    /// window closes. Returns the lease (if granted) and the renewals'
+    /// latencies in each window.
+    async fn run(self, windows: watch::Receiver<Option<Phases>>) -> LeaseOutcome {
+        let mut paced = Recorder::new();
+        let mut closed = Recorder::new();
         let granted = {
             // The semaphore is never closed.
             let _permit = self.setup.acquire().await.expect("open semaphore");
@@ -211,8 +276,12 @@ impl LeaseTask {
         let lease = match granted {
             Ok(lease) => lease,
             Err(e) => {
-                recorder.error(format!("granting: {e}"));
-                return (None, recorder);
+                paced.error(format!("granting: {e}"));
+                return LeaseOutcome {
+                    lease: None,
+                    paced,
+                    closed,
+                };
             }
         };
         let mut next = Instant::now() + self.interval;
@@ -221,13 +290,17 @@ impl LeaseTask {
             tokio::time::sleep_until(next).await;
             let sent = Instant::now();
             // None until every lease is granted.
-            let window = *windows.borrow();
-            if window.is_some_and(|w| sent >= w.end) {
+            let phases = *windows.borrow();
+            if phases.is_some_and(|p| sent >= p.closed.end) {
                 break;
             }
+            let closed_loop = phases.is_some_and(|p| sent >= p.paced.end);
             let answer = self.renew(&mut stream, lease.id).await;
             let answered = Instant::now();
-            let counted = window.is_some_and(|w| w.contains(sent, answered));
+            let recorder = if closed_loop { &mut closed } else { &mut paced };
+            let counted = phases.is_some_and(|p| {
+                p.paced.contains(sent, answered) || p.closed.contains(sent, answered)
+            });
             match answer {
                 Ok(()) if counted => recorder.record(answered - sent),
                 Ok(()) => {}
@@ -237,9 +310,17 @@ impl LeaseTask {
                     recorder.error(e);
                 }
             }
-            next = (sent + self.interval).max(Instant::now());
+            next = if closed_loop {
+                Instant::now()
+            } else {
+                (sent + self.interval).max(Instant::now())
+            };
         }
-        (Some(lease), recorder)
+        LeaseOutcome {
+            lease: Some(lease),
+            paced,
+            closed,
+        }
     }
 
     /// One renewal on the lease's stream, opening it first if needed.
