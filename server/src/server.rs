@@ -33,8 +33,47 @@ const TRANSFER_WAIT_ELECTION_TIMEOUTS: u32 = 3;
 /// the process exits anyway.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 
-/// A started node. Dropping it without [`RunningServer::shutdown`] leaves
-/// its tasks running until the runtime stops.
+/// Worker threads of the runtime that runs the node task and the peer
+/// transport: one may block in a synced write while the other sends the
+/// appends that the write does not wait for.
+pub const RAFT_WORKER_THREADS: usize = 2;
+
+/// The runtime of the node task and the peer transport, apart from the
+/// client API's: a flood of client streams (thousands of keepalives woken
+/// by one confirmation round) would otherwise queue the node's ticks and
+/// heartbeats behind them long enough for followers to start an election.
+/// Dropped without blocking, so that a [`RunningServer`] may be dropped
+/// inside a runtime.
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn new() -> Result<RaftRuntime, StartupError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RAFT_WORKER_THREADS)
+            .thread_name("latchkey-raft")
+            .enable_all()
+            .build()
+            .map(|runtime| RaftRuntime(Some(runtime)))
+            .map_err(|e| StartupError::Listen(format!("cannot start the raft runtime: {e}")))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        // Only `Drop` takes the runtime out.
+        self.0.as_ref().expect("raft runtime present").handle()
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A started node. Dropping it without [`RunningServer::shutdown`] stops
+/// the node and the peer transport at once (their runtime is dropped) and
+/// leaves the client API's tasks running until their runtime stops.
 pub struct RunningServer {
     pub config: Config,
     /// Re-reads the TLS files (SIGHUP).
@@ -50,6 +89,8 @@ pub struct RunningServer {
     stopping: watch::Sender<bool>,
     node_task: JoinHandle<Result<(), FatalError>>,
     servers: Vec<JoinHandle<()>>,
+    /// Declared last: dropped after the tasks above are joined or aborted.
+    _raft_runtime: RaftRuntime,
 }
 
 impl RunningServer {
@@ -102,7 +143,13 @@ impl RunningServer {
             Box::new(transport),
             metrics.clone(),
         )?;
-        spawn_outbound(outbound, handle.clone());
+        let raft_runtime = RaftRuntime::new()?;
+        let raft = raft_runtime.handle().clone();
+        {
+            // The links, and the connections they open, run on the raft runtime.
+            let _raft = raft.enter();
+            spawn_outbound(outbound, handle.clone());
+        }
 
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = futures::future::FutureExt::shared(async move {
@@ -187,18 +234,32 @@ impl RunningServer {
             directory,
             config.data_dir.join("snapshots"),
         ));
-        let peer_server: BoxedServer = match peer_tls {
-            Some(tls) => Box::pin(peer_router.serve_with_incoming_shutdown(
-                crate::tls::incoming(peer_listener, tls, "peer"),
-                stopped.clone(),
-            )),
-            None => Box::pin(
-                peer_router.serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone()),
-            ),
+        // The peer listener, its accept loop (TLS starts one here) and the
+        // connections it accepts all belong to the raft runtime.
+        let peer_server: BoxedServer = {
+            let _raft = raft.enter();
+            let peer_listener = peer_listener
+                .into_std()
+                .and_then(TcpListener::from_std)
+                .map_err(listen_error)?;
+            match peer_tls {
+                Some(tls) => Box::pin(peer_router.serve_with_incoming_shutdown(
+                    crate::tls::incoming(peer_listener, tls, "peer"),
+                    stopped.clone(),
+                )),
+                None => Box::pin(
+                    peer_router
+                        .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone()),
+                ),
+            }
         };
-        servers.push(spawn_server("client", client_server));
-        servers.push(spawn_server("peer", peer_server));
-        let node_task = tokio::spawn(node.run(stopped));
+        servers.push(spawn_server(
+            tokio::runtime::Handle::current(),
+            "client",
+            client_server,
+        ));
+        servers.push(spawn_server(raft.clone(), "peer", peer_server));
+        let node_task = raft.spawn(node.run(stopped));
         if joining {
             crate::join::spawn_add_self(&config);
         }
@@ -215,6 +276,7 @@ impl RunningServer {
             stopping,
             node_task,
             servers,
+            _raft_runtime: raft_runtime,
         })
     }
 
@@ -261,8 +323,13 @@ impl RunningServer {
         }
         self.stopping.send_replace(true);
         let result = join_node(&mut self.node_task).await;
-        for server in self.servers.drain(..) {
+        for server in &self.servers {
             server.abort();
+        }
+        // Once aborted they end at once; waiting closes the listeners
+        // before a restart on the same ports binds them again.
+        for server in self.servers.drain(..) {
+            let _ = server.await;
         }
         result
     }
@@ -371,10 +438,11 @@ type BoxedServer =
     std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 fn spawn_server(
+    runtime: tokio::runtime::Handle,
     name: &'static str,
     server: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         if let Err(e) = server.await {
             tracing::error!("{name} server stopped: {e}");
         }
