@@ -11,8 +11,9 @@
 //!    write, see `ready.rs`) and persist entries and hard state in
 //!    one batch (fsynced when `must_sync`), then send persisted messages —
 //!    a follower persists and acknowledges before it applies, a leader
-//!    applies (answers) before it persists; `advance`; send the light ready's messages, record its commit index and
-//!    apply its committed entries; `advance_apply`;
+//!    applies (answers) before it persists; `advance`; send the light
+//!    ready's messages, record its commit index and apply its committed
+//!    entries; `advance_apply`;
 //! 3. publish the status and compact the log if it has grown past the
 //!    configured bound.
 //!
