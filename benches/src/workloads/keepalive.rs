@@ -44,7 +44,7 @@ use super::{
 };
 use crate::cluster::System;
 use crate::driver::{Conn, KeepaliveStream, KeepaliveTarget, RawLease};
-use crate::procfs::UsageProbe;
+use crate::procfs::{Usage, UsageProbe};
 use crate::stats::{per_second, Recorder, Window};
 
 /// Streams opened on one HTTP/2 connection.
@@ -116,36 +116,12 @@ pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, Stri
         },
     };
     let _ = set_window.send(Some(phases));
-    let mut usages = Vec::new();
-    for window in [phases.paced, phases.closed] {
-        tokio::time::sleep_until(window.start).await;
-        let probe = UsageProbe::start(&run.cluster.pids(), &run.settings.data_dir);
-        tokio::time::sleep_until(window.end).await;
-        usages.push(probe.finish());
-    }
+    let paced_usage = measure_usage(run, phases.paced).await;
+    let closed_usage = measure_usage(run, phases.closed).await;
     let (outcomes, stuck) = join_until(tasks, phases.closed.end + DRAIN_TIMEOUT).await;
     let leases: Vec<RawLease> = outcomes.iter().filter_map(|o| o.lease).collect();
-    let mut measurements = Vec::new();
-    for ((window, usage), closed_loop) in [phases.paced, phases.closed]
-        .into_iter()
-        .zip(usages)
-        .zip([false, true])
-    {
-        let total =
-            Recorder::merged(outcomes.iter().map(
-                |o| {
-                    if closed_loop {
-                        &o.closed
-                    } else {
-                        &o.paced
-                    }
-                },
-            ));
-        let variant = if closed_loop {
-            format!("{count} leases, {CLOSED_LOOP}")
-        } else {
-            format!("{count} leases")
-        };
+    let summary = |variant: String, window: Window, usage: Usage, recorders: Vec<&Recorder>| {
+        let total = Recorder::merged(recorders);
         let mut m =
             Measurement::new(Workload::LeaseKeepalive, variant, run.system).with_recorder(&total);
         m.metric = Some(Metric {
@@ -155,18 +131,35 @@ pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, Stri
         });
         m.latency_of = "renewal sent → answer";
         m.usage = Some(usage);
-        if closed_loop {
-            // A task that did not finish is counted once, against the end.
-            m.errors += stuck as u64;
-            m.notes.push(format!(
-                "{count} leases renewed each as soon as its last renewal was answered"
-            ));
-        } else {
-            describe_ttls(&mut m, &leases, ttl, count, interval);
-        }
-        measurements.push(m);
-    }
-    Ok(measurements)
+        m
+    };
+    let mut paced = summary(
+        format!("{count} leases"),
+        phases.paced,
+        paced_usage,
+        outcomes.iter().map(|o| &o.paced).collect(),
+    );
+    describe_ttls(&mut paced, &leases, ttl, count, interval);
+    let mut closed = summary(
+        format!("{count} leases, {CLOSED_LOOP}"),
+        phases.closed,
+        closed_usage,
+        outcomes.iter().map(|o| &o.closed).collect(),
+    );
+    // A task that did not finish is counted once, against the end.
+    closed.errors += stuck as u64;
+    closed.notes.push(format!(
+        "{count} leases renewed each as soon as its last renewal was answered"
+    ));
+    Ok(vec![paced, closed])
+}
+
+/// The cluster's resource use over `window`, waited out.
+async fn measure_usage(run: &mut Run<'_>, window: Window) -> Usage {
+    tokio::time::sleep_until(window.start).await;
+    let probe = UsageProbe::start(&run.cluster.pids(), &run.settings.data_dir);
+    tokio::time::sleep_until(window.end).await;
+    probe.finish()
 }
 
 fn describe_ttls(
