@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use tonic::transport::{ClientTlsConfig, Endpoint, Identity};
 
 use crate::Error;
@@ -98,19 +98,7 @@ impl TlsConfig {
 
     /// Applies the settings to a `https://` endpoint.
     pub fn apply(&self, endpoint: Endpoint) -> Result<Endpoint, Error> {
-        let mut roots = RootCertStore::empty();
-        for cert in &self.ca {
-            roots
-                .add(cert.clone())
-                .map_err(|e| Error::Config(format!("the CA certificate is not usable: {e}")))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .with_crls(self.crls.clone())
-            .build()
-            .map_err(|e| {
-                Error::Config(format!("cannot verify servers with this CA or CRL: {e}"))
-            })?;
+        let verifier = self.verifier()?;
         let mut tls = ClientTlsConfig::new().assume_http2(true);
         if let Some((cert, key)) = &self.identity {
             tls = tls.identity(Identity::from_pem(cert, key));
@@ -122,6 +110,57 @@ impl TlsConfig {
             .tls_config_with_verifier(tls, verifier)
             .map_err(|e| Error::Config(format!("TLS settings: {e}")))
     }
+}
+
+impl TlsConfig {
+    fn verifier(&self) -> Result<Arc<WebPkiServerVerifier>, Error> {
+        let mut roots = RootCertStore::empty();
+        for cert in &self.ca {
+            roots
+                .add(cert.clone())
+                .map_err(|e| Error::Config(format!("the CA certificate is not usable: {e}")))?;
+        }
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|e| Error::Config(format!("cannot verify servers with this CA or CRL: {e}")))
+    }
+
+    /// The same settings as a rustls configuration, for a connection that
+    /// does not go through tonic: offers `alpn`, and returns the name the
+    /// server's certificate must carry when `host` (a DNS name or an IP
+    /// address, without port) is dialed.
+    pub fn rustls_config(
+        &self,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> Result<(rustls::ClientConfig, ServerName<'static>), Error> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS versions: {e}")))?
+            .with_webpki_verifier(self.verifier()?);
+        let mut config = match &self.identity {
+            Some((cert, key)) => {
+                let chain = read_certificates("client certificate", cert)?;
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+                    Error::Config(format!("the client key is not a PEM private key: {e}"))
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| Error::Config(format!("the client certificate and key: {e}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = self.domain_name.as_deref().unwrap_or(host);
+        let name = ServerName::try_from(name.to_string())
+            .map_err(|e| Error::Config(format!("{name} is not a server name: {e}")))?;
+        Ok((config, name))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {

@@ -600,6 +600,13 @@ impl Node {
         self.after_input()
     }
 
+    /// The next message in the inbox, taken without handling it: for tests
+    /// of what reaches the node.
+    #[cfg(test)]
+    pub(crate) fn take_inbox_message(&mut self) -> Option<NodeMsg> {
+        self.inbox.try_recv().ok()
+    }
+
     fn on_tick(&mut self) {
         self.raw.tick();
         self.tend_reads(false);

@@ -25,7 +25,9 @@ use crate::metrics::Metrics;
 use crate::node::{Node, NodeHandle};
 use crate::state_machine::Reader;
 use crate::storage::Engine;
-use crate::transport::{spawn_outbound, GrpcTransport, PeerDirectory, PeerService};
+use crate::transport::{
+    framed, spawn_outbound, GrpcTransport, Inbound, PeerDirectory, PeerService,
+};
 
 /// How long a leader that stops waits for its successor, in election timeouts.
 const TRANSFER_WAIT_ELECTION_TIMEOUTS: u32 = 3;
@@ -114,7 +116,7 @@ impl RunningServer {
             .tls
             .peer
             .clone()
-            .map(crate::tls::ServerTls::load)
+            .map(crate::tls::ServerTls::load_peer)
             .transpose()
             .map_err(tls_error)?;
         let peer_client_tls = config
@@ -228,14 +230,14 @@ impl RunningServer {
                     .serve_with_incoming_shutdown(incoming(client_listener), stopped.clone()),
             ),
         };
+        let inbound = Inbound::new(config.id, handle.clone(), directory);
         let peer_router = tonic::transport::Server::builder().add_service(PeerService::new(
-            config.id,
-            handle.clone(),
-            directory,
+            inbound.clone(),
             config.data_dir.join("snapshots"),
         ));
         // The peer listener, its accept loop (TLS starts one here) and the
-        // connections it accepts all belong to the raft runtime.
+        // connections it accepts all belong to the raft runtime. Framed
+        // connections are served by `framed::route`; the rest go to gRPC.
         let peer_server: BoxedServer = {
             let _raft = raft.enter();
             let peer_listener = peer_listener
@@ -244,13 +246,13 @@ impl RunningServer {
                 .map_err(listen_error)?;
             match peer_tls {
                 Some(tls) => Box::pin(peer_router.serve_with_incoming_shutdown(
-                    crate::tls::incoming(peer_listener, tls, "peer"),
+                    framed::route(crate::tls::incoming(peer_listener, tls, "peer"), inbound),
                     stopped.clone(),
                 )),
-                None => Box::pin(
-                    peer_router
-                        .serve_with_incoming_shutdown(incoming(peer_listener), stopped.clone()),
-                ),
+                None => Box::pin(peer_router.serve_with_incoming_shutdown(
+                    framed::route(incoming(peer_listener), inbound),
+                    stopped.clone(),
+                )),
             }
         };
         servers.push(spawn_server(

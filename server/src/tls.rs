@@ -64,20 +64,34 @@ pub struct TlsSettings {
 #[derive(Clone)]
 pub struct ServerTls {
     files: TlsFiles,
+    /// The application protocols the port speaks, preferred first.
+    alpn: Vec<&'static [u8]>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
 }
 
 impl ServerTls {
+    /// The client port's: gRPC only.
     pub fn load(files: TlsFiles) -> Result<ServerTls, String> {
-        let config = server_config(&files)?;
+        ServerTls::load_for(files, vec![b"h2"])
+    }
+
+    /// The peer port's: gRPC, and the framed Raft protocol
+    /// (`crate::transport::framed`).
+    pub fn load_peer(files: TlsFiles) -> Result<ServerTls, String> {
+        ServerTls::load_for(files, vec![b"h2", crate::transport::framed::ALPN])
+    }
+
+    fn load_for(files: TlsFiles, alpn: Vec<&'static [u8]>) -> Result<ServerTls, String> {
+        let config = server_config(&files, &alpn)?;
         Ok(ServerTls {
             files,
+            alpn,
             current: Arc::new(RwLock::new(Arc::new(config))),
         })
     }
 
     fn reload(&self) -> Result<(), String> {
-        let config = server_config(&self.files)?;
+        let config = server_config(&self.files, &self.alpn)?;
         *self.current.write() = Arc::new(config);
         Ok(())
     }
@@ -221,8 +235,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds one port's rustls configuration from its files, checking that
-/// the key matches the certificate.
-pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+/// the key matches the certificate, for the application protocols `alpn`.
+pub fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, String> {
     let chain = certificates(&files.cert, "certificate")?;
     let key_pem = read(&files.key, "key")?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
@@ -257,7 +271,7 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
             files.key.display()
         )
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(config)
 }
 

@@ -46,6 +46,7 @@ use latchkey_proto::peer::v1::peer_client::PeerClient;
 use latchkey_proto::peer::v1::peer_server::{Peer, PeerServer};
 use latchkey_proto::peer::v1::{peer_frame, Hello, PeerAck, PeerFrame, SnapshotChunk};
 
+pub mod framed;
 mod snapshots;
 
 use std::path::PathBuf;
@@ -199,8 +200,10 @@ impl GrpcTransport {
         hello.to = peer.0;
         let link = PeerLink {
             peer,
-            tls: self.tls.clone(),
-            addr: addr.to_string(),
+            dialer: Dialer {
+                tls: self.tls.clone(),
+                addr: addr.to_string(),
+            },
             hello,
             queue,
             node: self.node.clone(),
@@ -263,27 +266,80 @@ pub fn spawn_outbound(outbound: Outbound, node: NodeHandle) {
 /// One outbound stream to one peer, reopened whenever it breaks.
 struct PeerLink {
     peer: NodeId,
-    tls: Option<crate::tls::PeerClientTls>,
-    addr: String,
+    dialer: Dialer,
     hello: Hello,
     queue: mpsc::Receiver<Message>,
     node: Arc<OnceLock<NodeHandle>>,
+}
+
+/// How a link reaches its peer.
+#[derive(Clone)]
+struct Dialer {
+    tls: Option<crate::tls::PeerClientTls>,
+    addr: String,
+}
+
+impl Dialer {
+    /// A gRPC channel to the peer: for snapshot files, and for the Raft
+    /// stream of a peer without the framed protocol.
+    async fn grpc(&self) -> Result<PeerClient<Channel>, String> {
+        let endpoint = match &self.tls {
+            // The settings of the moment: a reload applies to the next connection.
+            Some(tls) => tls
+                .current()
+                .apply(
+                    Endpoint::from_shared(format!("https://{}", self.addr))
+                        .map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| e.to_string())?,
+            None => {
+                Endpoint::from_shared(format!("http://{}", self.addr)).map_err(|e| e.to_string())?
+            }
+        };
+        let channel = endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(|e| crate::cli::connect::describe(&e))?;
+        Ok(PeerClient::new(channel)
+            .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
+            .max_decoding_message_size(MAX_PEER_FRAME_BYTES))
+    }
 }
 
 impl PeerLink {
     async fn run(mut self) {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
-            match self.connect().await {
-                Ok(client) => {
+            let dialed = framed::dial(&self.dialer.addr, self.dialer.tls.as_ref(), &self.hello);
+            let flow = match dialed.await {
+                Ok(connection) => {
                     backoff = RECONNECT_BACKOFF_MIN;
-                    if self.stream(client).await.is_break() {
-                        return;
+                    self.stream_framed(connection).await
+                }
+                // A node of an earlier version: the gRPC stream.
+                Err(framed::DialError::NotSpoken) => match self.dialer.grpc().await {
+                    Ok(client) => {
+                        tracing::info!(peer = %self.peer, "the peer has no framed protocol (an earlier version); using its gRPC stream");
+                        backoff = RECONNECT_BACKOFF_MIN;
+                        self.stream(client).await
                     }
-                }
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, addr = %self.dialer.addr, "connect failed: {e}");
+                        std::ops::ControlFlow::Continue(())
+                    }
+                },
                 Err(e) => {
-                    tracing::debug!(peer = %self.peer, addr = %self.addr, "connect failed: {e}")
+                    tracing::debug!(peer = %self.peer, addr = %self.dialer.addr, "connect failed: {e}");
+                    std::ops::ControlFlow::Continue(())
                 }
+            };
+            if flow.is_break() {
+                return;
             }
             self.report(NodeMsg::Unreachable(self.peer));
             // Messages queued while the link was down are stale; Raft resends.
@@ -319,36 +375,60 @@ impl PeerLink {
         }
     }
 
-    async fn connect(&self) -> Result<PeerClient<Channel>, String> {
-        let endpoint = match &self.tls {
-            // The settings of the moment: a reload applies to the next connection.
-            Some(tls) => tls
-                .current()
-                .apply(
-                    Endpoint::from_shared(format!("https://{}", self.addr))
-                        .map_err(|e| e.to_string())?,
-                )
-                .map_err(|e| e.to_string())?,
-            None => {
-                Endpoint::from_shared(format!("http://{}", self.addr)).map_err(|e| e.to_string())?
+    /// Writes queued messages to a framed connection, as many per write as
+    /// have queued up, until it breaks (`Continue`) or the node is gone
+    /// (`Break`).
+    async fn stream_framed(
+        &mut self,
+        mut connection: framed::Connection,
+    ) -> std::ops::ControlFlow<()> {
+        loop {
+            tokio::select! {
+                message = self.queue.recv() => {
+                    let Some(message) = message else { return std::ops::ControlFlow::Break(()) };
+                    let mut inline_snapshots = self.push(&mut connection, message);
+                    while !connection.is_full() {
+                        let Ok(message) = self.queue.try_recv() else { break };
+                        inline_snapshots += self.push(&mut connection, message);
+                    }
+                    let written = connection.write().await;
+                    for _ in 0..inline_snapshots {
+                        self.report(NodeMsg::SnapshotSent { to: self.peer, ok: written.is_ok() });
+                    }
+                    if let Err(e) = written {
+                        tracing::debug!(peer = %self.peer, "link closed: {e}");
+                        return std::ops::ControlFlow::Continue(());
+                    }
+                }
+                event = connection.next_event() => {
+                    let alive = match event {
+                        framed::Event::Tick => connection.keep_alive().await,
+                        framed::Event::Broken(e) => Err(e),
+                    };
+                    if let Err(e) = alive {
+                        tracing::debug!(peer = %self.peer, "link closed: {e}");
+                        return std::ops::ControlFlow::Continue(());
+                    }
+                }
             }
-        };
-        let channel = endpoint
-            .tcp_nodelay(true)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(|e| crate::cli::connect::describe(&e))?;
-        Ok(PeerClient::new(channel)
-            .max_encoding_message_size(MAX_PEER_FRAME_BYTES)
-            .max_decoding_message_size(MAX_PEER_FRAME_BYTES))
+        }
     }
 
-    /// Forwards queued messages until the stream breaks (`Continue`) or the
-    /// node is gone (`Break`).
+    /// Adds `message` to the connection's next write, or starts the
+    /// transfer of its snapshot file. Returns 1 for an inline snapshot
+    /// (whose delivery the node is told of), else 0.
+    fn push(&self, connection: &mut framed::Connection, message: Message) -> usize {
+        if snapshots::is_file_snapshot(&message) {
+            self.spawn_snapshot(message);
+            return 0;
+        }
+        let inline_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        connection.push(encode(&message));
+        usize::from(inline_snapshot)
+    }
+
+    /// Forwards queued messages on a gRPC stream until it breaks
+    /// (`Continue`) or the node is gone (`Break`).
     async fn stream(&mut self, mut client: PeerClient<Channel>) -> std::ops::ControlFlow<()> {
         let (frames, rx) = mpsc::channel(STREAM_BUFFER);
         let hello = PeerFrame {
@@ -357,7 +437,6 @@ impl PeerLink {
         if frames.send(hello).await.is_err() {
             return std::ops::ControlFlow::Continue(());
         }
-        let snapshot_client = client.clone();
         let call = client.raft(Request::new(ReceiverStream::new(rx)));
         tokio::pin!(call);
         loop {
@@ -371,7 +450,7 @@ impl PeerLink {
                 message = self.queue.recv() => {
                     let Some(message) = message else { return std::ops::ControlFlow::Break(()) };
                     if snapshots::is_file_snapshot(&message) {
-                        self.spawn_snapshot(snapshot_client.clone(), message);
+                        self.spawn_snapshot(message);
                         continue;
                     }
                     let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
@@ -387,17 +466,19 @@ impl PeerLink {
             }
         }
     }
-}
 
-impl PeerLink {
-    /// Streams a snapshot file on a call of its own and tells the node how
-    /// it went; raft-rs sends no other snapshot to this peer meanwhile.
-    fn spawn_snapshot(&self, client: PeerClient<Channel>, message: Message) {
+    /// Streams a snapshot file on a gRPC call of its own and tells the node
+    /// how it went; raft-rs sends no other snapshot to this peer meanwhile.
+    fn spawn_snapshot(&self, message: Message) {
         let peer = self.peer;
         let hello = self.hello.clone();
         let node = self.node.clone();
+        let dialer = self.dialer.clone();
         tokio::spawn(async move {
-            let sent = snapshots::send(client, hello, message).await;
+            let sent = match dialer.grpc().await {
+                Ok(client) => snapshots::send(client, hello, message).await,
+                Err(e) => Err(e),
+            };
             if let Err(e) = &sent {
                 tracing::warn!(%peer, "snapshot transfer failed: {e}");
             }
@@ -416,26 +497,66 @@ fn encode(message: &Message) -> Vec<u8> {
     message.write_to_bytes().expect("raft message encodes")
 }
 
-/// The peer gRPC service: accepts other nodes' streams.
-pub struct PeerService {
+/// The receiving side of the peer port, shared by the gRPC service and the
+/// framed protocol: who may open a stream, and where its messages go.
+#[derive(Clone)]
+pub struct Inbound {
     id: NodeId,
     node: NodeHandle,
     directory: PeerDirectory,
+}
+
+impl Inbound {
+    pub fn new(id: NodeId, node: NodeHandle, directory: PeerDirectory) -> Inbound {
+        Inbound {
+            id,
+            node,
+            directory,
+        }
+    }
+
+    fn accept_hello(&self, hello: Hello) -> Result<NodeId, Status> {
+        let from = NodeId(hello.from);
+        if hello.to != self.id.0 {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {}; check --initial-cluster",
+                self.id, hello.to
+            )));
+        }
+        if self.directory.get(from).is_none() || from == self.id {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member of this cluster"
+            )));
+        }
+        self.directory.learn_client_addr(from, &hello.client_addr);
+        Ok(from)
+    }
+
+    /// Steps the message a frame of `from`'s stream carries, or drops the
+    /// frame with a warning ([`check_frame`]). Fails once the node is gone.
+    async fn deliver(&self, from: NodeId, frame: Result<PeerFrame, String>) -> Result<(), ()> {
+        match frame.and_then(|frame| check_frame(from, self.id, frame)) {
+            Ok(message) => self.node.step(message).await.map_err(|_| ()),
+            Err(reason) => {
+                tracing::warn!(peer = %from, "dropped a frame from a peer: {reason}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The peer gRPC service: snapshot files, and the Raft streams of nodes
+/// without the framed protocol.
+pub struct PeerService {
+    inbound: Inbound,
     /// Where received snapshot files are written.
     snapshot_dir: PathBuf,
 }
 
 impl PeerService {
-    pub fn new(
-        id: NodeId,
-        node: NodeHandle,
-        directory: PeerDirectory,
-        snapshot_dir: PathBuf,
-    ) -> PeerServer<PeerService> {
+    pub fn new(inbound: Inbound, snapshot_dir: PathBuf) -> PeerServer<PeerService> {
         PeerServer::new(PeerService {
-            id,
-            node,
-            directory,
+            inbound,
             snapshot_dir,
         })
         .max_decoding_message_size(MAX_PEER_FRAME_BYTES)
@@ -450,9 +571,14 @@ impl Peer for PeerService {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<PeerAck>, Status> {
         let stream = request.into_inner();
-        snapshots::receive(stream, &self.snapshot_dir, self.id, &self.node, |hello| {
-            self.accept_hello(hello)
-        })
+        let inbound = &self.inbound;
+        snapshots::receive(
+            stream,
+            &self.snapshot_dir,
+            inbound.id,
+            &inbound.node,
+            |hello| inbound.accept_hello(hello),
+        )
         .await?;
         Ok(Response::new(PeerAck {}))
     }
@@ -463,7 +589,7 @@ impl Peer for PeerService {
     ) -> Result<Response<PeerAck>, Status> {
         let mut stream = request.into_inner();
         let from = match stream.message().await?.and_then(|f| f.frame) {
-            Some(peer_frame::Frame::Hello(hello)) => self.accept_hello(hello)?,
+            Some(peer_frame::Frame::Hello(hello)) => self.inbound.accept_hello(hello)?,
             _ => {
                 return Err(Status::invalid_argument(
                     "a peer stream must open with a Hello",
@@ -471,14 +597,7 @@ impl Peer for PeerService {
             }
         };
         while let Some(frame) = stream.message().await? {
-            let message = match check_frame(from, self.id, frame) {
-                Ok(message) => message,
-                Err(reason) => {
-                    tracing::warn!(peer = %from, "dropped a frame from a peer: {reason}");
-                    continue;
-                }
-            };
-            if self.node.step(message).await.is_err() {
+            if self.inbound.deliver(from, Ok(frame)).await.is_err() {
                 return Err(Status::unavailable("node is shutting down"));
             }
         }
@@ -508,23 +627,4 @@ pub fn check_frame(from: NodeId, me: NodeId, frame: PeerFrame) -> Result<Message
         return Err("a snapshot file must come on the Snapshot call".into());
     }
     Ok(message)
-}
-
-impl PeerService {
-    fn accept_hello(&self, hello: Hello) -> Result<NodeId, Status> {
-        let from = NodeId(hello.from);
-        if hello.to != self.id.0 {
-            return Err(Status::failed_precondition(format!(
-                "this is node {}, not node {}; check --initial-cluster",
-                self.id, hello.to
-            )));
-        }
-        if self.directory.get(from).is_none() || from == self.id {
-            return Err(Status::permission_denied(format!(
-                "node {from} is not a member of this cluster"
-            )));
-        }
-        self.directory.learn_client_addr(from, &hello.client_addr);
-        Ok(from)
-    }
 }
