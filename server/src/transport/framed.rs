@@ -464,7 +464,7 @@ mod tests {
 
     use latchkey_proto::peer::v1::{peer_frame, Hello, PeerFrame};
 
-    use super::{dial, host_of, put_frame, route, DialError, MAGIC};
+    use super::{dial, host_of, put_frame, route, DialError, Event, KEEPALIVE_TIMEOUT, MAGIC};
     use crate::config::Config;
     use crate::node::{Node, NodeMsg, NodeOptions, Transport};
     use crate::storage::{Engine, MemoryDisk};
@@ -658,6 +658,69 @@ mod tests {
             Err(DialError::NotSpoken) => {}
             other => panic!("expected NotSpoken, got {:?}", other.err()),
         }
+    }
+
+    /// Opens a framed connection by hand as node 2 and reads the answer.
+    async fn open_by_hand(addr: &str) -> TcpStream {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut opening = BytesMut::new();
+        opening.extend_from_slice(MAGIC);
+        let hello = PeerFrame {
+            frame: Some(peer_frame::Frame::Hello(hello(2, 1))),
+        };
+        put_frame(&mut opening, &hello);
+        tcp.write_all(&opening).await.expect("write");
+        let mut answer = [0u8; MAGIC.len() + 4];
+        tcp.read_exact(&mut answer).await.expect("the answer");
+        assert_eq!(&answer[..MAGIC.len()], MAGIC);
+        assert_eq!(answer[MAGIC.len()..], [0; 4], "accepted");
+        tcp
+    }
+
+    #[tokio::test]
+    async fn a_dialer_that_goes_silent_is_dropped_after_keepalives() {
+        let (_node, addr) = node_one(None).await;
+        let mut tcp = open_by_hand(&addr).await;
+        // Send nothing more: the node sends keepalives, then hangs up.
+        let mut rest = Vec::new();
+        tokio::time::timeout(KEEPALIVE_TIMEOUT * 4, tcp.read_to_end(&mut rest))
+            .await
+            .expect("the node hangs up on a silent peer")
+            .expect("read");
+        assert!(!rest.is_empty(), "keepalives came first");
+        assert!(rest.iter().all(|b| *b == 0), "only empty frames: {rest:?}");
+        assert_eq!(rest.len() % 4, 0);
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_peer_goes_silent_breaks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        // Accepts, answers the Hello, reads everything, never writes again.
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut answer = MAGIC.to_vec();
+            answer.extend_from_slice(&[0; 4]);
+            tcp.write_all(&answer).await.expect("answer");
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let mut link = dial(&addr, None, &hello(2, 1)).await.expect("opens");
+        let broken = tokio::time::timeout(KEEPALIVE_TIMEOUT * 4, async {
+            loop {
+                match link.next_event().await {
+                    Event::Tick => {
+                        if let Err(e) = link.keep_alive().await {
+                            return e;
+                        }
+                    }
+                    Event::Broken(e) => panic!("broke another way: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("the link notices the silence");
+        assert!(broken.contains("silent"), "{broken}");
     }
 
     #[test]
