@@ -1,11 +1,13 @@
-//! The peer transport: raft-rs messages between nodes over gRPC.
+//! The peer transport: raft-rs messages between nodes, on the peer port.
 //!
-//! Each node keeps one long-lived client stream to every other node
-//! (`Peer.Raft`) and serves the same service for the streams of the others,
-//! on the peer address only. The first frame of a stream is a `Hello` that
-//! names the sender and its client address; that is how every node learns
-//! where the others serve clients, so that a follower can point a client at
-//! the leader.
+//! Each node keeps one long-lived connection to every other node and
+//! serves the same for the connections of the others, on the peer address
+//! only. The Raft stream is the framed protocol of [`framed`]; a link that
+//! finds a node of an earlier version uses that node's gRPC stream
+//! (`Peer.Raft`, still served here) instead. The first frame of a stream is
+//! a `Hello` that names the sender and its client address; that is how
+//! every node learns where the others serve clients, so that a follower
+//! can point a client at the leader.
 //!
 //! Outbound messages go into a bounded queue per peer
 //! ([`PEER_QUEUE_CAPACITY`]). When the queue is full the message is dropped
