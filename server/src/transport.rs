@@ -67,8 +67,12 @@ pub const MAX_PEER_FRAME_BYTES: usize = 256 * 1024 * 1024;
 pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection that has sent nothing for this long sends a keepalive (an
+/// HTTP/2 ping on gRPC, an empty frame on the framed protocol).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// A connection silent for this long, or whose framed write has not
+/// finished in this long, is dropped and dialed again.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Addresses of the members, as learnt from configuration and `Hello`s.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -318,28 +322,26 @@ impl PeerLink {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             let dialed = framed::dial(&self.dialer.addr, self.dialer.tls.as_ref(), &self.hello);
-            let flow = match dialed.await {
+            let streamed = match dialed.await {
                 Ok(connection) => {
                     backoff = RECONNECT_BACKOFF_MIN;
-                    self.stream_framed(connection).await
+                    Ok(self.stream_framed(connection).await)
                 }
                 // A node of an earlier version: the gRPC stream.
                 Err(framed::DialError::NotSpoken) => match self.dialer.grpc().await {
                     Ok(client) => {
                         tracing::info!(peer = %self.peer, "the peer has no framed protocol (an earlier version); using its gRPC stream");
                         backoff = RECONNECT_BACKOFF_MIN;
-                        self.stream(client).await
+                        Ok(self.stream(client).await)
                     }
-                    Err(e) => {
-                        tracing::debug!(peer = %self.peer, addr = %self.dialer.addr, "connect failed: {e}");
-                        std::ops::ControlFlow::Continue(())
-                    }
+                    Err(e) => Err(e),
                 },
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, addr = %self.dialer.addr, "connect failed: {e}");
-                    std::ops::ControlFlow::Continue(())
-                }
+                Err(e) => Err(e.to_string()),
             };
+            let flow = streamed.unwrap_or_else(|e| {
+                tracing::debug!(peer = %self.peer, addr = %self.dialer.addr, "connect failed: {e}");
+                std::ops::ControlFlow::Continue(())
+            });
             if flow.is_break() {
                 return;
             }

@@ -47,17 +47,15 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use latchkey_proto::peer::v1::{peer_frame, Hello, PeerFrame};
 
-use super::{Inbound, CONNECT_TIMEOUT, MAX_PEER_FRAME_BYTES};
+use super::{
+    Inbound, CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_PEER_FRAME_BYTES,
+};
 use crate::tls::PeerClientTls;
 
 /// First bytes of a framed connection, both ways.
 pub const MAGIC: &[u8; 8] = b"LKRAFT/1";
 /// The TLS application protocol of a framed connection.
 pub const ALPN: &[u8] = b"latchkey-raft/1";
-/// Each side sends a keepalive after this long without sending anything.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Each side drops a connection it has heard nothing on for this long.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest the opening (TLS, magic, `Hello` and answer) may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest frame a dialing node reads: the answer to its `Hello`.
@@ -142,7 +140,8 @@ where
 }
 
 /// Reads one framed connection: checks its `Hello`, answers, then steps
-/// every message that passes [`check_frame`] until the connection ends.
+/// every message that passes [`super::check_frame`] until the connection
+/// ends.
 async fn serve<C: PeerConn>(inbound: Inbound, conn: C) {
     let (mut read, mut write) = tokio::io::split(conn);
     let opened = timeout(OPEN_TIMEOUT, async {
@@ -296,7 +295,7 @@ pub async fn dial(
             }
             None => Box::new(tcp),
         };
-        let (read, mut write) = tokio::io::split(io);
+        let (mut read, mut write) = tokio::io::split(io);
         let mut opening = BytesMut::new();
         opening.put_slice(MAGIC);
         put_frame(
@@ -310,7 +309,6 @@ pub async fn dial(
             .await
             .map_err(|e| failed("write", &e))?;
         write.flush().await.map_err(|e| failed("write", &e))?;
-        let mut read = read;
         let mut magic = [0u8; MAGIC.len()];
         match read.read_exact(&mut magic).await {
             Ok(_) if &magic == MAGIC => {}
