@@ -147,6 +147,13 @@ async fn serve<C: PeerConn>(inbound: Inbound, conn: C) {
     let opened = timeout(OPEN_TIMEOUT, async {
         let mut magic = [0u8; MAGIC.len()];
         read.read_exact(&mut magic).await?;
+        // Without TLS the router has seen it already; with TLS only the ALPN.
+        if &magic != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the connection does not open with the framed protocol's magic",
+            ));
+        }
         let mut frames = FramedRead::new(read, codec(MAX_PEER_FRAME_BYTES));
         let first = frames.next().await.transpose()?;
         let hello = match first.map(PeerFrame::decode) {
@@ -640,6 +647,38 @@ mod tests {
             Err(DialError::NotSpoken) => {}
             other => panic!("expected NotSpoken, got {:?}", other.err()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_that_agrees_the_alpn_but_not_the_magic_is_closed_unanswered() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dialer = PeerClientTls::load(tls_files(dir.path(), 2)).expect("node 2's TLS");
+        let peer_port = ServerTls::load_peer(tls_files(dir.path(), 1)).expect("peer port TLS");
+        let (mut node, addr) = node_one(Some(peer_port)).await;
+        let (config, name) = dialer
+            .current()
+            .rustls_config("127.0.0.1", &[super::ALPN])
+            .expect("rustls config");
+        let tcp = TcpStream::connect(&addr).await.expect("connect");
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the handshake agrees the ALPN");
+        let mut opening = BytesMut::new();
+        opening.extend_from_slice(b"LKRAFT/0");
+        let hello = PeerFrame {
+            frame: Some(peer_frame::Frame::Hello(hello(2, 1))),
+        };
+        put_frame(&mut opening, &hello);
+        tls.write_all(&opening).await.expect("write");
+        tls.flush().await.expect("flush");
+        let mut answer = Vec::new();
+        // The node closes without a TLS close_notify; an error is a close too.
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer))
+            .await
+            .expect("the node closes the connection");
+        assert!(answer.is_empty(), "no answer: {answer:?}");
+        assert!(node.take_inbox_message().is_none());
     }
 
     #[tokio::test]
