@@ -303,10 +303,8 @@ pub async fn dial(
             None => Box::new(tcp),
         };
         let (mut read, mut write) = tokio::io::split(io);
-        let mut opening = BytesMut::new();
-        opening.put_slice(MAGIC);
-        put_frame(
-            &mut opening,
+        let opening = opening(
+            MAGIC,
             &PeerFrame {
                 frame: Some(peer_frame::Frame::Hello(hello.clone())),
             },
@@ -366,6 +364,15 @@ fn refuses_alpn(e: &io::Error) -> bool {
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
     host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// What a dialing node sends first: `magic` (the framed protocol's
+/// [`MAGIC`]), then `frame`.
+fn opening(magic: &[u8], frame: &PeerFrame) -> BytesMut {
+    let mut opening = BytesMut::new();
+    opening.put_slice(magic);
+    put_frame(&mut opening, frame);
+    opening
 }
 
 fn put_frame(buf: &mut BytesMut, frame: &PeerFrame) {
@@ -460,7 +467,6 @@ impl Connection {
 mod tests {
     use std::time::Duration;
 
-    use bytes::BytesMut;
     use futures::StreamExt;
     use raft::prelude::{Message, MessageType};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -469,7 +475,7 @@ mod tests {
 
     use latchkey_proto::peer::v1::{peer_frame, Hello, PeerFrame};
 
-    use super::{dial, host_of, put_frame, route, DialError, Event, KEEPALIVE_TIMEOUT, MAGIC};
+    use super::{dial, host_of, opening, route, DialError, Event, KEEPALIVE_TIMEOUT, MAGIC};
     use crate::config::Config;
     use crate::node::{Node, NodeMsg, NodeOptions, Transport};
     use crate::storage::{Engine, MemoryDisk};
@@ -522,6 +528,16 @@ mod tests {
         (node, addr)
     }
 
+    /// [`node_one`] with mutual TLS on its peer port, and the TLS node 2
+    /// dials it with; the directory holds the CA and certificates.
+    async fn tls_node_one() -> (tempfile::TempDir, PeerClientTls, Node, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dialer = PeerClientTls::load(tls_files(dir.path(), 2)).expect("node 2's TLS");
+        let peer_port = ServerTls::load_peer(tls_files(dir.path(), 1)).expect("peer port TLS");
+        let (node, addr) = node_one(Some(peer_port)).await;
+        (dir, dialer, node, addr)
+    }
+
     /// Node `id`'s certificate, signed by the CA in `dir` (made if missing).
     fn tls_files(dir: &std::path::Path, id: u64) -> TlsFiles {
         crate::dev::tls::ensure_ca(dir).expect("CA");
@@ -540,6 +556,12 @@ mod tests {
             to,
             client_addr: format!("127.0.0.1:{from}"),
             peer_addr: format!("127.0.0.1:{from}"),
+        }
+    }
+
+    fn hello_frame(from: u64, to: u64) -> PeerFrame {
+        PeerFrame {
+            frame: Some(peer_frame::Frame::Hello(hello(from, to))),
         }
     }
 
@@ -606,13 +628,10 @@ mod tests {
     async fn a_connection_that_does_not_open_with_a_hello_is_refused_and_closed() {
         let (mut node, addr) = node_one(None).await;
         let mut tcp = TcpStream::connect(&addr).await.expect("connect");
-        let mut opening = BytesMut::new();
-        opening.extend_from_slice(MAGIC);
         let frame = PeerFrame {
             frame: Some(peer_frame::Frame::RaftMessage(encode(&heartbeat(2, 1)))),
         };
-        put_frame(&mut opening, &frame);
-        tcp.write_all(&opening).await.expect("write");
+        tcp.write_all(&opening(MAGIC, &frame)).await.expect("write");
         let mut answer = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
             .await
@@ -630,10 +649,7 @@ mod tests {
 
     #[tokio::test]
     async fn over_tls_alpn_agrees_the_framed_protocol_and_finds_a_grpc_only_port() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let dialer = PeerClientTls::load(tls_files(dir.path(), 2)).expect("node 2's TLS");
-        let peer_port = ServerTls::load_peer(tls_files(dir.path(), 1)).expect("peer port TLS");
-        let (mut node, addr) = node_one(Some(peer_port)).await;
+        let (dir, dialer, mut node, addr) = tls_node_one().await;
         let mut link = dial(&addr, Some(&dialer), &hello(2, 1))
             .await
             .expect("framed over TLS");
@@ -651,10 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tls_connection_that_agrees_the_alpn_but_not_the_magic_is_closed_unanswered() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let dialer = PeerClientTls::load(tls_files(dir.path(), 2)).expect("node 2's TLS");
-        let peer_port = ServerTls::load_peer(tls_files(dir.path(), 1)).expect("peer port TLS");
-        let (mut node, addr) = node_one(Some(peer_port)).await;
+        let (_dir, dialer, mut node, addr) = tls_node_one().await;
         let (config, name) = dialer
             .current()
             .rustls_config("127.0.0.1", &[super::ALPN])
@@ -664,13 +677,9 @@ mod tests {
             .connect(name, tcp)
             .await
             .expect("the handshake agrees the ALPN");
-        let mut opening = BytesMut::new();
-        opening.extend_from_slice(b"LKRAFT/0");
-        let hello = PeerFrame {
-            frame: Some(peer_frame::Frame::Hello(hello(2, 1))),
-        };
-        put_frame(&mut opening, &hello);
-        tls.write_all(&opening).await.expect("write");
+        tls.write_all(&opening(b"LKRAFT/0", &hello_frame(2, 1)))
+            .await
+            .expect("write");
         tls.flush().await.expect("flush");
         let mut answer = Vec::new();
         // The node closes without a TLS close_notify; an error is a close too.
@@ -700,13 +709,9 @@ mod tests {
     /// Opens a framed connection by hand as node 2 and reads the answer.
     async fn open_by_hand(addr: &str) -> TcpStream {
         let mut tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut opening = BytesMut::new();
-        opening.extend_from_slice(MAGIC);
-        let hello = PeerFrame {
-            frame: Some(peer_frame::Frame::Hello(hello(2, 1))),
-        };
-        put_frame(&mut opening, &hello);
-        tcp.write_all(&opening).await.expect("write");
+        tcp.write_all(&opening(MAGIC, &hello_frame(2, 1)))
+            .await
+            .expect("write");
         let mut answer = [0u8; MAGIC.len() + 4];
         tcp.read_exact(&mut answer).await.expect("the answer");
         assert_eq!(&answer[..MAGIC.len()], MAGIC);
