@@ -6,6 +6,7 @@
 //!                        [--latchkey PATH] [--etcd PATH] [--data-dir DIR]
 //!                        [--etcd-endpoints leader|all] [--keepalive-ttl D]
 //!                        [--keepalive-leases N] [--memory-leases N]
+//!                        [--stability-duration D]
 //! latchkey-bench floor [--data-dir DIR] [--samples N]
 //! ```
 //!
@@ -36,6 +37,9 @@ pub const HOLDER_TTL: Duration = Duration::from_secs(1);
 /// Leases+locks in `memory` (full and `--quick`).
 pub const MEMORY_LEASES: usize = 100_000;
 pub const QUICK_MEMORY_LEASES: usize = 10_000;
+/// Each window of `leader-stability` (full and `--quick`).
+pub const STABILITY_DURATION: Duration = Duration::from_secs(600);
+pub const QUICK_STABILITY_DURATION: Duration = Duration::from_secs(3);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,7 +65,8 @@ pub struct CompareArgs {
     #[arg(long)]
     pub quick: bool,
     /// Workloads to run, comma-separated [default: all, in order:
-    /// lock-1c,lock-nc,lock-hot,fenced-write,lease-keepalive,failover,holder-crash,memory].
+    /// lock-1c,lock-nc,lock-hot,fenced-write,lease-keepalive,failover,holder-crash,memory,
+    /// leader-stability].
     #[arg(long, value_delimiter = ',')]
     pub workloads: Option<Vec<String>>,
     /// Systems to run, comma-separated.
@@ -103,6 +108,10 @@ pub struct CompareArgs {
     /// Leases+locks in memory [default: 100000, --quick 10000].
     #[arg(long)]
     pub memory_leases: Option<usize>,
+    /// Each of leader-stability's two windows, idle and loaded
+    /// [default: 10m, --quick 3s].
+    #[arg(long, value_parser = parse_duration)]
+    pub stability_duration: Option<Duration>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -172,14 +181,19 @@ impl CompareArgs {
                 MEMORY_LEASES
             }),
             failover_clients: FAILOVER_CLIENTS,
+            stability_duration: pick(
+                self.stability_duration,
+                STABILITY_DURATION,
+                QUICK_STABILITY_DURATION,
+            ),
             etcd_endpoints: match self.etcd_endpoints {
                 EtcdEndpointsArg::All => EtcdEndpoints::All,
                 EtcdEndpointsArg::Leader => EtcdEndpoints::Leader,
             },
             data_dir: PathBuf::new(),
         };
-        if settings.duration.is_zero() {
-            return Err("--duration must be above zero".into());
+        if settings.duration.is_zero() || settings.stability_duration.is_zero() {
+            return Err("--duration and --stability-duration must be above zero".into());
         }
         Ok(CompareOptions {
             workloads,
@@ -274,6 +288,21 @@ mod tests {
         assert_eq!(options.settings.repeats, QUICK_REPEATS);
         assert_eq!(options.workloads, Workload::ALL.to_vec());
         assert_eq!(options.systems, vec![System::Latchkey, System::Etcd]);
+        assert_eq!(
+            options.settings.stability_duration,
+            QUICK_STABILITY_DURATION
+        );
+    }
+
+    #[test]
+    fn leader_stability_watches_ten_minutes_unless_told() {
+        let full = resolve(&["--workloads", "leader-stability"]).expect("valid flags");
+        assert_eq!(full.workloads, vec![Workload::LeaderStability]);
+        assert_eq!(full.settings.stability_duration, Duration::from_secs(600));
+        let short = resolve(&["--stability-duration", "30s"]).expect("valid flags");
+        assert_eq!(short.settings.stability_duration, Duration::from_secs(30));
+        let error = resolve(&["--stability-duration", "0s"]).expect_err("zero window");
+        assert!(error.contains("--stability-duration"), "{error}");
     }
 
     #[test]

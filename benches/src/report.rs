@@ -87,10 +87,11 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  timing:     warm-up {:?}, window {:?}, {} repeats{}",
+            "  timing:     warm-up {:?}, window {:?}, {} repeats, leader-stability windows {:?}{}",
             self.settings.warmup,
             self.settings.duration,
             self.settings.repeats,
+            self.settings.stability_duration,
             if self.settings.quick {
                 " (--quick)"
             } else {

@@ -9,6 +9,7 @@
 //! | lock-1c p50 ≤ 1.3× the two-commit floor | `lock-1c` p50 and the floor |
 //! | lock-hot 8 clients ≥ 8× etcd hand-overs/s, first come first served | `lock-hot` throughput and latchkey's FCFS verdict |
 //! | failover p50 ≤ 300 ms, p99 ≤ 600 ms | latchkey `failover` samples |
+//! | no election nobody asked for in 10 idle and 10 loaded minutes | latchkey `leader-stability`, both windows |
 //! | holder-crash p99 ≤ TTL + 100 ms | latchkey `holder-crash` samples and its granted TTL |
 //! | lease-keepalive p99 ≤ 10 ms, ≥ 3× etcd keepalives/s | `lease-keepalive` of both: the paced window's p99, the closed loop's rate |
 //! | memory ≤ 1 KiB per lease+lock | latchkey `memory` |
@@ -31,6 +32,7 @@ pub fn evaluate(measurements: &[Measurement], floor: Option<&Floor>) -> Vec<Targ
     out.push(fcfs(&lookup, "8 clients"));
     out.push(lookup.latency_bound(Workload::Failover, "p50", 300.0));
     out.push(lookup.latency_bound(Workload::Failover, "p99", 600.0));
+    out.push(leader_stability(&lookup));
     out.push(holder_crash(&lookup));
     out.push(lookup.latency_bound(Workload::LeaseKeepalive, "p99", 10.0));
     out.push(keepalive_capacity(&lookup));
@@ -198,6 +200,55 @@ fn holder_crash(lookup: &Lookup<'_>) -> TargetResult {
     }
 }
 
+/// Shortest `leader-stability` window the target accepts, in seconds.
+const STABILITY_WINDOW_S: f64 = 600.0;
+
+/// No election and no leader change in either `leader-stability` window.
+/// An election fails the target whatever the window's length; a quiet
+/// window shorter than ten minutes proves nothing, so it is "n/a".
+fn leader_stability(lookup: &Lookup<'_>) -> TargetResult {
+    let target = "leader-stability: no election in 10 idle or 10 loaded minutes".to_string();
+    let windows: Vec<&Measurement> = lookup
+        .measurements
+        .iter()
+        .filter(|m| m.workload == Workload::LeaderStability && m.system == System::Latchkey)
+        .collect();
+    if windows.is_empty() {
+        return not_measured(target, "latchkey not measured");
+    }
+    let mut quiet = true;
+    let mut long_enough = true;
+    let mut parts = Vec::new();
+    for m in &windows {
+        let elections = m.metric.as_ref().map_or(f64::NAN, |x| x.value);
+        let changes = m.numbers.get("leader_changes").copied().unwrap_or(f64::NAN);
+        let seconds = m.numbers.get("window_s").copied().unwrap_or(0.0);
+        quiet &= elections == 0.0 && changes == 0.0;
+        long_enough &= seconds >= STABILITY_WINDOW_S;
+        parts.push(format!(
+            "{}: {elections:.0} elections, {changes:.0} leader changes in {seconds:.0} s",
+            m.variant
+        ));
+    }
+    let detail = parts.join("; ");
+    let pass = if !quiet {
+        Some(false)
+    } else if long_enough && windows.len() >= 2 {
+        Some(true)
+    } else {
+        None
+    };
+    TargetResult {
+        target,
+        pass,
+        detail: if pass.is_none() {
+            format!("{detail}; the target needs an idle and a loaded window of 10 minutes each")
+        } else {
+            detail
+        },
+    }
+}
+
 fn memory(lookup: &Lookup<'_>) -> TargetResult {
     let target = "memory ≤ 1 KiB per lease+lock".to_string();
     let bytes = lookup
@@ -210,5 +261,57 @@ fn memory(lookup: &Lookup<'_>) -> TargetResult {
             detail: format!("{b:.0} bytes on the node that grew most"),
         },
         None => not_measured(target, "latchkey not measured"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::stability::{ELECTIONS, IDLE};
+    use crate::workloads::Metric;
+
+    fn stability(variant: &str, elections: f64, changes: f64, seconds: f64) -> Measurement {
+        let mut m = Measurement::new(Workload::LeaderStability, variant, System::Latchkey);
+        m.metric = Some(Metric {
+            value: elections,
+            unit: ELECTIONS,
+            higher_is_better: false,
+        });
+        m.numbers.insert("leader_changes".into(), changes);
+        m.numbers.insert("window_s".into(), seconds);
+        m
+    }
+
+    fn judged(measurements: &[Measurement]) -> TargetResult {
+        leader_stability(&Lookup { measurements })
+    }
+
+    #[test]
+    fn leader_stability_passes_only_two_quiet_ten_minute_windows() {
+        let quiet = [
+            stability(IDLE, 0.0, 0.0, 600.0),
+            stability("loaded, 64 clients", 0.0, 0.0, 600.0),
+        ];
+        assert_eq!(judged(&quiet).pass, Some(true));
+
+        let election = [
+            stability(IDLE, 0.0, 0.0, 600.0),
+            stability("loaded, 64 clients", 1.0, 1.0, 600.0),
+        ];
+        let failed = judged(&election);
+        assert_eq!(failed.pass, Some(false));
+        assert!(failed.detail.contains("1 elections"), "{}", failed.detail);
+
+        // An election in a short window still fails; a quiet one proves nothing.
+        let short_election = [stability(IDLE, 2.0, 0.0, 3.0)];
+        assert_eq!(judged(&short_election).pass, Some(false));
+        let short = [
+            stability(IDLE, 0.0, 0.0, 3.0),
+            stability("loaded, 64 clients", 0.0, 0.0, 3.0),
+        ];
+        assert_eq!(judged(&short).pass, None);
+        let one_window = [stability(IDLE, 0.0, 0.0, 600.0)];
+        assert_eq!(judged(&one_window).pass, None);
+        assert_eq!(judged(&[]).pass, None);
     }
 }

@@ -24,7 +24,7 @@ use etcd_client::{Client, ConnectOptions, StatusResponse};
 use tokio::time::Instant;
 
 use super::{
-    agreed_leader, cluster_dir, free_ports, remove_dir, LeaderView, NODES, POLL_INTERVAL,
+    agreed_leader, cluster_dir, free_ports, remove_dir, LeaderView, RaftView, NODES, POLL_INTERVAL,
     READY_TIMEOUT, STATUS_TIMEOUT,
 };
 use crate::processes::{Proc, STOP_GRACE};
@@ -163,6 +163,19 @@ impl EtcdCluster {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    pub async fn raft_views(&self) -> Vec<Option<RaftView>> {
+        let statuses = self.statuses().await;
+        statuses
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|s| RaftView {
+                    term: s.raft_term(),
+                    leader: s.leader(),
+                })
+            })
+            .collect()
     }
 
     pub async fn leader(&self) -> Result<usize, String> {

@@ -27,8 +27,8 @@ use latchkey_server::dev::manifest::Manifest;
 use tokio::time::Instant;
 
 use super::{
-    agreed_leader, cluster_dir, remove_dir, LeaderView, NODES, POLL_INTERVAL, READY_TIMEOUT,
-    STATUS_TIMEOUT,
+    agreed_leader, cluster_dir, remove_dir, LeaderView, RaftView, NODES, POLL_INTERVAL,
+    READY_TIMEOUT, STATUS_TIMEOUT,
 };
 use crate::processes::{Proc, STOP_GRACE};
 
@@ -140,6 +140,19 @@ impl LatchkeyCluster {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    pub async fn raft_views(&self) -> Vec<Option<RaftView>> {
+        let statuses = self.statuses().await;
+        statuses
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|s| RaftView {
+                    term: s.term,
+                    leader: s.leader_id,
+                })
+            })
+            .collect()
     }
 
     pub async fn leader(&self) -> Result<usize, String> {

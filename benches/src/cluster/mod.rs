@@ -117,6 +117,15 @@ impl Cluster {
         }
     }
 
+    /// What each node (by 0-based index) says of its Raft state now;
+    /// `None` for a node that did not answer.
+    pub async fn raft_views(&self) -> Vec<Option<RaftView>> {
+        match self {
+            Cluster::Latchkey(c) => c.raft_views().await,
+            Cluster::Etcd(c) => c.raft_views().await,
+        }
+    }
+
     /// (1-based node number, pid) of every running node.
     pub fn pids(&mut self) -> Vec<(usize, u32)> {
         match self {
@@ -180,6 +189,13 @@ pub fn remove_dir(dir: tempfile::TempDir) {
     let path = dir.path().to_path_buf();
     let _ = dir.close();
     crate::processes::unregister_dir(&path);
+}
+
+/// One node's term and the leader it names (its member id; 0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftView {
+    pub term: u64,
+    pub leader: u64,
 }
 
 /// What one node said of itself: its own id, and the leader it names (0:

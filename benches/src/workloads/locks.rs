@@ -61,7 +61,8 @@ pub async fn lock_cycles(
     Ok(out)
 }
 
-async fn cycle_loop(conn: Conn, lease: Lease, name: String, window: Window) -> Recorder {
+/// One client cycling its own lock through `window`.
+pub(super) async fn cycle_loop(conn: Conn, lease: Lease, name: String, window: Window) -> Recorder {
     let mut recorder = Recorder::new();
     for _ in 0..MAX_OPS_PER_CLIENT {
         let started = Instant::now();

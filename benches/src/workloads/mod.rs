@@ -13,6 +13,8 @@
 //! - [`failover`]: `failover` (kill -9 the leader) and `holder-crash`
 //!   (a holder stops renewing).
 //! - [`memory`]: bytes per live lease+lock on each node.
+//! - [`stability`]: `leader-stability` (elections in an idle and a loaded
+//!   cluster over minutes).
 //!
 //! # Rules every workload follows
 //! - Every simulated client has its own connection and its own lease.
@@ -33,6 +35,7 @@ pub mod hot;
 pub mod keepalive;
 pub mod locks;
 pub mod memory;
+pub mod stability;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -79,10 +82,12 @@ pub enum Workload {
     HolderCrash,
     #[serde(rename = "memory")]
     Memory,
+    #[serde(rename = "leader-stability")]
+    LeaderStability,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Lock1c,
         Workload::LockNc,
         Workload::LockHot,
@@ -91,6 +96,7 @@ impl Workload {
         Workload::Failover,
         Workload::HolderCrash,
         Workload::Memory,
+        Workload::LeaderStability,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +109,7 @@ impl Workload {
             Workload::Failover => "failover",
             Workload::HolderCrash => "holder-crash",
             Workload::Memory => "memory",
+            Workload::LeaderStability => "leader-stability",
         }
     }
 
@@ -142,6 +149,8 @@ pub struct Settings {
     pub holder_ttl: Duration,
     pub memory_leases: usize,
     pub failover_clients: usize,
+    /// Each window of `leader-stability`.
+    pub stability_duration: Duration,
     pub etcd_endpoints: EtcdEndpoints,
     /// Parent of every cluster's directory and of the floor's.
     pub data_dir: PathBuf,
@@ -339,6 +348,7 @@ pub async fn run(workload: Workload, run: &mut Run<'_>) -> Result<Vec<Measuremen
         Workload::Failover => failover::failover(run).await,
         Workload::HolderCrash => failover::holder_crash(run).await,
         Workload::Memory => memory::memory(run).await,
+        Workload::LeaderStability => stability::leader_stability(run).await,
     }
 }
 
