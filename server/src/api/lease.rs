@@ -4,10 +4,9 @@
 //! `crate::lease_clock`). Each renewal lists the lease's grants and the
 //! cluster's clock drift bound.
 
+use std::future::Future;
 use std::pin::Pin;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,15 +19,13 @@ use latchkey_proto::v1::{
 };
 
 use super::{header_at, owner_check, Api};
+use crate::auth::Identity;
 use crate::coordination::{Kind, LeaseId};
 use crate::error::RequestError;
 use crate::lease_clock::KeepAlive;
 use crate::node::{HeldGrant, KeepAliveAnswer, Role};
 use crate::state_machine::{grant_proto, MAX_LEASE_TTL_MS};
 use latchkey_proto::v1::PermissionKind;
-
-/// Keepalive responses buffered per stream.
-const KEEPALIVE_BUFFER: usize = 16;
 
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
@@ -95,36 +92,20 @@ impl Lease for Api {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let identity = self.identify(&request)?;
-        let mut incoming = request.into_inner();
-        let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
-        let api = self.clone();
-        tokio::spawn(async move {
-            let stopping = api.stopping();
-            tokio::pin!(stopping);
-            // Bounded by the stream: it ends when the client closes it, on a
-            // failed renewal, or when the server stops.
-            loop {
-                let message = tokio::select! {
-                    message = incoming.message() => message,
-                    () = &mut stopping => {
-                        let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
-                        return;
-                    }
-                };
-                let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
-                    return;
-                };
-                let answer = match api.check_lease_owner(&identity, LeaseId(lease)) {
-                    Ok(()) => api.keep_alive_once(LeaseId(lease)).await,
-                    Err(refused) => Err(refused),
-                };
-                let failed = answer.is_err();
-                if tx.send(answer).await.is_err() || failed {
-                    return;
-                }
-            }
+        let renewals = Renewals {
+            api: self.clone(),
+            identity,
+            incoming: request.into_inner(),
+            stopping: Box::pin(self.stopping()),
+            ended: false,
+        };
+        // Each renewal is read, answered and written by the task that polls
+        // the response stream: no task or channel of its own per stream.
+        let answers = futures::stream::unfold(renewals, |mut renewals| async move {
+            let answer = renewals.next().await?;
+            Some((answer, renewals))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn time_to_live(
@@ -222,6 +203,43 @@ impl Lease for Api {
             header: Some(header),
             leases,
         }))
+    }
+}
+
+/// One `KeepAlive` stream's state: renewals come in, answers go out, and
+/// the stream ends when the client closes it, on a failed renewal (after
+/// sending its error), or when the server stops.
+struct Renewals {
+    api: Api,
+    identity: Identity,
+    incoming: Streaming<LeaseKeepAliveRequest>,
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl Renewals {
+    /// The answer to the next renewal; `None` once the stream is over.
+    async fn next(&mut self) -> Option<Result<LeaseKeepAliveResponse, Status>> {
+        if self.ended {
+            return None;
+        }
+        let message = tokio::select! {
+            message = self.incoming.message() => message,
+            () = &mut self.stopping => {
+                self.ended = true;
+                return Some(Err(Status::unavailable("the node is shutting down")));
+            }
+        };
+        let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
+            self.ended = true;
+            return None;
+        };
+        let answer = match self.api.check_lease_owner(&self.identity, LeaseId(lease)) {
+            Ok(()) => self.api.keep_alive_once(LeaseId(lease)).await,
+            Err(refused) => Err(refused),
+        };
+        self.ended = answer.is_err();
+        Some(answer)
     }
 }
 
