@@ -205,7 +205,7 @@ impl EtcdKeepalive {
         self.keeper.keep_alive().await.map_err(|e| e.to_string())?;
         match self.stream.message().await {
             Ok(Some(answer)) if answer.ttl() > 0 => Ok(Duration::from_secs(answer.ttl() as u64)),
-            Ok(Some(_)) => Err(format!("lease {:x} not found", self.keeper.id())),
+            Ok(Some(_)) => Err(super::lease_gone_error(format!("{:x}", self.keeper.id()))),
             Ok(None) => Err("keepalive stream ended".into()),
             Err(e) => Err(e.to_string()),
         }

@@ -110,7 +110,7 @@ impl LatchkeyKeepalive {
             .map_err(|_| "keepalive stream closed".to_string())?;
         match self.responses.message().await {
             Ok(Some(answer)) if answer.found => Ok(Duration::from_millis(answer.ttl_ms)),
-            Ok(Some(_)) => Err(format!("lease {} not found", self.lease)),
+            Ok(Some(_)) => Err(super::lease_gone_error(self.lease)),
             Ok(None) => Err("keepalive stream ended".into()),
             Err(status) => Err(format!("{}: {}", status.code(), status.message())),
         }

@@ -242,6 +242,35 @@ impl KeepaliveStream {
     }
 }
 
+/// A renewal's error when the server answered that `lease` does not exist.
+pub fn lease_gone_error(lease: impl std::fmt::Display) -> String {
+    format!("lease {lease} not found")
+}
+
+/// Whether a renewal's error says that the lease no longer exists (it
+/// expired or was revoked), so renewing it again is pointless: the
+/// drivers' [`lease_gone_error`], or etcd's own "requested lease not
+/// found" when opening a stream for a lease it no longer has.
+pub fn lease_is_gone(error: &str) -> bool {
+    error.contains("not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gone_lease_is_recognised_from_either_system() {
+        assert!(lease_is_gone(&lease_gone_error(58)));
+        assert!(lease_is_gone(&lease_gone_error(format!("{:x}", 58))));
+        assert!(lease_is_gone(
+            "grpc request error: status: NotFound, message: \"etcdserver: requested lease not found\""
+        ));
+        assert!(!lease_is_gone("renewal unanswered within 3 intervals"));
+        assert!(!lease_is_gone("keepalive stream ended"));
+    }
+}
+
 /// Where keepalive streams are opened: one HTTP/2 connection.
 #[derive(Clone)]
 pub enum KeepaliveTarget {

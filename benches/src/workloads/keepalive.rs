@@ -16,6 +16,8 @@
 //! or at once if that time has passed: a server that falls behind gets
 //! fewer renewals per second, which is what **keepalives/s acknowledged**
 //! shows.
+//! A lease the server reports gone (expired) is not renewed again: its
+//! one error is counted and the notes say how many leases were lost.
 //!
 //! latchkey renewals go to the leader (only it renews), as the client
 //! crate sends them; etcd clients are given the endpoints as in every
@@ -43,7 +45,7 @@ use super::{
     join_until, timed, Measurement, Metric, Run, Workload, DRAIN_TIMEOUT, SETUP_CONCURRENCY,
 };
 use crate::cluster::System;
-use crate::driver::{Conn, KeepaliveStream, KeepaliveTarget, RawLease};
+use crate::driver::{lease_is_gone, Conn, KeepaliveStream, KeepaliveTarget, RawLease};
 use crate::procfs::{Usage, UsageProbe};
 use crate::stats::{per_second, Recorder, Window};
 
@@ -70,6 +72,8 @@ struct Phases {
 /// What one lease's task brings back.
 struct LeaseOutcome {
     lease: Option<RawLease>,
+    /// The server said the lease was gone; its renewals stopped there.
+    lost: bool,
     paced: Recorder,
     closed: Recorder,
 }
@@ -148,6 +152,14 @@ pub async fn lease_keepalive(run: &mut Run<'_>) -> Result<Vec<Measurement>, Stri
     );
     // A task that did not finish is counted once, against the end.
     closed.errors += stuck as u64;
+    let lost = outcomes.iter().filter(|o| o.lost).count();
+    if lost > 0 {
+        paced.notes.push(format!(
+            "{lost} leases were reported gone (expired) and no longer renewed; \
+             each counts as one error, in the window it was found in"
+        ));
+    }
+    paced.numbers.insert("leases_lost".into(), lost as f64);
     closed.notes.push(format!(
         "{count} leases renewed each as soon as its last renewal was answered"
     ));
@@ -272,6 +284,7 @@ impl LeaseTask {
                 paced.error(format!("granting: {e}"));
                 return LeaseOutcome {
                     lease: None,
+                    lost: false,
                     paced,
                     closed,
                 };
@@ -279,6 +292,7 @@ impl LeaseTask {
         };
         let mut next = Instant::now() + self.interval;
         let mut stream = None;
+        let mut lost = false;
         for _ in 0..MAX_RENEWALS_PER_LEASE {
             tokio::time::sleep_until(next).await;
             let sent = Instant::now();
@@ -297,6 +311,13 @@ impl LeaseTask {
             match answer {
                 Ok(()) if counted => recorder.record(answered - sent),
                 Ok(()) => {}
+                Err(e) if lease_is_gone(&e) => {
+                    // Counted once: a lost lease stays lost, and renewing
+                    // it in a loop would only spend the bench's CPU.
+                    recorder.error(e);
+                    lost = true;
+                    break;
+                }
                 Err(e) => {
                     // The server ends a stream after a failed renewal: open a new one.
                     stream = None;
@@ -311,6 +332,7 @@ impl LeaseTask {
         }
         LeaseOutcome {
             lease: Some(lease),
+            lost,
             paced,
             closed,
         }
