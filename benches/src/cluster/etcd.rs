@@ -24,8 +24,8 @@ use etcd_client::{Client, ConnectOptions, StatusResponse};
 use tokio::time::Instant;
 
 use super::{
-    agreed_leader, cluster_dir, free_ports, remove_dir, LeaderView, RaftView, NODES, POLL_INTERVAL,
-    READY_TIMEOUT, STATUS_TIMEOUT,
+    agreed_leader, cluster_dir, free_ports, raft_views_of, remove_dir, LeaderView, RaftView, NODES,
+    POLL_INTERVAL, READY_TIMEOUT, STATUS_TIMEOUT,
 };
 use crate::processes::{Proc, STOP_GRACE};
 
@@ -166,16 +166,10 @@ impl EtcdCluster {
     }
 
     pub async fn raft_views(&self) -> Vec<Option<RaftView>> {
-        let statuses = self.statuses().await;
-        statuses
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|s| RaftView {
-                    term: s.raft_term(),
-                    leader: s.leader(),
-                })
-            })
-            .collect()
+        raft_views_of(&self.statuses().await, |s| RaftView {
+            term: s.raft_term(),
+            leader: s.leader(),
+        })
     }
 
     pub async fn leader(&self) -> Result<usize, String> {

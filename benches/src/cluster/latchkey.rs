@@ -27,8 +27,8 @@ use latchkey_server::dev::manifest::Manifest;
 use tokio::time::Instant;
 
 use super::{
-    agreed_leader, cluster_dir, remove_dir, LeaderView, RaftView, NODES, POLL_INTERVAL,
-    READY_TIMEOUT, STATUS_TIMEOUT,
+    agreed_leader, cluster_dir, raft_views_of, remove_dir, LeaderView, RaftView, NODES,
+    POLL_INTERVAL, READY_TIMEOUT, STATUS_TIMEOUT,
 };
 use crate::processes::{Proc, STOP_GRACE};
 
@@ -143,16 +143,10 @@ impl LatchkeyCluster {
     }
 
     pub async fn raft_views(&self) -> Vec<Option<RaftView>> {
-        let statuses = self.statuses().await;
-        statuses
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|s| RaftView {
-                    term: s.term,
-                    leader: s.leader_id,
-                })
-            })
-            .collect()
+        raft_views_of(&self.statuses().await, |s| RaftView {
+            term: s.term,
+            leader: s.leader_id,
+        })
     }
 
     pub async fn leader(&self) -> Result<usize, String> {

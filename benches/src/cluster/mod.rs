@@ -198,6 +198,14 @@ pub struct RaftView {
     pub leader: u64,
 }
 
+/// Each node's [`RaftView`] from its status answer (`None`: no answer).
+pub(crate) fn raft_views_of<S>(
+    statuses: &[Option<S>],
+    view: impl Fn(&S) -> RaftView,
+) -> Vec<Option<RaftView>> {
+    statuses.iter().map(|s| s.as_ref().map(&view)).collect()
+}
+
 /// What one node said of itself: its own id, and the leader it names (0:
 /// none).
 pub(crate) type LeaderView = (u64, u64);
