@@ -56,6 +56,8 @@ pub struct Tally {
     pub leaderless_polls: usize,
     /// Polls in which a node did not answer (one count per node).
     pub unanswered: usize,
+    /// The leader named by the last poll that named one.
+    last_leader: Option<u64>,
 }
 
 impl Tally {
@@ -65,7 +67,7 @@ impl Tally {
     }
 
     /// Adds one poll: what each node answered, `None` if it did not.
-    pub fn add(&mut self, views: &[Option<RaftView>], last_leader: &mut Option<u64>) {
+    pub fn add(&mut self, views: &[Option<RaftView>]) {
         self.polls += 1;
         self.unanswered += views.iter().filter(|v| v.is_none()).count();
         let answered: Vec<RaftView> = views.iter().flatten().copied().collect();
@@ -82,13 +84,13 @@ impl Tally {
             .filter(|v| v.term == term)
             .map(|v| v.leader)
             .find(|&l| l != 0);
-        match (leader, *last_leader) {
+        match (leader, self.last_leader) {
             (None, _) => self.leaderless_polls += 1,
             (Some(now), Some(before)) if now != before => self.leader_changes += 1,
             _ => {}
         }
         if leader.is_some() {
-            *last_leader = leader;
+            self.last_leader = leader;
         }
     }
 }
@@ -146,11 +148,10 @@ async fn watch(run: &mut Run<'_>, clients: usize) -> Result<Measurement, String>
 /// `end`.
 async fn poll(cluster: &Cluster, end: Instant) -> Tally {
     let mut tally = Tally::default();
-    let mut last_leader = None;
     let mut next = Instant::now();
     // Bounded by `end`: the loop stops after the poll made at or past it.
     loop {
-        tally.add(&cluster.raft_views().await, &mut last_leader);
+        tally.add(&cluster.raft_views().await);
         if Instant::now() >= end {
             return tally;
         }
@@ -187,9 +188,8 @@ mod tests {
 
     fn tally(polls: &[Vec<Option<RaftView>>]) -> Tally {
         let mut tally = Tally::default();
-        let mut last = None;
         for views in polls {
-            tally.add(views, &mut last);
+            tally.add(views);
         }
         tally
     }
