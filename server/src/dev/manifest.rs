@@ -502,12 +502,16 @@ mod tests {
 
     #[test]
     fn growth_continues_the_ids_and_the_base_port_layout() {
+        // `growth` checks that the new ports are free. Below Linux's
+        // ephemeral range (32768-60999), so the client socket of a test
+        // running beside this one cannot be holding one of them.
+        const BASE: u16 = 23001;
         let dir = Path::new("/d");
-        let manifest = Manifest::plan(dir, 3, Some(47001)).expect("plan");
+        let manifest = Manifest::plan(dir, 3, Some(BASE)).expect("plan");
         assert!(manifest.growth(dir, 3, None).expect("none").is_empty());
         assert!(manifest.growth(dir, 2, None).expect("none").is_empty());
-        let added = manifest.growth(dir, 5, Some(47001)).expect("growth");
-        let planned = Manifest::plan(dir, 5, Some(47001)).expect("plan");
+        let added = manifest.growth(dir, 5, Some(BASE)).expect("growth");
+        let planned = Manifest::plan(dir, 5, Some(BASE)).expect("plan");
         assert_eq!(added, planned.nodes[3..].to_vec());
         let free = manifest.growth(dir, 4, None).expect("growth");
         assert_eq!(free.len(), 1);
