@@ -293,10 +293,18 @@ impl Cluster {
     }
 
     /// A status channel to every node, for the poller.
-    pub fn status_channels(&self) -> HashMap<u64, Channel> {
+    pub fn status_channels(&self) -> HashMap<u64, StatusTarget> {
         self.nodes
             .iter()
-            .map(|n| (n.addrs.id, n.channel.clone()))
+            .map(|n| {
+                let target = StatusTarget {
+                    channel: n.channel.clone(),
+                    id: n.addrs.id,
+                    client: n.addrs.client.to_string(),
+                    peer: n.addrs.peer.to_string(),
+                };
+                (n.addrs.id, target)
+            })
             .collect()
     }
 
@@ -407,14 +415,61 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
-/// Asks one node for its status.
-pub async fn status(channel: Channel) -> Result<StatusResponse, String> {
-    let mut client = ClusterClient::new(channel);
-    match tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(status.message().to_string()),
-        Err(_) => Err("no answer".into()),
+/// One node of this run, as its status is asked for.
+#[derive(Clone)]
+pub struct StatusTarget {
+    pub channel: Channel,
+    pub id: u64,
+    /// The client address the node was told to listen on.
+    pub client: String,
+    /// Its own peer address, as its `--initial-cluster` names it.
+    pub peer: String,
+}
+
+/// Why a node's status is missing.
+#[derive(Debug)]
+pub enum StatusError {
+    /// No answer, or an error answer: the node may be down, paused or cut off.
+    Unanswered(String),
+    /// Another process answered on the node's client port.
+    Foreign(String),
+}
+
+impl std::fmt::Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusError::Unanswered(e) | StatusError::Foreign(e) => f.write_str(e),
+        }
     }
+}
+
+/// Asks one node for its status. An answer from another process is
+/// [`StatusError::Foreign`]: the ports are picked free and released before
+/// the node binds them, so a program started in between (another test's
+/// cluster, say) can hold the port while this run's node fails to start,
+/// and its leaders and terms are not this run's.
+pub async fn status(target: StatusTarget) -> Result<StatusResponse, StatusError> {
+    let mut client = ClusterClient::new(target.channel.clone());
+    let status = match tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return Err(StatusError::Unanswered(status.message().to_string())),
+        Err(_) => return Err(StatusError::Unanswered("no answer".into())),
+    };
+    check_identity(&target, &status).map_err(StatusError::Foreign)?;
+    Ok(status)
+}
+
+/// Whether `status` comes from the node `target` names: its id and its
+/// own peer address.
+pub fn check_identity(target: &StatusTarget, status: &StatusResponse) -> Result<(), String> {
+    if status.id == target.id && status.peer_addr == target.peer {
+        return Ok(());
+    }
+    Err(format!(
+        "{} answered as node {} with peer address {:?}, not as this run's n{} ({}): \
+         another program holds the port (see nodes/n{}.log for why n{} is not listening)",
+        target.client, status.id, status.peer_addr, target.id, target.peer, target.id, target.id
+    ))
 }
 
 /// `leader`, `follower`, … as in `latchkey status`.
@@ -459,6 +514,31 @@ mod tests {
             rate: 0.995,
         };
         assert_eq!(skew.faketime_spec(), "+7s x0.995");
+    }
+
+    #[tokio::test]
+    async fn only_this_runs_node_is_taken_at_its_word() {
+        let target = StatusTarget {
+            channel: Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+            id: 5,
+            client: "127.0.0.1:40005".into(),
+            peer: "127.0.0.1:40006".into(),
+        };
+        let answer = |id: u64, peer: &str| StatusResponse {
+            id,
+            peer_addr: peer.into(),
+            role: Role::Leader as i32,
+            term: 2,
+            ..StatusResponse::default()
+        };
+        assert!(check_identity(&target, &answer(5, "127.0.0.1:40006")).is_ok());
+        // Another cluster's node 5 on the same client port.
+        let err = check_identity(&target, &answer(5, "127.0.0.1:51234")).expect_err("foreign");
+        assert!(err.contains("127.0.0.1:40005"), "{err}");
+        assert!(err.contains("another program holds the port"), "{err}");
+        assert!(err.contains("nodes/n5.log"), "{err}");
+        // Another node of a cluster on that address.
+        assert!(check_identity(&target, &answer(3, "127.0.0.1:40006")).is_err());
     }
 
     #[test]

@@ -58,9 +58,9 @@ pub async fn run(
     let mut last: HashMap<u64, (&'static str, u64)> = HashMap::new();
     // Bounded by `stop`, which the run sets when it ends.
     while !*stop.borrow() {
-        let polls = channels.iter().map(|(id, channel)| {
-            let channel = channel.clone();
-            async move { (*id, cluster::status(channel).await) }
+        let polls = channels.iter().map(|(id, target)| {
+            let target = target.clone();
+            async move { (*id, cluster::status(target).await) }
         });
         for (id, answer) in futures::future::join_all(polls).await {
             let Ok(status) = answer else { continue };
@@ -117,16 +117,23 @@ pub async fn wait_for_leader(
     while Instant::now() < deadline {
         let polls = channels
             .values()
-            .map(|channel| cluster::status(channel.clone()));
+            .map(|target| cluster::status(target.clone()));
         let answers = futures::future::join_all(polls).await;
+        let mut leader = None;
         for answer in answers {
             match answer {
                 Ok(status) if cluster::role_name(status.role) == "leader" => {
-                    return Ok(status.id);
+                    leader = Some(status.id);
                 }
                 Ok(_) => {}
-                Err(error) => last_error = error,
+                // Not this run's node: what the run would check is not
+                // this run's cluster alone, so it stops here instead.
+                Err(cluster::StatusError::Foreign(error)) => return Err(error),
+                Err(cluster::StatusError::Unanswered(error)) => last_error = error,
             }
+        }
+        if let Some(leader) = leader {
+            return Ok(leader);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
