@@ -23,7 +23,11 @@
 //! anything is proposed, if another is still in progress, or if afterwards
 //! the voters that answer the leader now would not be a quorum
 //! ([`check`]): an operator must never be one command away from a cluster
-//! that cannot commit.
+//! that cannot commit. A new leader holds every change back until it has
+//! applied the entries of earlier terms (raft-rs does not know until then
+//! whether one of them is a change); a change that reaches it in that
+//! moment, as the removal of the old leader does right after the hand-off,
+//! waits for it instead of being refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 

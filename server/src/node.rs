@@ -385,6 +385,13 @@ pub struct Node {
     fatal: FatalSlot,
     next_request_id: u64,
     proposals: HashMap<u64, ProposalReply>,
+    /// Membership changes that reached this leader before it applied the
+    /// entries of earlier terms (raft-rs holds back every conf change
+    /// until then); proposed, or refused, once it has.
+    deferred_changes: Vec<(crate::membership::Change, ProposalReply)>,
+    /// The last index of the log when this node became leader (its
+    /// term's first entry).
+    term_start_index: u64,
     /// Ordered, so that resends go out in the same order on every run
     /// (the deterministic simulator replays runs exactly).
     reads: BTreeMap<u64, PendingRead>,
@@ -507,6 +514,8 @@ impl Node {
             fatal,
             next_request_id: 1,
             proposals: HashMap::new(),
+            deferred_changes: Vec::new(),
+            term_start_index: 0,
             reads: BTreeMap::new(),
             role: Role::Follower,
             known_leader: raft::INVALID_ID,
@@ -632,6 +641,7 @@ impl Node {
             self.tend_reads(true);
         }
         self.maybe_start_round();
+        self.resume_deferred_changes();
         self.on_ready()?;
         self.check_fatal()?;
         self.publish_status(true);

@@ -234,6 +234,47 @@ async fn a_second_change_while_one_is_in_progress_is_refused() {
     cluster.shutdown().await;
 }
 
+/// A leader that was just handed the leadership (as when the old leader is
+/// removed) cannot propose a conf change until it has applied the log of
+/// earlier terms; a change that reaches it then waits for that instead of
+/// being refused as if another change were in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_reaches_a_new_leader_at_once_waits_for_it_and_applies() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let old = cluster.leader().await;
+    let successor = *cluster
+        .servers
+        .keys()
+        .find(|id| **id != old)
+        .expect("another node");
+    let node = cluster.servers[&successor].node.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let add = Change::AddLearner {
+        id: NodeId(7),
+        peer_addr: listener.local_addr().expect("addr").to_string(),
+        client_addr: "127.0.0.1:9".into(),
+    };
+    let handover = cluster.servers[&old].node.clone();
+    let transfer = tokio::spawn(async move { handover.transfer_leader(Some(successor)).await });
+    // Sent again and again until the successor leads: the first one it
+    // takes as leader comes in before it has applied its term's first entry.
+    let deadline = Instant::now() + DEADLINE;
+    let outcome = loop {
+        assert!(Instant::now() < deadline, "{successor} never led");
+        match node.change_members(add.clone()).await {
+            Err(e) if e.to_string().contains("not the leader") => {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            other => break other,
+        }
+    };
+    outcome.expect("the change waits for the new leader instead of being refused");
+    assert_eq!(node.status().role, Role::Leader);
+    let started = transfer.await.expect("transfer task");
+    assert!(matches!(started, Ok(to) if to == successor), "{started:?}");
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_survives_a_restart_of_every_node() {
     let mut cluster = TestCluster::start(3, 10_000).await;

@@ -112,6 +112,13 @@ impl Node {
             return;
         }
         if self.raw.raft.has_pending_conf() {
+            if self.raw.raft.raft_log.applied < self.term_start_index {
+                // Only this leader's own start holds it back (a leader
+                // that was just handed the leadership, by a removal of
+                // the old one for instance): wait instead of refusing.
+                self.deferred_changes.push((change, reply));
+                return;
+            }
             let _ = reply.send(Err(RequestError::Conflict(
                 "another membership change is still in progress; try again once it has applied"
                     .into(),
@@ -135,6 +142,20 @@ impl Node {
                     "the membership change was not proposed: {e}"
                 ))));
             }
+        }
+    }
+
+    /// Takes up the changes deferred by [`Node::change_members`] once this
+    /// leader has applied up to its term's first entry.
+    pub(super) fn resume_deferred_changes(&mut self) {
+        if self.deferred_changes.is_empty()
+            || self.raw.raft.state != StateRole::Leader
+            || self.raw.raft.raft_log.applied < self.term_start_index
+        {
+            return;
+        }
+        for (change, reply) in std::mem::take(&mut self.deferred_changes) {
+            self.change_members(change, reply);
         }
     }
 

@@ -94,6 +94,7 @@ impl Node {
             tracing::info!(node = %self.id, term = self.raw.raft.term, "role is now {role:?}");
             if role == Role::Leader {
                 let ready_index = self.raw.raft.raft_log.last_index();
+                self.term_start_index = ready_index;
                 let state = self.state_machine.coordination();
                 let state = state.read();
                 let now = self.clock.now();
@@ -111,6 +112,9 @@ impl Node {
 
     pub(super) fn fail_all(&mut self, error: RequestError) {
         for (_, reply) in self.proposals.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, reply) in self.deferred_changes.drain(..) {
             let _ = reply.send(Err(error.clone()));
         }
     }
