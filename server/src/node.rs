@@ -389,9 +389,6 @@ pub struct Node {
     /// entries of earlier terms (raft-rs holds back every conf change
     /// until then); proposed, or refused, once it has.
     deferred_changes: Vec<(crate::membership::Change, ProposalReply)>,
-    /// The last index of the log when this node became leader (its
-    /// term's first entry).
-    term_start_index: u64,
     /// Ordered, so that resends go out in the same order on every run
     /// (the deterministic simulator replays runs exactly).
     reads: BTreeMap<u64, PendingRead>,
@@ -515,7 +512,6 @@ impl Node {
             next_request_id: 1,
             proposals: HashMap::new(),
             deferred_changes: Vec::new(),
-            term_start_index: 0,
             reads: BTreeMap::new(),
             role: Role::Follower,
             known_leader: raft::INVALID_ID,

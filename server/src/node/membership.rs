@@ -112,10 +112,12 @@ impl Node {
             return;
         }
         if self.raw.raft.has_pending_conf() {
-            if self.raw.raft.raft_log.applied < self.term_start_index {
+            if !self.lease_clock.ready() {
                 // Only this leader's own start holds it back (a leader
                 // that was just handed the leadership, by a removal of
-                // the old one for instance): wait instead of refusing.
+                // the old one for instance): the lease clock is ready once
+                // this leader's first entry has applied, which is past the
+                // index raft-rs waits for. Wait instead of refusing.
                 self.deferred_changes.push((change, reply));
                 return;
             }
@@ -146,12 +148,13 @@ impl Node {
     }
 
     /// Takes up the changes deferred by [`Node::change_members`] once this
-    /// leader has applied up to its term's first entry.
+    /// leader has applied its term's first entry (its lease clock is
+    /// ready), or once it no longer leads, when `change_members` answers
+    /// "not the leader" (also if it stepped down before it ever told the
+    /// lease clock that it led).
     pub(super) fn resume_deferred_changes(&mut self) {
-        if self.deferred_changes.is_empty()
-            || self.raw.raft.state != StateRole::Leader
-            || self.raw.raft.raft_log.applied < self.term_start_index
-        {
+        let still_starting = self.raw.raft.state == StateRole::Leader && !self.lease_clock.ready();
+        if self.deferred_changes.is_empty() || still_starting {
             return;
         }
         for (change, reply) in std::mem::take(&mut self.deferred_changes) {

@@ -94,7 +94,6 @@ impl Node {
             tracing::info!(node = %self.id, term = self.raw.raft.term, "role is now {role:?}");
             if role == Role::Leader {
                 let ready_index = self.raw.raft.raft_log.last_index();
-                self.term_start_index = ready_index;
                 let state = self.state_machine.coordination();
                 let state = state.read();
                 let now = self.clock.now();
