@@ -448,14 +448,14 @@ impl std::fmt::Display for StatusError {
 /// the node binds them, so a program started in between (another test's
 /// cluster, say) can hold the port while this run's node fails to start,
 /// and its leaders and terms are not this run's.
-pub async fn status(target: StatusTarget) -> Result<StatusResponse, StatusError> {
+pub async fn status(target: &StatusTarget) -> Result<StatusResponse, StatusError> {
     let mut client = ClusterClient::new(target.channel.clone());
     let status = match tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {})).await {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return Err(StatusError::Unanswered(status.message().to_string())),
         Err(_) => return Err(StatusError::Unanswered("no answer".into())),
     };
-    check_identity(&target, &status).map_err(StatusError::Foreign)?;
+    check_identity(target, &status).map_err(StatusError::Foreign)?;
     Ok(status)
 }
 

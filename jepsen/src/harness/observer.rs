@@ -58,10 +58,9 @@ pub async fn run(
     let mut last: HashMap<u64, (&'static str, u64)> = HashMap::new();
     // Bounded by `stop`, which the run sets when it ends.
     while !*stop.borrow() {
-        let polls = channels.iter().map(|(id, target)| {
-            let target = target.clone();
-            async move { (*id, cluster::status(target).await) }
-        });
+        let polls = channels
+            .iter()
+            .map(|(id, target)| async move { (*id, cluster::status(target).await) });
         for (id, answer) in futures::future::join_all(polls).await {
             let Ok(status) = answer else { continue };
             let role = cluster::role_name(status.role);
@@ -115,9 +114,7 @@ pub async fn wait_for_leader(
     let mut last_error = String::from("no node answered");
     // Bounded by the deadline.
     while Instant::now() < deadline {
-        let polls = channels
-            .values()
-            .map(|target| cluster::status(target.clone()));
+        let polls = channels.values().map(cluster::status);
         let answers = futures::future::join_all(polls).await;
         let mut leader = None;
         for answer in answers {
