@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::node::{NodeHandle, NodeStatus};
+use crate::node::{NodeHandle, Standing};
 use crate::transport::PeerDirectory;
 use crate::types::NodeId;
 
@@ -59,12 +59,12 @@ pub struct HttpState {
 /// Why a node is not ready, or `Ok` if it is: its task runs, it knows a
 /// leader, and it has applied everything it knows committed. Shared by
 /// `/readyz`, the `node_ready` metric and the gRPC health service.
-pub fn readiness(status: &NodeStatus, stopping: bool) -> Result<(), &'static str> {
+pub fn readiness(status: &Standing, stopping: bool) -> Result<(), &'static str> {
     if stopping || !status.running {
         Err("the node is stopping")
     } else if status.leader_id == 0 {
         Err("no leader known")
-    } else if status.applied_index < status.commit_index {
+    } else if !status.caught_up {
         Err("apply has not caught up with commit")
     } else {
         Ok(())
@@ -123,7 +123,7 @@ async fn status_json(State(state): State<HttpState>) -> Response {
 
 async fn metrics(State(state): State<HttpState>) -> Response {
     let status = state.node.status();
-    let ready = readiness(&status, *state.stopping.borrow()).is_ok();
+    let ready = readiness(&status.standing(), *state.stopping.borrow()).is_ok();
     let body = {
         let coordination = state.node.coordination();
         let coordination = coordination.read();
@@ -141,7 +141,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    match readiness(&state.node.status(), *state.stopping.borrow()) {
+    match readiness(&state.node.status().standing(), *state.stopping.borrow()) {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -169,8 +169,9 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::NodeStatus;
 
-    fn status(leader_id: u64, commit_index: u64, applied_index: u64) -> NodeStatus {
+    fn status(leader_id: u64, commit_index: u64, applied_index: u64) -> Standing {
         NodeStatus {
             leader_id,
             commit_index,
@@ -178,6 +179,7 @@ mod tests {
             running: true,
             ..NodeStatus::default()
         }
+        .standing()
     }
 
     #[test]
@@ -192,7 +194,7 @@ mod tests {
             readiness(&status(2, 10, 10), true),
             Err("the node is stopping")
         );
-        let stopped = NodeStatus {
+        let stopped = Standing {
             running: false,
             ..status(2, 10, 10)
         };

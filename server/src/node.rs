@@ -14,8 +14,8 @@
 //!    applies (answers) before it persists; `advance`; send the light
 //!    ready's messages, record its commit index and apply its committed
 //!    entries; `advance_apply`;
-//! 3. publish the status and compact the log if it has grown past the
-//!    configured bound.
+//! 3. publish the status (and its [`Standing`], when that changed) and
+//!    compact the log if it has grown past the configured bound.
 //!
 //! Proposals carry a `ProposalContext` (node id, a random per-process boot
 //! id, and a request id) in the entry context; when the entry is applied the
@@ -165,6 +165,38 @@ pub struct NodeStatus {
     pub running: bool,
 }
 
+impl NodeStatus {
+    /// The part of this status that [`NodeHandle::watch_standing`] publishes.
+    pub fn standing(&self) -> Standing {
+        Standing {
+            role: self.role,
+            term: self.term,
+            leader_id: self.leader_id,
+            caught_up: self.applied_index >= self.commit_index,
+            running: self.running,
+        }
+    }
+}
+
+/// What a node's status says about its standing: role, leader, whether
+/// apply has caught up with commit, whether it runs. It changes with
+/// elections and stops, not with every commit, and is published on a
+/// channel of its own: a task that waits for such a change (the health
+/// service, a queued acquire watching for its leader's fall) would
+/// otherwise wake on every commit, apply and append, each a thread
+/// wake-up on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub role: Role,
+    pub term: u64,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    /// The applied index has reached the commit index.
+    pub caught_up: bool,
+    /// False once the node task has stopped.
+    pub running: bool,
+}
+
 /// The events of one applied entry, broadcast to watchers on this node.
 #[derive(Debug, Clone)]
 pub struct AppliedEvents {
@@ -228,6 +260,7 @@ pub enum NodeMsg {
 pub struct NodeHandle {
     inbox: mpsc::Sender<NodeMsg>,
     status: watch::Receiver<NodeStatus>,
+    standing: watch::Receiver<Standing>,
     fatal: FatalSlot,
     events: broadcast::Sender<Arc<AppliedEvents>>,
     coordination: SharedCoordination,
@@ -256,9 +289,17 @@ impl NodeHandle {
         self.auth.clone()
     }
 
-    /// A receiver that sees every status update.
+    /// A receiver that sees every status update: one per Ready that moved
+    /// an index. To wait for a change of role or leader, use
+    /// [`NodeHandle::watch_standing`].
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
+    }
+
+    /// A receiver that sees every change of this node's [`Standing`], and
+    /// only those.
+    pub fn watch_standing(&self) -> watch::Receiver<Standing> {
+        self.standing.clone()
     }
 
     /// Delivers a peer's Raft message (waits if the inbox is full).
@@ -381,6 +422,7 @@ pub struct Node {
     transport: Box<dyn Transport>,
     inbox: mpsc::Receiver<NodeMsg>,
     status: watch::Sender<NodeStatus>,
+    standing: watch::Sender<Standing>,
     events: broadcast::Sender<Arc<AppliedEvents>>,
     fatal: FatalSlot,
     next_request_id: u64,
@@ -496,6 +538,7 @@ impl Node {
             .map_err(|e| FatalError::Raft(format!("cannot start raft: {e}")))?;
         let (inbox_tx, inbox) = mpsc::channel(INBOX_CAPACITY);
         let (status, status_rx) = watch::channel(NodeStatus::default());
+        let (standing, standing_rx) = watch::channel(Standing::default());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let coordination = state_machine.coordination();
         let auth = state_machine.auth();
@@ -507,6 +550,7 @@ impl Node {
             transport,
             inbox,
             status,
+            standing,
             events: events.clone(),
             fatal,
             next_request_id: 1,
@@ -543,6 +587,7 @@ impl Node {
         let handle = NodeHandle {
             inbox: inbox_tx,
             status: status_rx,
+            standing: standing_rx,
             fatal: node.fatal.clone(),
             events,
             coordination,
@@ -791,6 +836,12 @@ impl Node {
         {
             self.metrics.leader_changed();
         }
+        let standing = status.standing();
+        self.standing.send_if_modified(|current| {
+            let changed = *current != standing;
+            *current = standing;
+            changed
+        });
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;

@@ -299,7 +299,7 @@ impl RunningServer {
                 Ok(to) => {
                     let wait = Duration::from_millis(self.config.timing.election_timeout_ms())
                         * TRANSFER_WAIT_ELECTION_TIMEOUTS;
-                    let mut status = self.node.watch_status();
+                    let mut status = self.node.watch_standing();
                     let moved =
                         tokio::time::timeout(wait, status.wait_for(|s| s.leader_id == to.0)).await;
                     match moved {
@@ -379,11 +379,11 @@ fn spawn_health_reporter(
     mut stopping: watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
-    let mut status = node.watch_status();
+    let mut status = node.watch_standing();
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let now = status.borrow_and_update().clone();
+            let now = *status.borrow_and_update();
             let ready = crate::http::readiness(&now, *stopping.borrow()).is_ok();
             if last != Some(ready) {
                 let serving = if ready {

@@ -84,7 +84,7 @@ impl Api {
     /// Waits until a leader other than this node is known, or `to` leads.
     async fn wait_for_leader(&self, to: Option<NodeId>) -> Result<(), Status> {
         let timeout = self.settings.election_timeout() * TRANSFER_WAIT_ELECTION_TIMEOUTS;
-        let mut status = self.node.watch_status();
+        let mut status = self.node.watch_standing();
         let me = self.id.0;
         let moved = tokio::time::timeout(
             timeout,

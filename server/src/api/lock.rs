@@ -204,7 +204,7 @@ impl Api {
         // A deposed leader (partitioned away, stepped down) stops serving the
         // wait at once, so the caller resends to the new leader, where the
         // lease is still queued, instead of waiting out its deadline here.
-        let mut status = self.node.watch_status();
+        let mut status = self.node.watch_standing();
         let deposed = async move {
             let _ = status.wait_for(|status| status.role != Role::Leader).await;
         };

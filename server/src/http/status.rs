@@ -121,7 +121,7 @@ pub struct LeaseView {
 /// Builds the document; never fails (what cannot be learnt is absent).
 pub async fn collect(state: &HttpState) -> StatusDocument {
     let status = state.node.status();
-    let ready = readiness(&status, *state.stopping.borrow());
+    let ready = readiness(&status.standing(), *state.stopping.borrow());
     let (locks, elections, leases, totals) = {
         let coordination = state.node.coordination();
         let coordination = coordination.read();
