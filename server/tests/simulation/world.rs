@@ -450,6 +450,11 @@ impl World {
             events.insert(batch.index.0, batch.events.clone());
         }
         let status = running.handle.status();
+        assert_eq!(
+            *running.handle.watch_standing().borrow(),
+            status.standing(),
+            "node {id}: the standing it published disagrees with its status"
+        );
         if status.role == Role::Leader {
             self.checker.leader_seen(status.term, id, self.now_us);
         }
