@@ -11,7 +11,10 @@
 //!    write, see `ready.rs`) and persist entries and hard state in
 //!    one batch (fsynced when `must_sync`), then send persisted messages —
 //!    a follower persists and acknowledges before it applies, a leader
-//!    applies (answers) before it persists; `advance`; send the light
+//!    applies (answers) before it persists; in the production loop the
+//!    task yields once before the leader's fsync and once before the
+//!    follower's apply, so that the link tasks it just woke write the
+//!    appends (or the ack) first; `advance`; send the light
 //!    ready's messages, record its commit index and apply its committed
 //!    entries; `advance_apply`;
 //! 3. publish the status (and its [`Standing`], when that changed) and
@@ -61,6 +64,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{
@@ -101,6 +105,7 @@ pub use reads::READ_RESEND_INTERVAL;
 use leases::KeepAliveReply;
 use membership::MembersReply;
 use reads::{PendingRead, ReadReply};
+use ready::Pause;
 
 /// Capacity of the node's inbox; senders wait when it is full.
 pub const INBOX_CAPACITY: usize = 4096;
@@ -631,7 +636,7 @@ impl Node {
                     self.drain_inbox(MAX_INBOX_BATCH - 1);
                 }
             }
-            self.after_input()?;
+            self.after_input(Pause::Yield).await?;
         }
     }
 
@@ -639,7 +644,7 @@ impl Node {
     /// same work as the ticker branch of one iteration of [`Node::run`].
     pub fn tick(&mut self) -> Result<(), FatalError> {
         self.on_tick();
-        self.after_input()
+        self.after_input_now()
     }
 
     /// Handles up to [`MAX_INBOX_BATCH`] queued messages without waiting,
@@ -647,7 +652,7 @@ impl Node {
     /// of [`Node::run`].
     pub fn handle_inbox(&mut self) -> Result<(), FatalError> {
         self.drain_inbox(MAX_INBOX_BATCH);
-        self.after_input()
+        self.after_input_now()
     }
 
     /// The next message in the inbox, taken without handling it: for tests
@@ -675,18 +680,26 @@ impl Node {
     }
 
     /// Everything after the loop's input: the Ready, fatal errors, the
-    /// status, compaction.
-    fn after_input(&mut self) -> Result<(), FatalError> {
+    /// status, compaction. With [`Pause::Never`] it completes in its first
+    /// poll.
+    async fn after_input(&mut self, pause: Pause) -> Result<(), FatalError> {
         if self.raw.raft.leader_id != self.known_leader {
             self.known_leader = self.raw.raft.leader_id;
             self.tend_reads(true);
         }
         self.maybe_start_round();
         self.resume_deferred_changes();
-        self.on_ready()?;
+        self.on_ready(pause).await?;
         self.check_fatal()?;
         self.publish_status(true);
         self.maybe_compact()
+    }
+
+    /// [`Node::after_input`] for a synchronous driver.
+    fn after_input_now(&mut self) -> Result<(), FatalError> {
+        self.after_input(Pause::Never)
+            .now_or_never()
+            .expect("a Ready handled without pauses never waits")
     }
 
     fn check_fatal(&self) -> Result<(), FatalError> {

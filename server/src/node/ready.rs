@@ -32,24 +32,31 @@ impl Node {
     /// Handles the pending Ready, and the one that answering its reads may
     /// have made (an expiry proposed by a confirmed lease-clock round), so
     /// that proposal does not wait for the next tick.
-    pub(super) fn on_ready(&mut self) -> Result<(), FatalError> {
+    ///
+    /// With `pause`, the Ready is handled with [`Pause`]s, at which this
+    /// future lets the other tasks of its worker run (the production loop);
+    /// without, it never waits and completes in its first poll (drivers
+    /// that own the schedule, see [`Node::tick`]).
+    pub(super) async fn on_ready(&mut self, pause: Pause) -> Result<(), FatalError> {
         // Bounded: the second pass answers reads too, and whatever they
         // propose waits for the loop's next iteration.
         for _ in 0..2 {
             if !self.raw.has_ready() {
                 break;
             }
-            self.handle_ready()?;
+            self.handle_ready(pause).await?;
         }
         Ok(())
     }
 
-    pub(super) fn handle_ready(&mut self) -> Result<(), FatalError> {
+    async fn handle_ready(&mut self, pause: Pause) -> Result<(), FatalError> {
         let mut ready = self.raw.ready();
         if let Some(soft_state) = ready.ss() {
             self.on_role(soft_state.raft_state.into());
         }
-        self.transport.send(ready.take_messages());
+        let messages = ready.take_messages();
+        let sent = !messages.is_empty();
+        self.transport.send(messages);
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot())?;
         }
@@ -64,14 +71,28 @@ impl Node {
         // proposed since; a follower acknowledges the new entries (its
         // persisted messages) before it applies what it has learnt is
         // committed, since the leader's commit waits for that ack.
+        //
+        // A message handed to the transport wakes the peer's link task,
+        // which runs on this worker once this task lets it: the pauses
+        // let it write the appends before the leader's fsync and the ack
+        // before the follower's apply, instead of after them.
         if self.role == Role::Leader {
             self.apply(ready.take_committed_entries())?;
+            if sent && ready.must_sync() {
+                pause.now().await;
+            }
             self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
             self.transport.send(ready.take_persisted_messages());
         } else {
             self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
-            self.transport.send(ready.take_persisted_messages());
-            self.apply(ready.take_committed_entries())?;
+            let acks = ready.take_persisted_messages();
+            let acked = !acks.is_empty();
+            self.transport.send(acks);
+            let committed = ready.take_committed_entries();
+            if acked && !committed.is_empty() {
+                pause.now().await;
+            }
+            self.apply(committed)?;
         }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -304,6 +325,23 @@ impl Node {
                 term: entry.term,
                 result,
             }));
+        }
+    }
+}
+
+/// Whether [`Node::on_ready`] lets other tasks run at its pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pause {
+    /// Yield to the runtime at each pause.
+    Yield,
+    /// Never wait: the caller drives the node synchronously.
+    Never,
+}
+
+impl Pause {
+    async fn now(self) {
+        if self == Pause::Yield {
+            tokio::task::yield_now().await;
         }
     }
 }
