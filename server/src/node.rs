@@ -607,21 +607,25 @@ impl Node {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), FatalError> {
-        let result = tokio::select! {
-            result = self.run_loop() => result,
-            () = shutdown => Ok(()),
-        };
+        let result = self.run_loop(shutdown).await;
         self.fail_all(RequestError::ShuttingDown);
         self.publish_status(false);
         let flushed = self.raw.store().engine().flush();
         result.and(flushed)
     }
 
-    /// Only returns on a fatal error; [`Node::run`] stops it on shutdown.
-    async fn run_loop(&mut self) -> Result<(), FatalError> {
+    /// Returns on a fatal error, or when `shutdown` resolves. Shutdown is
+    /// only noticed at the input `select!`, between two iterations, so a
+    /// graceful stop never leaves a Ready half handled.
+    async fn run_loop(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), FatalError> {
         let mut next_tick = tokio::time::Instant::now();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep_until(next_tick) => {
                     // A clock that runs fast ticks more often (test clocks).
                     let interval = self.tick_interval.div_f64(self.clock.rate());
