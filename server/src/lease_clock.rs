@@ -158,6 +158,11 @@ pub struct LeaseClock<R> {
     ready_index: u64,
     ready: bool,
     deadlines: BTreeMap<LeaseId, Deadline>,
+    /// No deadline is earlier than this; `None` when not known. Finding the
+    /// overdue leases means a walk over every deadline, and this bound
+    /// skips it until one may be due: renewals only move deadlines later,
+    /// removals only drop them, and a grant lowers the bound to its own.
+    earliest: Option<Instant>,
     /// Rounds in flight, oldest first.
     rounds: VecDeque<Round>,
     /// Rounds started in this term; the next round's number.
@@ -175,6 +180,7 @@ impl<R> LeaseClock<R> {
             ready_index: 0,
             ready: false,
             deadlines: BTreeMap::new(),
+            earliest: None,
             rounds: VecDeque::new(),
             rounds_started: 0,
             waiting: VecDeque::new(),
@@ -208,6 +214,7 @@ impl<R> LeaseClock<R> {
             .leases()
             .map(|lease| (lease.id, self.deadline_from(now, lease.ttl_ms)))
             .collect();
+        self.earliest = None;
     }
 
     /// Stops leading: deadlines are meaningless on a follower. Returns the
@@ -216,6 +223,7 @@ impl<R> LeaseClock<R> {
         self.leading = false;
         self.ready = false;
         self.deadlines.clear();
+        self.earliest = None;
         self.rounds.clear();
         self.expiring.clear();
         self.waiting
@@ -245,6 +253,7 @@ impl<R> LeaseClock<R> {
         if self.leading {
             let deadline = self.deadline_from(now, ttl_ms);
             self.deadlines.insert(lease, deadline);
+            self.earliest = self.earliest.map(|earliest| earliest.min(deadline.at));
         }
     }
 
@@ -378,19 +387,30 @@ impl<R> LeaseClock<R> {
     }
 
     /// Leases whose deadline has passed and that are not in an expiry
-    /// proposal made within [`EXPIRY_ROUND_TIMEOUT`].
-    fn overdue(&self, now: Instant) -> Vec<LeaseId> {
-        self.deadlines
-            .iter()
-            .filter(|(_, deadline)| deadline.at <= now)
-            .map(|(lease, _)| *lease)
-            .filter(|lease| {
-                self.expiring
-                    .get(lease)
-                    .is_none_or(|at| now.duration_since(*at) >= EXPIRY_ROUND_TIMEOUT)
-            })
-            .take(MAX_EXPIRED_PER_ENTRY)
-            .collect()
+    /// proposal made within [`EXPIRY_ROUND_TIMEOUT`], at most
+    /// [`MAX_EXPIRED_PER_ENTRY`]. Walks the deadlines only when the
+    /// earliest may have passed, and learns the earliest as it walks.
+    fn overdue(&mut self, now: Instant) -> Vec<LeaseId> {
+        if self.earliest.is_some_and(|earliest| now < earliest) {
+            return Vec::new();
+        }
+        let mut overdue = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for (lease, deadline) in &self.deadlines {
+            earliest = Some(earliest.map_or(deadline.at, |e| e.min(deadline.at)));
+            if deadline.at > now || overdue.len() == MAX_EXPIRED_PER_ENTRY {
+                continue;
+            }
+            let proposed_recently = self
+                .expiring
+                .get(lease)
+                .is_some_and(|at| now.duration_since(*at) < EXPIRY_ROUND_TIMEOUT);
+            if !proposed_recently {
+                overdue.push(*lease);
+            }
+        }
+        self.earliest = earliest;
+        overdue
     }
 
     /// The leases in an expiry just proposed; not named again until

@@ -45,7 +45,7 @@ fn answers(confirmed: Confirmed<u32>) -> Vec<(u32, KeepAlive)> {
 fn new_leader_restarts_every_lease_at_its_full_ttl_stretched_by_the_drift_bound() {
     let (state, lease) = state_with_lease(1000);
     let start = Instant::now();
-    let clock = leading(&state, start, 10_000);
+    let mut clock = leading(&state, start, 10_000);
     assert_eq!(clock.remaining(start, lease), Some(ms(1010)));
     assert!(clock.overdue(start + ms(1009)).is_empty());
     assert_eq!(clock.overdue(start + ms(1010)), vec![lease]);
@@ -128,6 +128,56 @@ fn keepalive_pushes_the_deadline_back_from_its_arrival() {
     assert_eq!(clock.remaining(arrival, lease), Some(ms(1000)));
     assert!(clock.overdue(start + ms(1899)).is_empty());
     assert_eq!(clock.overdue(start + ms(1900)), vec![lease]);
+}
+
+#[test]
+fn a_lease_granted_after_a_walk_is_found_overdue_however_short_its_ttl() {
+    let (state, long) = state_with_lease(10_000);
+    let start = Instant::now();
+    let mut clock = leading(&state, start, 0);
+    // The walk learns that nothing is due before 10 s...
+    assert!(clock.overdue(start + ms(100)).is_empty());
+    // ...and a grant with an earlier deadline lowers that.
+    let short = LeaseId(2);
+    clock.granted(start + ms(100), short, 500);
+    assert!(clock.overdue(start + ms(599)).is_empty());
+    assert_eq!(clock.overdue(start + ms(600)), vec![short]);
+    clock.removed(short);
+    assert!(clock.overdue(start + ms(9_999)).is_empty());
+    assert_eq!(clock.overdue(start + ms(10_000)), vec![long]);
+}
+
+#[test]
+fn a_renewal_after_a_walk_is_still_seen_when_its_new_deadline_passes() {
+    let (state, lease) = state_with_lease(1000);
+    let start = Instant::now();
+    let mut clock = leading(&state, start, 0);
+    assert!(clock.overdue(start + ms(10)).is_empty());
+    // Renewed at 900 ms: the deadline moves from 1000 to 1900 ms, after
+    // the walk that learnt 1000 ms.
+    clock.keep_alive(start + ms(900), lease, 1);
+    confirm(&mut clock, 1, start + ms(900));
+    assert!(clock.overdue(start + ms(1000)).is_empty());
+    assert!(clock.overdue(start + ms(1899)).is_empty());
+    assert_eq!(clock.overdue(start + ms(1900)), vec![lease]);
+}
+
+#[test]
+fn a_new_term_walks_the_deadlines_again() {
+    let (state, lease) = state_with_lease(1000);
+    let start = Instant::now();
+    let mut clock = leading(&state, start, 0);
+    assert!(clock.overdue(start + ms(10)).is_empty());
+    clock.follow();
+    assert!(
+        clock.overdue(start + ms(2000)).is_empty(),
+        "a follower has no deadlines"
+    );
+    // Leading again restarts the lease from then.
+    clock.lead(start + ms(2000), 2, &state);
+    clock.applied(2);
+    assert!(clock.overdue(start + ms(2999)).is_empty());
+    assert_eq!(clock.overdue(start + ms(3000)), vec![lease]);
 }
 
 #[test]
