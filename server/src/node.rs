@@ -38,8 +38,8 @@
 //!
 //! # Seams for the deterministic simulator
 //!
-//! [`Node::run`] is the production loop: a tokio `select!` between a ticker
-//! and the inbox. A driver that owns the schedule itself (the simulator in
+//! [`Node::run`] is the production loop: a tokio `select!` between a ticker,
+//! the inbox and shutdown. A driver that owns the schedule itself (the simulator in
 //! `server/tests/simulation.rs`) instead calls [`Node::tick`] and
 //! [`Node::handle_inbox`], which run exactly the same code as one iteration
 //! of that loop. [`NodeOptions`] replaces what would otherwise come from the

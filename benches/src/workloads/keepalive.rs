@@ -300,8 +300,9 @@ struct LeaseTask {
 impl LeaseTask {
     /// Grants the lease, then renews it every interval until the paced
     /// window closes, then at once after each answer until the closed-loop
-    /// window closes. Returns the lease (if granted) and the renewals'
-    /// latencies in each window.
+    /// window closes, recording each renewal's latency in the shared
+    /// recorder of its window. Returns the lease (if granted) and whether
+    /// it was lost.
     async fn run(self, windows: watch::Receiver<Option<Phases>>) -> LeaseOutcome {
         let granted = {
             // The semaphore is never closed.
