@@ -59,7 +59,7 @@ impl Machine {
             index: self.index,
             term: 1,
         };
-        self.machine.set_applied(&mut batch, position);
+        self.machine.finish_batch(&mut batch, position);
         self.engine.write(batch, false).expect("write batch");
         output.result.result
     }

@@ -7,7 +7,12 @@
 //! entries and the new applied position in one batch; until it reports the
 //! batch written ([`StateMachine::batch_written`]), the key-value records
 //! those entries wrote are read from an overlay, so each entry sees the
-//! ones before it.
+//! ones before it. The coordination and auth records the entries change
+//! go into the batch once, at their latest value, when the caller finishes
+//! it ([`StateMachine::finish_batch`]): a record that several entries of
+//! the batch change (the token counter, a session, a lock handed over) is
+//! written once rather than once per entry, which is the same state after
+//! the batch's atomic write.
 //!
 //! Committed entries that are not a command this binary can apply
 //! ([`StateMachine::apply_encoded`]) fall in two kinds:
@@ -43,6 +48,7 @@
 //! unfenced write is allowed and keeps the key's stored token, so a later
 //! fenced write must still present at least that token.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -99,6 +105,10 @@ pub struct StateMachine {
     /// Key-value records (by stored key; `None`: deleted) written into the
     /// batch being built and not yet in the engine.
     unwritten_kv: std::collections::HashMap<Vec<u8>, Option<KvRecord>>,
+    /// Coordination and auth records (stored key → encoded value; `None`:
+    /// deleted) that the entries of the batch being built changed, at their
+    /// latest value; they go into the batch in [`StateMachine::finish_batch`].
+    unwritten_records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// What applying one command produced.
@@ -121,12 +131,17 @@ impl StateMachine {
             auth: Arc::new(RwLock::new(auth)),
             switches: switches.clone(),
             unwritten_kv: std::collections::HashMap::new(),
+            unwritten_records: BTreeMap::new(),
         })
     }
 
     /// The caller wrote the batch it has been building: reads go to the
     /// engine again.
     pub fn batch_written(&mut self) {
+        assert!(
+            self.unwritten_records.is_empty(),
+            "a batch is written only once finished (finish_batch)"
+        );
         self.unwritten_kv.clear();
     }
 
@@ -154,7 +169,7 @@ impl StateMachine {
     /// Re-reads the state after a snapshot replaced it.
     pub fn reload(&mut self) -> Result<(), FatalError> {
         assert!(
-            self.unwritten_kv.is_empty(),
+            self.unwritten_kv.is_empty() && self.unwritten_records.is_empty(),
             "a snapshot is installed only between written batches"
         );
         let (coordination, auth, applied) = load_state(&self.engine, &self.switches)?;
@@ -219,7 +234,7 @@ impl StateMachine {
                 SequenceNumber(request.oldest_pending_seq),
                 output.result.encode_to_vec(),
             );
-            write_changes(batch, changes, &self.switches);
+            self.stage_changes(changes);
         }
         Ok(output)
     }
@@ -281,9 +296,10 @@ impl StateMachine {
         let op = match command.command {
             Some(command::Command::Put(put)) => return no_events(self.put(batch, index, put)?),
             Some(command::Command::AuthChange(change)) => {
-                let result = match self.auth.write().apply(index, change) {
+                let applied = self.auth.write().apply(index, change);
+                let result = match applied {
                     Ok(changes) => {
-                        write_changes(batch, changes, &self.switches);
+                        self.stage_changes(changes);
                         done()
                     }
                     Err(e) => error_result(e.code(), e.to_string(), None),
@@ -359,7 +375,7 @@ impl StateMachine {
             .coordination
             .write()
             .apply_as(LogIndex(index), op, &caller);
-        write_changes(batch, applied.changes, &self.switches);
+        self.stage_changes(applied.changes);
         let result = match applied.result {
             Ok(outcome) => outcome_result(&name, outcome),
             Err(error) => coordination_error(&name, error),
@@ -483,17 +499,42 @@ impl StateMachine {
         })))
     }
 
-    /// Records that everything up to `position` is applied, in the same
-    /// batch as the changes of `position`'s entry.
-    pub fn set_applied(&mut self, batch: &mut Batch, position: LogPosition) {
+    /// Finishes the batch being built before the caller writes it: adds the
+    /// records its entries changed, each at its latest value, and records
+    /// that everything up to `position` (its last entry) is applied.
+    pub fn finish_batch(&mut self, batch: &mut Batch, position: LogPosition) {
         assert!(
             position.index > self.applied.index,
             "applied index must grow: {} after {}",
             position.index,
             self.applied.index
         );
+        self.finish_batch_in_place(batch);
         batch.put_message(CF_STATE, keys::APPLIED, &position);
         self.applied = position;
+    }
+
+    /// Finishes a batch that applies no new entry (the `local_expiry` test
+    /// switch): only the records it changed.
+    pub fn finish_batch_in_place(&mut self, batch: &mut Batch) {
+        for (key, value) in std::mem::take(&mut self.unwritten_records) {
+            match value {
+                Some(value) => batch.put(CF_STATE, &key, &value),
+                None => batch.delete(CF_STATE, &key),
+            }
+        }
+    }
+
+    /// Keeps changed records for [`StateMachine::finish_batch`], replacing
+    /// any earlier value of the same record in this batch.
+    fn stage_changes(&mut self, changes: coordination::Changes) {
+        for (key, value) in changes {
+            if self.switches.volatile_token_counter && key == coordination::NEXT_TOKEN_KEY {
+                // Broken on purpose (test switch): the counter stays in memory.
+                continue;
+            }
+            self.unwritten_records.insert(key, value);
+        }
     }
 }
 
@@ -566,19 +607,6 @@ fn load_auth(engine: &Engine) -> Result<AuthState, FatalError> {
         key: crate::storage::display_key(&key),
         reason: format!("auth record does not decode: {reason}"),
     })
-}
-
-fn write_changes(batch: &mut Batch, changes: coordination::Changes, switches: &UnsafeSwitches) {
-    for (key, value) in changes {
-        if switches.volatile_token_counter && key == coordination::NEXT_TOKEN_KEY {
-            // Broken on purpose (test switch): the counter stays in memory.
-            continue;
-        }
-        match value {
-            Some(value) => batch.put(CF_STATE, &key, &value),
-            None => batch.delete(CF_STATE, &key),
-        }
-    }
 }
 
 fn kind_of(kind: i32) -> Kind {

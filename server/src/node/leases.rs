@@ -121,7 +121,9 @@ impl Node {
         let output = self
             .state_machine
             .apply(&mut batch, index, expire_command(leases))?;
+        self.state_machine.finish_batch_in_place(&mut batch);
         self.raw.store().engine().write(batch, false)?;
+        self.state_machine.batch_written();
         for event in &output.events {
             if let Event::LeaseRemoved { lease, .. } = event {
                 self.lease_clock.removed(*lease);

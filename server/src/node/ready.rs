@@ -206,11 +206,6 @@ impl Node {
                 self.write_applied(&mut batch, &mut unannounced)?;
             }
             let output = self.apply_entry(&mut batch, &entry)?;
-            let position = LogPosition {
-                index: entry.index,
-                term: entry.term,
-            };
-            self.state_machine.set_applied(&mut batch, position);
             unannounced.push((entry, output));
             if conf_change {
                 self.write_applied(&mut batch, &mut unannounced)?;
@@ -221,17 +216,25 @@ impl Node {
         Ok(())
     }
 
-    /// Writes `batch` (leaving an empty one in its place), then announces
-    /// each entry it holds: observer, lease clock, events, the proposer's
-    /// answer.
+    /// Finishes `batch` (the records its entries changed, the applied
+    /// position of its last entry) and writes it, leaving an empty one in
+    /// its place; then announces each entry it holds: observer, lease
+    /// clock, events, the proposer's answer. Each record and the position
+    /// are written once per batch, not per entry: the batch is atomic, so
+    /// only their last value could ever be read.
     fn write_applied(
         &mut self,
         batch: &mut Batch,
         unannounced: &mut Vec<(Entry, EntryOutput)>,
     ) -> Result<(), FatalError> {
-        if unannounced.is_empty() {
+        let Some((last, _)) = unannounced.last() else {
             return Ok(());
-        }
+        };
+        let position = LogPosition {
+            index: last.index,
+            term: last.term,
+        };
+        self.state_machine.finish_batch(batch, position);
         let written = std::mem::replace(batch, Batch::new(self.raw.store().engine()));
         self.raw.store().engine().write(written, false)?;
         self.state_machine.batch_written();

@@ -42,7 +42,7 @@ impl Harness {
             request,
         };
         let output = self.machine.apply(&mut batch, self.index, command).unwrap();
-        self.machine.set_applied(
+        self.machine.finish_batch(
             &mut batch,
             LogPosition {
                 index: self.index,
@@ -351,7 +351,7 @@ fn entries_applied_into_one_batch_see_each_others_writes_before_it_is_written() 
         .unwrap()
         .is_none());
     h.machine
-        .set_applied(&mut batch, LogPosition { index: 3, term: 1 });
+        .finish_batch(&mut batch, LogPosition { index: 3, term: 1 });
     h.engine.write(batch, false).unwrap();
     h.machine.batch_written();
     let stored = h.machine.read_kv(&keys::kv(b"k")).unwrap().unwrap();
@@ -362,5 +362,98 @@ fn entries_applied_into_one_batch_see_each_others_writes_before_it_is_written() 
             stored.mod_revision
         ),
         (&b"b"[..], 1, 2)
+    );
+}
+
+#[test]
+fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_value() {
+    // The same entries applied into one batch and one batch per entry: the
+    // first writes fewer records (the token counter, the session, lock `a`
+    // and its waiter change more than once), and both load back as the
+    // state they applied.
+    let acquire = |name: &str, lease| {
+        command::Command::Acquire(Acquire {
+            name: name.into(),
+            lease,
+            wait: true,
+            ..Acquire::default()
+        })
+    };
+    let release = |name: &str, token| {
+        command::Command::Release(Release {
+            name: name.into(),
+            token,
+            ..Release::default()
+        })
+    };
+    let mut batched = Harness::new();
+    let mut one_by_one = Harness::new();
+    let mut writes = [0, 0];
+    let mut second_lease = 0;
+    let runs = [(&mut batched, true), (&mut one_by_one, false)];
+    for ((h, one_batch), writes) in runs.into_iter().zip(writes.iter_mut()) {
+        let session = h.open_session();
+        let leases = [h.lease(), h.lease()];
+        second_lease = leases[1];
+        let mut batch = Batch::new(&h.engine);
+        let mut seq = 0;
+        let mut step = |h: &mut Harness, body| {
+            h.index += 1;
+            seq += 1;
+            let command = Command {
+                command: Some(body),
+                request: Some(RequestId {
+                    client_id: session,
+                    seq,
+                    oldest_pending_seq: seq,
+                }),
+            };
+            let result = h.machine.apply(&mut batch, h.index, command).unwrap();
+            if !one_batch {
+                let position = LogPosition {
+                    index: h.index,
+                    term: 1,
+                };
+                h.machine.finish_batch(&mut batch, position);
+                *writes += batch.len();
+                let written = std::mem::replace(&mut batch, Batch::new(&h.engine));
+                h.engine.write(written, false).unwrap();
+                h.machine.batch_written();
+            }
+            result.result
+        };
+        let first = token_of(&step(h, acquire("a", leases[0])));
+        step(h, acquire("a", leases[1]));
+        step(h, release("a", first));
+        let b = token_of(&step(h, acquire("b", leases[0])));
+        step(h, release("b", b));
+        if one_batch {
+            let position = LogPosition {
+                index: h.index,
+                term: 1,
+            };
+            h.machine.finish_batch(&mut batch, position);
+            *writes += batch.len();
+            h.engine.write(batch, false).unwrap();
+            h.machine.batch_written();
+        }
+    }
+    let applied = batched.machine.coordination().read().clone();
+    assert_eq!(applied, one_by_one.machine.coordination().read().clone());
+    let a = applied
+        .describe(Kind::Lock, "a")
+        .expect("a was handed over");
+    assert_eq!(a.holder.lease, LeaseId(second_lease));
+    assert!(applied.describe(Kind::Lock, "b").is_none());
+    for h in [&batched, &one_by_one] {
+        let reloaded = StateMachine::open(h.engine.clone(), &UnsafeSwitches::default()).unwrap();
+        assert_eq!(*reloaded.coordination().read(), applied);
+        assert_eq!(reloaded.applied().index, h.index);
+    }
+    assert!(
+        writes[0] < writes[1],
+        "one batch wrote {} records, one per entry {}",
+        writes[0],
+        writes[1]
     );
 }

@@ -497,6 +497,14 @@ impl Batch {
             BatchInner::Memory(ops) => ops.is_empty(),
         }
     }
+
+    /// Number of writes (puts, deletes, range deletes) in the batch.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            BatchInner::Rocks(inner) => inner.len(),
+            BatchInner::Memory(ops) => ops.len(),
+        }
+    }
 }
 
 fn checksum(key: &[u8], payload: &[u8]) -> u32 {

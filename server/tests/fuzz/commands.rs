@@ -301,7 +301,7 @@ pub fn apply_entries(entries: &[EntryBytes]) -> Result<(), TestCaseError> {
                 )))
             }
         }
-        machine.set_applied(&mut batch, LogPosition { index, term: 1 });
+        machine.finish_batch(&mut batch, LogPosition { index, term: 1 });
         engine.write(batch, false).expect("a memory write");
         machine.batch_written();
     }
