@@ -42,16 +42,22 @@ impl Harness {
             request,
         };
         let output = self.machine.apply(&mut batch, self.index, command).unwrap();
-        self.machine.finish_batch(
-            &mut batch,
-            LogPosition {
-                index: self.index,
-                term: 1,
-            },
-        );
+        self.write_batch(batch);
+        output.result
+    }
+
+    /// Finishes `batch` with the last applied index, writes it, and returns
+    /// how many writes it held.
+    fn write_batch(&mut self, mut batch: Batch) -> usize {
+        let position = LogPosition {
+            index: self.index,
+            term: 1,
+        };
+        self.machine.finish_batch(&mut batch, position);
+        let writes = batch.len();
         self.engine.write(batch, false).unwrap();
         self.machine.batch_written();
-        output.result
+        writes
     }
 
     fn apply(&mut self, body: command::Command) -> CommandResult {
@@ -410,15 +416,8 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
             };
             let result = h.machine.apply(&mut batch, h.index, command).unwrap();
             if !one_batch {
-                let position = LogPosition {
-                    index: h.index,
-                    term: 1,
-                };
-                h.machine.finish_batch(&mut batch, position);
-                *writes += batch.len();
                 let written = std::mem::replace(&mut batch, Batch::new(&h.engine));
-                h.engine.write(written, false).unwrap();
-                h.machine.batch_written();
+                *writes += h.write_batch(written);
             }
             result.result
         };
@@ -428,14 +427,7 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
         let b = token_of(&step(h, acquire("b", leases[0])));
         step(h, release("b", b));
         if one_batch {
-            let position = LogPosition {
-                index: h.index,
-                term: 1,
-            };
-            h.machine.finish_batch(&mut batch, position);
-            *writes += batch.len();
-            h.engine.write(batch, false).unwrap();
-            h.machine.batch_written();
+            *writes += h.write_batch(batch);
         }
     }
     let applied = batched.machine.coordination().read().clone();
