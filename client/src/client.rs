@@ -69,6 +69,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::tls::TlsConfig;
 
 use crate::error::{decode_details, describe_status, Error};
+use crate::renewals::Renewals;
 use crate::retry::{certainly_not_applied, classify, normalize_endpoint, Backoff, Verdict};
 use crate::session::{SessionIds, Ticket};
 
@@ -291,6 +292,7 @@ impl ClientBuilder {
                     self.options.tls.clone(),
                     credentials,
                 ),
+                renewals: Renewals::new(self.options.call_timeout),
                 options: self.options,
                 sessions: SessionIds::new(),
                 cluster_drift_ppm: AtomicU64::new(0),
@@ -407,6 +409,8 @@ pub(crate) struct Inner {
     sessions: SessionIds,
     /// The largest drift bound the cluster has told (0: none yet).
     cluster_drift_ppm: AtomicU64,
+    /// The `KeepAlive` streams the client's leases share.
+    pub(crate) renewals: Renewals,
 }
 
 impl Drop for Inner {
@@ -506,23 +510,55 @@ impl Inner {
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.run(spec, None, |channel, _| attempt(channel)).await
+        self.run(spec, None, |target, _| {
+            Ok(attempt(self.channel_to(target)?))
+        })
+        .await
+    }
+
+    /// Runs a read as [`Inner::call`] does, but gives each attempt the
+    /// endpoint it goes to instead of a connection to it.
+    pub(crate) async fn call_at<T, F, Fut>(
+        &self,
+        spec: CallSpec,
+        mut attempt: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(&str) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.run(spec, None, |target, _| Ok(attempt(target))).await
+    }
+
+    /// The connection to `target`, as an attempt's failure if it cannot be made.
+    fn channel_to(&self, target: &str) -> Result<Conn, tonic::Status> {
+        self.router
+            .channel(target)
+            .map_err(|error| tonic::Status::unavailable(error.to_string()))
     }
 
     /// Runs a mutating call: each attempt is given the call's request id
     /// (a new one per attempt for [`CallSpec::idempotent`] calls; `None`
     /// for sessionless clients).
-    pub(crate) async fn call_write<T, F, Fut>(&self, spec: CallSpec, attempt: F) -> Result<T, Error>
+    pub(crate) async fn call_write<T, F, Fut>(
+        &self,
+        spec: CallSpec,
+        mut attempt: F,
+    ) -> Result<T, Error>
     where
         F: FnMut(Conn, Option<RequestId>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let ticket = self.ticket().await?;
-        self.run(spec, Some(ticket), attempt).await
+        self.run(spec, Some(ticket), |target, id| {
+            Ok(attempt(self.channel_to(target)?, id))
+        })
+        .await
     }
 
     /// The retry loop. `ticket` is `Some` for writes (holding `None` when
-    /// sessionless) and `None` for reads.
+    /// sessionless) and `None` for reads. `attempt` is given the endpoint
+    /// to try and the request id; an `Err` from it is that attempt's failure.
     async fn run<T, F, Fut>(
         &self,
         spec: CallSpec,
@@ -530,7 +566,7 @@ impl Inner {
         mut attempt: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(Conn, Option<RequestId>) -> Fut,
+        F: FnMut(&str, Option<RequestId>) -> Result<Fut, tonic::Status>,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let is_write = ticket.is_some();
@@ -550,7 +586,7 @@ impl Inner {
             let id = ticket
                 .as_ref()
                 .and_then(|t| t.as_ref().map(Ticket::request_id));
-            let mut once = |channel| attempt(channel, id);
+            let mut once = |target: &str| attempt(target, id);
             let status = match self.attempt(&target, spec, &mut once).await {
                 Ok(answer) => {
                     if spec.is_write {
@@ -631,20 +667,18 @@ impl Inner {
         attempt: &mut F,
     ) -> Result<T, AttemptFailed>
     where
-        F: FnMut(Conn) -> Fut,
+        F: FnMut(&str) -> Result<Fut, tonic::Status>,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let channel = self.router.channel(target).map_err(|error| {
-            AttemptFailed::Status(tonic::Status::unavailable(error.to_string()))
-        })?;
+        let call = attempt(target).map_err(AttemptFailed::Status)?;
         let attempt_deadline = spec.attempt_timeout.map(|t| Instant::now() + t);
         let until = match (attempt_deadline, spec.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let answer = match until {
-            Some(until) => tokio::time::timeout_at(until, attempt(channel)).await,
-            None => Ok(attempt(channel).await),
+            Some(until) => tokio::time::timeout_at(until, call).await,
+            None => Ok(call.await),
         };
         match answer {
             Ok(Ok(response)) => Ok(response.into_inner()),

@@ -1,16 +1,16 @@
 //! The background task that keeps one lease alive.
 //!
-//! Every keepalive interval (a third of the TTL, or less if configured) it sends one renewal on a
-//! `KeepAlive` stream to the leader and waits for its answer before sending
-//! the next, so each answer is matched to the send time it extends the
-//! deadline from. An acknowledged renewal sent at `t` moves the deadline to
+//! Every keepalive interval (a third of the TTL, or less if configured) it sends one renewal on the
+//! client's `KeepAlive` stream to the leader, which the client's other
+//! leases share (`crate::renewals`), and waits for its answer before
+//! sending the next, so each answer is matched to the send time it extends
+//! the deadline from. An acknowledged renewal sent at `t` moves the deadline to
 //! `t + TTL × (1 − drift) − margin` (see `crate::lease`); it never moves it
 //! back. The answer also lists the lease's grants, which the lock guards
 //! and leaderships watch.
 //!
 //! A failed renewal (broken stream, no answer in time, not the leader) marks
-//! the lease failing — [`crate::LeaseState::Jeopardy`] — drops the stream,
-//! and retries after a short jittered pause: at the leader a follower named,
+//! the lease failing — [`crate::LeaseState::Jeopardy`] — and retries after a short jittered pause: at the leader a follower named,
 //! or else at the next endpoint. An answer that the lease is not
 //! found ends it. The task returns when the lease ends, when the deadline
 //! passes with no acknowledged renewal, or when it is aborted because the
@@ -20,11 +20,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use latchkey_proto::v1::lease_client::LeaseClient;
-use latchkey_proto::v1::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
-use tokio::sync::{mpsc, watch};
+use latchkey_proto::v1::LeaseKeepAliveResponse;
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Inner, BACKOFF_FIRST, BACKOFF_LONGEST};
 use crate::error::describe_status;
@@ -32,22 +30,12 @@ use crate::lease::{HeldGrants, LeaseLost, LeaseStatus};
 use crate::retry::{classify, Backoff, Verdict};
 use crate::types::LeaseId;
 
-/// Renewals queued on one stream. The task waits for each answer before
-/// sending the next, so one is in flight at a time.
-const KEEPALIVE_QUEUE: usize = 2;
-
 pub(crate) struct Keepalive {
     pub(crate) client: Arc<Inner>,
     pub(crate) lease: LeaseId,
     /// Time between renewals.
     pub(crate) interval: Duration,
     pub(crate) status: Arc<watch::Sender<LeaseStatus>>,
-}
-
-/// An open `KeepAlive` stream to one node.
-struct RenewalStream {
-    requests: mpsc::Sender<LeaseKeepAliveRequest>,
-    responses: tonic::Streaming<LeaseKeepAliveResponse>,
 }
 
 /// The outcome of one acknowledged renewal.
@@ -67,7 +55,6 @@ impl Keepalive {
         let interval = self.interval;
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_LONGEST);
         let mut target = self.client.router.first_target();
-        let mut stream: Option<RenewalStream> = None;
         let mut next_send = self.status.borrow().last_ack_sent + interval;
         // Bounded: each pass waits until the next renewal or a pause, and
         // the loop ends once the deadline passes with nothing acknowledged.
@@ -78,7 +65,7 @@ impl Keepalive {
                 self.end(LeaseLost::DeadlinePassed);
                 return;
             }
-            let renewed = self.renew(&mut stream, &target, interval).await;
+            let renewed = self.renew(&target, interval).await;
             match renewed {
                 Ok(Renewal::Renewed { sent, ttl, grants }) => {
                     self.acknowledged(sent, ttl, grants);
@@ -90,7 +77,6 @@ impl Keepalive {
                     return;
                 }
                 Err(status) => {
-                    stream = None;
                     self.status
                         .send_if_modified(|s| !std::mem::replace(&mut s.failing, true));
                     let (next, pause) = self.after_failure(&target, &status, &mut backoff);
@@ -101,37 +87,23 @@ impl Keepalive {
         }
     }
 
-    /// Sends one renewal on the stream to `target` (opening it if needed)
-    /// and waits for its answer.
-    async fn renew(
-        &self,
-        stream: &mut Option<RenewalStream>,
-        target: &str,
-        interval: Duration,
-    ) -> Result<Renewal, tonic::Status> {
+    /// Sends one renewal on the client's stream to `target` and waits for
+    /// its answer.
+    async fn renew(&self, target: &str, interval: Duration) -> Result<Renewal, tonic::Status> {
         let deadline = self.status.borrow().deadline;
         let bound = self.client.options.call_timeout.min(interval);
         let until = (Instant::now() + bound).min(deadline);
         let attempt = async {
-            if stream.is_none() {
-                *stream = Some(self.open(target).await?);
-            }
-            // Set just above.
-            let open = stream.as_mut().expect("stream is open");
+            // Taken before the renewal is handed to the stream: the answer
+            // is counted from no later than the server received it.
             let sent = Instant::now();
-            let request = LeaseKeepAliveRequest {
-                lease: self.lease.0,
-            };
-            if open.requests.send(request).await.is_err() {
-                return Err(tonic::Status::unavailable("keepalive stream closed"));
-            }
-            match open.responses.message().await? {
-                Some(answer) => {
-                    self.client.cluster_drift(answer.max_clock_drift_ppm);
-                    Ok(renewal(sent, answer))
-                }
-                None => Err(tonic::Status::unavailable("keepalive stream ended")),
-            }
+            let answer = self
+                .client
+                .renewals
+                .renew(&self.client.router, target, self.lease)
+                .await?;
+            self.client.cluster_drift(answer.max_clock_drift_ppm);
+            Ok(renewal(sent, answer))
         };
         match tokio::time::timeout_at(until, attempt).await {
             Ok(result) => result,
@@ -139,23 +111,6 @@ impl Keepalive {
                 "no keepalive answer from {target} within {bound:?}"
             ))),
         }
-    }
-
-    async fn open(&self, target: &str) -> Result<RenewalStream, tonic::Status> {
-        let channel = self
-            .client
-            .router
-            .channel(target)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let (requests, queue) = mpsc::channel(KEEPALIVE_QUEUE);
-        let responses = LeaseClient::new(channel)
-            .keep_alive(ReceiverStream::new(queue))
-            .await?
-            .into_inner();
-        Ok(RenewalStream {
-            requests,
-            responses,
-        })
     }
 
     fn acknowledged(&self, sent: Instant, ttl: Duration, grants: BTreeSet<u64>) {

@@ -44,9 +44,9 @@
 //! stops and the lease is *not* revoked: the cluster expires it (and
 //! releases everything it holds) one TTL after the last keepalive.
 //! [`Lease::revoke`] ends it at once.
-//!
-//! # Not done yet
-//! - One keepalive stream per lease; leases of one client do not share one.
+//! The renewals of all the leases of one [`crate::Client`] share one
+//! `KeepAlive` stream per node (module `renewals`), so a client with
+//! thousands of leases costs the leader one stream, not thousands.
 
 use std::collections::BTreeSet;
 use std::future::Future;

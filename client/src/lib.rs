@@ -33,6 +33,8 @@
 //!   sequence numbers, what the server may forget, expiry.
 //! - [`lease`]: [`Lease`], its local deadline and [`LeaseState`].
 //! - `keepalive` (private): the task that renews a lease.
+//! - `renewals` (private): the `KeepAlive` streams a client's leases share,
+//!   one per node.
 //! - [`lock`]: `Lease::lock` / `try_lock` / `lock_with_timeout` and
 //!   [`LockGuard`].
 //! - [`cluster`]: membership and leadership for operators: list, add,
@@ -64,6 +66,7 @@ pub mod lock;
 pub mod maintenance;
 pub(crate) mod observe;
 pub mod raw;
+pub(crate) mod renewals;
 pub(crate) mod retry;
 pub mod session;
 pub mod tls;

@@ -18,8 +18,8 @@ use latchkey_proto::v1::election_client::ElectionClient;
 use latchkey_proto::v1::lease_client::LeaseClient;
 use latchkey_proto::v1::lock_client::LockClient;
 use latchkey_proto::v1::{
-    AcquireRequest, DescribeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseListRequest,
-    LeaseRevokeRequest, LeaseTimeToLiveRequest, ReleaseRequest, ResignRequest,
+    AcquireRequest, DescribeRequest, LeaseGrantRequest, LeaseListRequest, LeaseRevokeRequest,
+    LeaseTimeToLiveRequest, ReleaseRequest, ResignRequest,
 };
 use tokio::time::Instant;
 
@@ -95,19 +95,17 @@ impl Raw<'_> {
     }
 
     /// Renews `lease` once and returns the time it has left. Fails with
-    /// [`Error::LeaseNotFound`] if the cluster no longer has it.
+    /// [`Error::LeaseNotFound`] if the cluster no longer has it. Goes on
+    /// the `KeepAlive` stream the client's leases share, so many calls at
+    /// once cost one stream, not one each.
     pub async fn keepalive(&self, lease: LeaseId) -> Result<Duration, Error> {
         let inner = self.inner();
         let answer = inner
-            .call(CallSpec::write(&inner.options), |channel| async move {
-                let request = LeaseKeepAliveRequest { lease: lease.0 };
-                let mut answers = LeaseClient::new(channel)
-                    .keep_alive(tokio_stream::once(request))
-                    .await?
-                    .into_inner();
-                match answers.message().await? {
-                    Some(answer) => Ok(tonic::Response::new(answer)),
-                    None => Err(tonic::Status::unavailable("keepalive stream ended")),
+            .call_at(CallSpec::write(&inner.options), |target| {
+                let target = target.to_string();
+                async move {
+                    let answer = inner.renewals.renew(&inner.router, &target, lease).await?;
+                    Ok(tonic::Response::new(answer))
                 }
             })
             .await?;

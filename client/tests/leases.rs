@@ -227,6 +227,63 @@ async fn lease_shorter_than_the_server_minimum_is_refused_as_invalid() {
 }
 
 /// Every state `lease` passes through, polled, until it is lost.
+/// A client's leases share one keepalive stream: with the server allowing
+/// two streams per connection, twenty leases of one client all stay held
+/// through many renewals (one stream per lease would have had eighteen
+/// refused), and each renewal extends its own lease only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_one_client_share_one_keepalive_stream() {
+    let cluster = TestCluster::start_with(3, |config| {
+        config.limits.max_streams_per_connection = 2;
+    })
+    .await;
+    let client = Client::builder(cluster.endpoints())
+        .keepalive_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .expect("client connects");
+    let ttl = Duration::from_secs(3);
+    let mut leases = Vec::new();
+    for _ in 0..20 {
+        leases.push(client.grant_lease(ttl).await.expect("grant"));
+    }
+    // Ten keepalive intervals, each lease renewed in each.
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        for lease in &leases {
+            assert_eq!(lease.state(), LeaseState::Held, "{lease:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Revoking one ends that lease alone.
+    let revoked = leases.pop().expect("twenty leases");
+    client
+        .raw()
+        .revoke_lease(revoked.id())
+        .await
+        .expect("revoke");
+    within("the revoked lease is lost", revoked.lost()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for lease in &leases {
+        assert_eq!(lease.state(), LeaseState::Held, "{lease:?}");
+    }
+    // Raw renewals from many tasks at once go on the same stream.
+    let renewals = leases.iter().map(|lease| {
+        let client = client.clone();
+        let id = lease.id();
+        tokio::spawn(async move { client.raw().keepalive(id).await })
+    });
+    for renewal in renewals.collect::<Vec<_>>() {
+        let left = renewal.await.expect("task").expect("renewed");
+        assert!(left <= ttl && left > ttl / 2, "{left:?}");
+    }
+    match client.raw().keepalive(revoked.id()).await {
+        Err(Error::LeaseNotFound { lease }) => assert_eq!(lease, Some(revoked.id())),
+        other => panic!("expected LeaseNotFound, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
 async fn states_until_lost(lease: &Lease) -> Vec<LeaseState> {
     let mut states = vec![lease.state()];
     let start = Instant::now();

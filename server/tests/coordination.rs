@@ -355,6 +355,53 @@ async fn stopping_a_node_ends_its_open_observe_and_keepalive_streams() {
     cluster.shutdown().await;
 }
 
+/// One stream may renew many leases with many renewals in flight: every
+/// request is answered, in the order sent, an unknown lease as not found in
+/// its place; the client closing its side first still gets every answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keepalive_stream_renews_many_leases_answering_in_the_order_sent() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let mut leases = Vec::new();
+    for _ in 0..20 {
+        leases.push(cluster.grant(30_000).await);
+    }
+    let unknown = leases.iter().max().expect("twenty leases") + 1_000_000;
+    let mut sent = Vec::new();
+    for round in 0..3 {
+        sent.extend(leases.iter().copied());
+        if round == 1 {
+            sent.push(unknown);
+        }
+    }
+    // All sent before any answer is read, then the sending side closed.
+    let requests = tokio_stream::iter(
+        sent.clone()
+            .into_iter()
+            .map(|lease| LeaseKeepAliveRequest { lease }),
+    );
+    let mut answers = LeaseClient::new(cluster.channel(leader).await)
+        .keep_alive(requests)
+        .await
+        .expect("keepalive")
+        .into_inner();
+    let mut answered = Vec::new();
+    // Bounded: one answer per request, then the end.
+    while let Some(answer) = tokio::time::timeout(support::DEADLINE, answers.message())
+        .await
+        .expect("the answers come")
+        .expect("no renewal fails")
+    {
+        assert_eq!(answer.found, answer.lease != unknown, "{answer:?}");
+        if answer.found {
+            assert_eq!(answer.ttl_ms, 30_000, "{answer:?}");
+        }
+        answered.push(answer.lease);
+    }
+    assert_eq!(answered, sent);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_names_and_values_are_refused_with_the_field_in_typed_details() {
     let cluster = TestCluster::start(3, 10_000).await;

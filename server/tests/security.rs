@@ -257,6 +257,12 @@ async fn without_credentials_or_permission_nothing_is_done() {
         alice.raw().keepalive(root_lease).await.map(|_| ()),
         "keepalive root's lease",
     );
+    // Alice's renewals share one stream: the refusal answers root's lease
+    // alone, and her own renewal beside it goes through.
+    let raw = alice.raw();
+    let (own, foreign) = tokio::join!(raw.keepalive(alice_lease), raw.keepalive(root_lease));
+    own.expect("alice renews her own lease beside a refused one");
+    denied(foreign.map(|_| ()), "keepalive root's lease beside her own");
     denied(
         alice
             .raw()

@@ -3,25 +3,17 @@
 //! Every simulated client is its own [`Client`] (own connections, own
 //! exactly-once session), built with the crate's defaults.
 //!
-//! Keepalive streams are the exception: the client crate renews a
-//! [`latchkey_client::Lease`] in a private task that reports no latency,
-//! so [`LatchkeyKeepalive`] drives the same `Lease.KeepAlive` RPC the
-//! crate's task uses, the same way (one long-lived stream per lease, one
-//! renewal in flight at a time, sent to the leader), and times each
-//! answer.
+//! Keepalives: the client crate renews a [`latchkey_client::Lease`] in a
+//! private task that reports no latency, so [`keepalive`] renews through
+//! `Raw::keepalive`, which goes the same way as that task: on the
+//! `KeepAlive` stream to the leader that all leases of one client share,
+//! one renewal of each lease in flight at a time.
 
 use std::time::Duration;
 
 use latchkey_client::{Client, Fence, FenceKind, LeaseId};
-use latchkey_proto::v1::lease_client::LeaseClient;
-use latchkey_proto::v1::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::{QueueEntry, RawLease};
-
-/// Renewals queued on one stream; one is in flight at a time.
-const KEEPALIVE_QUEUE: usize = 2;
 
 pub async fn connect(endpoints: &[String]) -> Result<Client, String> {
     Client::builder(endpoints.to_vec())
@@ -77,42 +69,12 @@ pub async fn queue(client: &Client, name: &str) -> Result<Vec<QueueEntry>, Strin
     Ok(entries)
 }
 
-/// One lease's `KeepAlive` stream to the leader.
-pub struct LatchkeyKeepalive {
-    lease: u64,
-    requests: mpsc::Sender<LeaseKeepAliveRequest>,
-    responses: tonic::Streaming<LeaseKeepAliveResponse>,
-}
-
-impl LatchkeyKeepalive {
-    pub async fn open(
-        channel: tonic::transport::Channel,
-        lease: u64,
-    ) -> Result<LatchkeyKeepalive, String> {
-        let (requests, queue) = mpsc::channel(KEEPALIVE_QUEUE);
-        let responses = LeaseClient::new(channel)
-            .keep_alive(ReceiverStream::new(queue))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
-        Ok(LatchkeyKeepalive {
-            lease,
-            requests,
-            responses,
-        })
-    }
-
-    pub async fn renew(&mut self) -> Result<Duration, String> {
-        let request = LeaseKeepAliveRequest { lease: self.lease };
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| "keepalive stream closed".to_string())?;
-        match self.responses.message().await {
-            Ok(Some(answer)) if answer.found => Ok(Duration::from_millis(answer.ttl_ms)),
-            Ok(Some(_)) => Err(super::lease_gone_error(self.lease)),
-            Ok(None) => Err("keepalive stream ended".into()),
-            Err(status) => Err(format!("{}: {}", status.code(), status.message())),
-        }
+/// Renews `lease` once through `client`'s shared `KeepAlive` stream
+/// (`Raw::keepalive`); returns the time the answer grants.
+pub async fn keepalive(client: &Client, lease: u64) -> Result<Duration, String> {
+    match client.raw().keepalive(LeaseId(lease)).await {
+        Ok(left) => Ok(left),
+        Err(latchkey_client::Error::LeaseNotFound { .. }) => Err(super::lease_gone_error(lease)),
+        Err(e) => Err(e.to_string()),
     }
 }

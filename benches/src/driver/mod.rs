@@ -5,9 +5,8 @@
 //! - this file: the enums the workloads use ([`Conn`], [`Lease`],
 //!   [`Held`], [`KeepaliveStream`]); each method dispatches to the
 //!   system's module.
-//! - [`latchkey`]: through `latchkey-client` (guards, raw calls), except
-//!   keepalive streams, which use the `Lease.KeepAlive` RPC of
-//!   `latchkey-proto` directly (see [`KeepaliveStream`]).
+//! - [`latchkey`]: through `latchkey-client` (guards, raw calls; timed
+//!   keepalives through `Raw::keepalive`, see [`KeepaliveStream`]).
 //! - [`etcd`]: through the `etcd-client` crate's Lease, Lock and KV APIs.
 //!
 //! # What each operation is on each system
@@ -66,10 +65,16 @@ pub struct RawLease {
     pub granted_ttl: Duration,
 }
 
-/// One lease's own keepalive stream.
+/// How one lease is renewed: on etcd, a stream of its own (the
+/// `etcd-client` crate opens one per lease); on latchkey, the stream its
+/// client's leases share.
 pub enum KeepaliveStream {
-    Latchkey(latchkey::LatchkeyKeepalive),
-    Etcd(etcd::EtcdKeepalive),
+    Latchkey {
+        client: latchkey_client::Client,
+        lease: u64,
+    },
+    /// Boxed: a stream and its sender are a few hundred bytes.
+    Etcd(Box<etcd::EtcdKeepalive>),
 }
 
 impl Conn {
@@ -221,14 +226,16 @@ impl KeepaliveStream {
         lease: u64,
     ) -> Result<(KeepaliveStream, bool), String> {
         match target {
-            KeepaliveTarget::Latchkey(channel) => {
-                latchkey::LatchkeyKeepalive::open(channel.clone(), lease)
-                    .await
-                    .map(|s| (KeepaliveStream::Latchkey(s), false))
-            }
+            KeepaliveTarget::Latchkey(client) => Ok((
+                KeepaliveStream::Latchkey {
+                    client: client.clone(),
+                    lease,
+                },
+                false,
+            )),
             KeepaliveTarget::Etcd(client) => etcd::EtcdKeepalive::open(client, lease as i64)
                 .await
-                .map(|s| (KeepaliveStream::Etcd(s), true)),
+                .map(|s| (KeepaliveStream::Etcd(Box::new(s)), true)),
         }
     }
 
@@ -236,7 +243,9 @@ impl KeepaliveStream {
     /// answer grants.
     pub async fn renew(&mut self) -> Result<Duration, String> {
         match self {
-            KeepaliveStream::Latchkey(s) => s.renew().await,
+            KeepaliveStream::Latchkey { client, lease } => {
+                latchkey::keepalive(client, *lease).await
+            }
             KeepaliveStream::Etcd(s) => s.renew().await,
         }
     }
@@ -274,8 +283,9 @@ mod tests {
 /// Where keepalive streams are opened: one HTTP/2 connection.
 #[derive(Clone)]
 pub enum KeepaliveTarget {
-    /// A connection to the latchkey leader (only the leader renews).
-    Latchkey(tonic::transport::Channel),
+    /// A latchkey client: its leases' renewals share one stream to the
+    /// leader (only the leader renews).
+    Latchkey(latchkey_client::Client),
     /// An etcd client over the cluster's endpoints (boxed, as in [`Conn`]).
     Etcd(Box<etcd_client::Client>),
 }

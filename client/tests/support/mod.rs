@@ -117,9 +117,14 @@ const MAX_START_ATTEMPTS: usize = 5;
 impl TestCluster {
     /// Starts `nodes` nodes and waits until they agree on a leader.
     pub async fn start(nodes: u64) -> TestCluster {
+        TestCluster::start_with(nodes, |_| {}).await
+    }
+
+    /// Starts `nodes` nodes with each config changed by `adjust`.
+    pub async fn start_with(nodes: u64, adjust: impl Fn(&mut Config)) -> TestCluster {
         let mut failures = Vec::new();
         for _ in 0..MAX_START_ATTEMPTS {
-            match TestCluster::try_start(nodes).await {
+            match TestCluster::try_start(nodes, &adjust).await {
                 Ok(cluster) => {
                     cluster.leader().await;
                     return cluster;
@@ -130,7 +135,7 @@ impl TestCluster {
         panic!("cluster did not start: {failures:?}");
     }
 
-    async fn try_start(nodes: u64) -> Result<TestCluster, String> {
+    async fn try_start(nodes: u64, adjust: &impl Fn(&mut Config)) -> Result<TestCluster, String> {
         let peers: BTreeMap<NodeId, String> = (1..=nodes)
             .map(|id| (NodeId(id), format!("127.0.0.1:{}", free_port())))
             .collect();
@@ -143,7 +148,7 @@ impl TestCluster {
                 .parse()
                 .expect("a loopback address parses");
             let proxy = Proxy::start(client).await;
-            let config = Config {
+            let mut config = Config {
                 advertise_client: proxy.addr.to_string(),
                 ..Config::with_defaults(
                     *id,
@@ -153,6 +158,7 @@ impl TestCluster {
                     peers.clone(),
                 )
             };
+            adjust(&mut config);
             configs.insert(*id, config);
             proxies.insert(*id, proxy);
             dirs.push(dir);

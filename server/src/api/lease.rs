@@ -7,7 +7,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use tokio_stream::Stream;
+use futures::stream::FuturesOrdered;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use latchkey_proto::state::v1::{command, command_result, GrantLease, RevokeLease};
@@ -96,6 +97,8 @@ impl Lease for Api {
             api: self.clone(),
             identity,
             incoming: request.into_inner(),
+            incoming_done: false,
+            in_flight: FuturesOrdered::new(),
             stopping: Box::pin(self.stopping()),
             ended: false,
         };
@@ -206,50 +209,99 @@ impl Lease for Api {
     }
 }
 
+/// Renewals one `KeepAlive` stream has in flight at most; the stream reads
+/// no more requests until one is answered.
+const RENEWALS_IN_FLIGHT: usize = 1024;
+
+/// A renewal waiting for the node's answer; `Err` for one refused before
+/// it reached the node, which ends the stream when its turn comes.
+type PendingRenewal = Pin<
+    Box<
+        dyn Future<Output = Result<(LeaseId, Result<KeepAliveAnswer, RequestError>), Status>>
+            + Send,
+    >,
+>;
+
 /// One `KeepAlive` stream's state: renewals come in, answers go out, and
-/// the stream ends when the client closes it, on a failed renewal (after
-/// sending its error), or when the server stops.
+/// the stream ends when the client closes it (once every renewal it sent is
+/// answered), on a failed renewal (after sending its error), or when the
+/// server stops.
+///
+/// A stream may carry renewals of several leases, sent without waiting for
+/// the previous answer: each is asked of the node as soon as it is read,
+/// so renewals read together share a confirmation round. Answers go out
+/// in the order of the requests, which is what lets a client match each
+/// answer to the send time it extends its lease from: a renewal is
+/// answered once a round that began after it arrived is confirmed, so
+/// later requests are not answered sooner anyway. A client that sends one
+/// renewal at a time sees no difference.
 struct Renewals {
     api: Api,
     identity: Identity,
     incoming: Streaming<LeaseKeepAliveRequest>,
+    /// The client closed its side (or it broke): answer what is in flight.
+    incoming_done: bool,
+    in_flight: FuturesOrdered<PendingRenewal>,
     stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
     ended: bool,
 }
 
 impl Renewals {
-    /// The answer to the next renewal; `None` once the stream is over.
+    /// The answer to the next renewal that completes; `None` once the
+    /// stream is over.
     async fn next(&mut self) -> Option<Result<LeaseKeepAliveResponse, Status>> {
-        if self.ended {
-            return None;
-        }
-        let message = tokio::select! {
-            message = self.incoming.message() => message,
-            () = &mut self.stopping => {
+        // Bounded: each turn reads a request or yields an answer, and the
+        // stream ends once its requests are over and all are answered.
+        loop {
+            if self.ended || (self.incoming_done && self.in_flight.is_empty()) {
                 self.ended = true;
-                return Some(Err(Status::unavailable("the node is shutting down")));
+                return None;
             }
-        };
-        let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
-            self.ended = true;
-            return None;
-        };
-        let answer = match self.api.check_lease_owner(&self.identity, LeaseId(lease)) {
-            Ok(()) => self.api.keep_alive_once(LeaseId(lease)).await,
-            Err(refused) => Err(refused),
-        };
-        self.ended = answer.is_err();
-        Some(answer)
+            let reading = !self.incoming_done && self.in_flight.len() < RENEWALS_IN_FLIGHT;
+            tokio::select! {
+                // `Streaming::message` is cancel safe: a request is never
+                // lost to the other branch winning.
+                message = self.incoming.message(), if reading => {
+                    let Ok(Some(LeaseKeepAliveRequest { lease })) = message else {
+                        self.incoming_done = true;
+                        continue;
+                    };
+                    let lease = LeaseId(lease);
+                    if let Err(refused) = self.api.check_lease_owner(&self.identity, lease) {
+                        // Answered in its turn, like any other; nothing is
+                        // read after it, as the stream ends there.
+                        self.incoming_done = true;
+                        self.in_flight.push_back(Box::pin(std::future::ready(Err(refused))));
+                        continue;
+                    }
+                    let node = self.api.node.clone();
+                    self.in_flight.push_back(Box::pin(async move {
+                        Ok((lease, node.keep_alive(lease).await))
+                    }));
+                }
+                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    let answer = answer
+                        .and_then(|(lease, answer)| self.api.keep_alive_answer(lease, answer));
+                    self.ended = answer.is_err();
+                    return Some(answer);
+                }
+                () = &mut self.stopping => {
+                    self.ended = true;
+                    return Some(Err(Status::unavailable("the node is shutting down")));
+                }
+            }
+        }
     }
 }
 
 impl Api {
-    async fn keep_alive_once(&self, lease: LeaseId) -> Result<LeaseKeepAliveResponse, Status> {
-        let KeepAliveAnswer { answer, grants } = self
-            .node
-            .keep_alive(lease)
-            .await
-            .map_err(|e| self.status(e))?;
+    /// The response to the node's answer to a renewal of `lease`.
+    fn keep_alive_answer(
+        &self,
+        lease: LeaseId,
+        answer: Result<KeepAliveAnswer, RequestError>,
+    ) -> Result<LeaseKeepAliveResponse, Status> {
+        let KeepAliveAnswer { answer, grants } = answer.map_err(|e| self.status(e))?;
         let header = Some(self.header());
         let max_clock_drift_ppm = self.settings.max_clock_drift_ppm;
         match answer {
