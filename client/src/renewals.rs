@@ -151,7 +151,7 @@ async fn run(
         Ok(answers) => answers.into_inner(),
         Err(status) => return Ended::Stream(status),
     };
-    let mut check = tokio::time::interval(stall / 2);
+    let mut check = tokio::time::interval((stall / 2).max(Duration::from_millis(1)));
     check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Bounded by the stream: it ends on an error, on its end, on a stall,
     // or once every handle to submit on it is gone.
@@ -180,12 +180,17 @@ async fn run(
                         let _ = renewal.reply.send(Ok(answer));
                     }
                     oldest => {
-                        let expected = oldest.map(|(_, r)| r.lease.to_string());
-                        return Ended::Stream(tonic::Status::internal(format!(
+                        let expected = oldest.as_ref().map(|(_, r)| r.lease.to_string());
+                        let broken = tonic::Status::internal(format!(
                             "keepalive answer for lease {} where the oldest renewal waiting was for {}: the server broke the answer order",
                             LeaseId(answer.lease),
                             expected.as_deref().unwrap_or("none"),
-                        )));
+                        ));
+                        // Put back, to fail with the others.
+                        if let Some(oldest) = oldest {
+                            waiting.push_front(oldest);
+                        }
+                        return Ended::Stream(broken);
                     }
                 }
             }
@@ -197,5 +202,199 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+
+    use latchkey_proto::v1::lease_server::{Lease, LeaseServer};
+    use latchkey_proto::v1::{
+        LeaseGrantRequest, LeaseGrantResponse, LeaseListRequest, LeaseListResponse,
+        LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    };
+    use tokio_stream::{Stream, StreamExt};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+    use crate::client::Credentials;
+
+    /// A Lease service whose `KeepAlive` reads `batch` renewals, then
+    /// answers them last first (out of the order the protocol promises),
+    /// or, if `refuse`, fails the stream in place of the first answer.
+    struct Reversing {
+        batch: usize,
+        refuse: bool,
+    }
+
+    type Answers = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Lease for Reversing {
+        async fn grant(
+            &self,
+            _: Request<LeaseGrantRequest>,
+        ) -> Result<Response<LeaseGrantResponse>, Status> {
+            Err(Status::unimplemented("grant"))
+        }
+
+        async fn revoke(
+            &self,
+            _: Request<LeaseRevokeRequest>,
+        ) -> Result<Response<LeaseRevokeResponse>, Status> {
+            Err(Status::unimplemented("revoke"))
+        }
+
+        type KeepAliveStream = Answers;
+
+        async fn keep_alive(
+            &self,
+            request: Request<Streaming<LeaseKeepAliveRequest>>,
+        ) -> Result<Response<Answers>, Status> {
+            let requests = request.into_inner();
+            if self.refuse {
+                let read = requests.take(self.batch).collect::<Vec<_>>();
+                let refused = async move {
+                    read.await;
+                    Err(Status::permission_denied("not your lease"))
+                };
+                return Ok(Response::new(Box::pin(futures::stream::once(refused))));
+            }
+            let answers = reversed_answers(requests, self.batch);
+            Ok(Response::new(Box::pin(answers)))
+        }
+
+        async fn time_to_live(
+            &self,
+            _: Request<LeaseTimeToLiveRequest>,
+        ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+            Err(Status::unimplemented("time_to_live"))
+        }
+
+        async fn list(
+            &self,
+            _: Request<LeaseListRequest>,
+        ) -> Result<Response<LeaseListResponse>, Status> {
+            Err(Status::unimplemented("list"))
+        }
+    }
+
+    /// The first `batch` renewals read, answered last first.
+    fn reversed_answers(
+        requests: Streaming<LeaseKeepAliveRequest>,
+        batch: usize,
+    ) -> impl Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send {
+        futures::StreamExt::flatten(futures::stream::once(async move {
+            let read: Vec<LeaseKeepAliveRequest> =
+                requests.take(batch).filter_map(Result::ok).collect().await;
+            futures::stream::iter(read.into_iter().rev().map(|r| {
+                Ok(LeaseKeepAliveResponse {
+                    lease: r.lease,
+                    found: true,
+                    remaining_ms: 10_000,
+                    ttl_ms: 10_000,
+                    ..LeaseKeepAliveResponse::default()
+                })
+            }))
+        }))
+    }
+
+    async fn serve_reversing(batch: usize, refuse: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound address");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LeaseServer::new(Reversing { batch, refuse }))
+                .serve_with_incoming(incoming),
+        );
+        addr
+    }
+
+    fn conn(addr: SocketAddr) -> Conn {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        tonic::service::interceptor::InterceptedService::new(channel, Credentials::default())
+    }
+
+    /// One stream's handle to submit on (its task ends once that is
+    /// dropped) and its task.
+    type TestStream = (Submit, tokio::task::JoinHandle<()>);
+
+    /// Runs one stream to `addr` and hands it a renewal of each of
+    /// `leases`, in order; returns the stream and where each answer comes.
+    fn renew_on_one_stream<const N: usize>(
+        addr: SocketAddr,
+        leases: [u64; N],
+    ) -> (TestStream, [oneshot::Receiver<Answer>; N]) {
+        let (submit, submitted) = mpsc::unbounded_channel();
+        let task = tokio::spawn(serve(conn(addr), submitted, Duration::from_secs(10)));
+        let answers = leases.map(|lease| {
+            let (reply, answer) = oneshot::channel();
+            let renewal = Submitted {
+                lease: LeaseId(lease),
+                reply,
+            };
+            submit.send(renewal).expect("the stream task is running");
+            answer
+        });
+        ((submit, task), answers)
+    }
+
+    /// Answers out of order end the stream: no renewal takes an answer
+    /// meant for another, which would extend its lease from the wrong
+    /// send time.
+    #[tokio::test]
+    async fn answers_out_of_order_end_the_stream_instead_of_reaching_the_wrong_renewal() {
+        let addr = serve_reversing(2, false).await;
+        let ((_submit, task), [first_answer, second_answer]) = renew_on_one_stream(addr, [1, 2]);
+        let first = first_answer.await.expect("an outcome");
+        let second = second_answer.await.expect("an outcome");
+        for outcome in [&first, &second] {
+            let status = outcome
+                .as_ref()
+                .expect_err("no answer is taken out of order");
+            assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+            assert!(status.message().contains("order"), "{status:?}");
+        }
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the stream task ends")
+            .expect("no panic");
+    }
+
+    /// In order, each renewal gets its own lease's answer.
+    #[tokio::test]
+    async fn answers_in_order_reach_their_renewals() {
+        // Batches of one: reversing one renewal keeps the order.
+        let addr = serve_reversing(1, false).await;
+        let (_stream, [answer]) = renew_on_one_stream(addr, [7]);
+        let answer = answer.await.expect("an outcome").expect("renewed");
+        assert_eq!((answer.lease, answer.found), (7, true));
+    }
+
+    /// A stream the server fails in place of an answer: the status is the
+    /// oldest renewal's own; the ones after it fail as unavailable, to be
+    /// sent again.
+    #[tokio::test]
+    async fn a_failed_answer_is_the_oldest_renewals_and_the_rest_are_retried() {
+        let addr = serve_reversing(2, true).await;
+        let (_stream, [first_answer, second_answer]) = renew_on_one_stream(addr, [1, 2]);
+        let first = first_answer
+            .await
+            .expect("an outcome")
+            .expect_err("refused");
+        assert_eq!(first.code(), tonic::Code::PermissionDenied, "{first:?}");
+        let second = second_answer
+            .await
+            .expect("an outcome")
+            .expect_err("not answered");
+        assert_eq!(second.code(), tonic::Code::Unavailable, "{second:?}");
+        assert!(second.message().contains("not your lease"), "{second:?}");
     }
 }
