@@ -344,9 +344,20 @@ impl NodeHandle {
 
     /// Renews `lease` at the leader.
     pub async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAliveAnswer, RequestError> {
+        let answer = self.ask_keep_alive(lease).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Hands a renewal of `lease` to the node (waiting for room in its
+    /// inbox) and returns where its answer will come, so that a caller can
+    /// have many renewals in flight.
+    pub async fn ask_keep_alive(
+        &self,
+        lease: LeaseId,
+    ) -> Result<oneshot::Receiver<Result<KeepAliveAnswer, RequestError>>, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(NodeMsg::KeepAlive { lease, reply }).await?;
-        answer.await.map_err(|_| RequestError::ShuttingDown)?
+        Ok(answer)
     }
 
     /// The membership as the leader sees it.

@@ -7,8 +7,11 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use futures::stream::FuturesOrdered;
-use tokio_stream::{Stream, StreamExt};
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use latchkey_proto::state::v1::{command, command_result, GrantLease, RevokeLease};
@@ -98,7 +101,7 @@ impl Lease for Api {
             identity,
             incoming: request.into_inner(),
             incoming_done: false,
-            in_flight: FuturesOrdered::new(),
+            in_flight: VecDeque::new(),
             stopping: Box::pin(self.stopping()),
             ended: false,
         };
@@ -213,14 +216,37 @@ impl Lease for Api {
 /// no more requests until one is answered.
 const RENEWALS_IN_FLIGHT: usize = 1024;
 
-/// A renewal waiting for the node's answer; `Err` for one refused before
-/// it reached the node, which ends the stream when its turn comes.
-type PendingRenewal = Pin<
-    Box<
-        dyn Future<Output = Result<(LeaseId, Result<KeepAliveAnswer, RequestError>), Status>>
-            + Send,
-    >,
->;
+/// What a renewal of a `KeepAlive` stream comes to: the node's answer for
+/// its lease, or a refusal before it reached the node, which ends the
+/// stream when its turn comes.
+type Outcome = Result<(LeaseId, Result<KeepAliveAnswer, RequestError>), Status>;
+
+/// A renewal read from a stream and not yet answered on it.
+enum PendingRenewal {
+    /// Handed to the node, which answers on the receiver.
+    Asked(
+        LeaseId,
+        oneshot::Receiver<Result<KeepAliveAnswer, RequestError>>,
+    ),
+    /// Its outcome is known already; `None` once taken.
+    Known(Option<Outcome>),
+}
+
+impl Future for PendingRenewal {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.get_mut() {
+            PendingRenewal::Asked(lease, answer) => Pin::new(answer).poll(cx).map(|answer| {
+                let answer = answer.unwrap_or(Err(RequestError::ShuttingDown));
+                Ok((*lease, answer))
+            }),
+            PendingRenewal::Known(outcome) => {
+                Poll::Ready(outcome.take().expect("a renewal's outcome is taken once"))
+            }
+        }
+    }
+}
 
 /// One `KeepAlive` stream's state: renewals come in, answers go out, and
 /// the stream ends when the client closes it (once every renewal it sent is
@@ -241,7 +267,9 @@ struct Renewals {
     incoming: Streaming<LeaseKeepAliveRequest>,
     /// The client closed its side (or it broke): answer what is in flight.
     incoming_done: bool,
-    in_flight: FuturesOrdered<PendingRenewal>,
+    /// Oldest first; only the oldest is waited for, as answers go out in
+    /// order (the node answers the others meanwhile, into their receivers).
+    in_flight: VecDeque<PendingRenewal>,
     stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
     ended: bool,
 }
@@ -271,15 +299,17 @@ impl Renewals {
                         // Answered in its turn, like any other; nothing is
                         // read after it, as the stream ends there.
                         self.incoming_done = true;
-                        self.in_flight.push_back(Box::pin(std::future::ready(Err(refused))));
+                        self.in_flight.push_back(PendingRenewal::Known(Some(Err(refused))));
                         continue;
                     }
-                    let node = self.api.node.clone();
-                    self.in_flight.push_back(Box::pin(async move {
-                        Ok((lease, node.keep_alive(lease).await))
-                    }));
+                    let pending = match self.api.node.ask_keep_alive(lease).await {
+                        Ok(answer) => PendingRenewal::Asked(lease, answer),
+                        Err(e) => PendingRenewal::Known(Some(Ok((lease, Err(e))))),
+                    };
+                    self.in_flight.push_back(pending);
                 }
-                Some(answer) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                answer = oldest(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.in_flight.pop_front();
                     let answer = answer
                         .and_then(|(lease, answer)| self.api.keep_alive_answer(lease, answer));
                     self.ended = answer.is_err();
@@ -292,6 +322,14 @@ impl Renewals {
             }
         }
     }
+}
+
+/// The outcome of the oldest renewal in flight, once it is known.
+fn oldest(in_flight: &mut VecDeque<PendingRenewal>) -> impl Future<Output = Outcome> + '_ {
+    std::future::poll_fn(move |cx| match in_flight.front_mut() {
+        Some(renewal) => Pin::new(renewal).poll(cx),
+        None => Poll::Pending,
+    })
 }
 
 impl Api {
