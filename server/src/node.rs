@@ -342,15 +342,9 @@ impl NodeHandle {
         result
     }
 
-    /// Renews `lease` at the leader.
-    pub async fn keep_alive(&self, lease: LeaseId) -> Result<KeepAliveAnswer, RequestError> {
-        let answer = self.ask_keep_alive(lease).await?;
-        answer.await.map_err(|_| RequestError::ShuttingDown)?
-    }
-
-    /// Hands a renewal of `lease` to the node (waiting for room in its
-    /// inbox) and returns where its answer will come, so that a caller can
-    /// have many renewals in flight.
+    /// Hands a renewal of `lease` to the leader's node (waiting for room in
+    /// its inbox) and returns where its answer will come, so that a caller
+    /// can have many renewals in flight.
     pub async fn ask_keep_alive(
         &self,
         lease: LeaseId,
