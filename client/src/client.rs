@@ -511,7 +511,7 @@ impl Inner {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.run(spec, None, |target, _| {
-            Ok(attempt(self.channel_to(target)?))
+            Ok(attempt(self.router.channel_for_call(target)?))
         })
         .await
     }
@@ -530,13 +530,6 @@ impl Inner {
         self.run(spec, None, |target, _| Ok(attempt(target))).await
     }
 
-    /// The connection to `target`, as an attempt's failure if it cannot be made.
-    fn channel_to(&self, target: &str) -> Result<Conn, tonic::Status> {
-        self.router
-            .channel(target)
-            .map_err(|error| tonic::Status::unavailable(error.to_string()))
-    }
-
     /// Runs a mutating call: each attempt is given the call's request id
     /// (a new one per attempt for [`CallSpec::idempotent`] calls; `None`
     /// for sessionless clients).
@@ -551,7 +544,7 @@ impl Inner {
     {
         let ticket = self.ticket().await?;
         self.run(spec, Some(ticket), |target, id| {
-            Ok(attempt(self.channel_to(target)?, id))
+            Ok(attempt(self.router.channel_for_call(target)?, id))
         })
         .await
     }
@@ -813,6 +806,13 @@ impl Router {
     pub(crate) fn channel(&self, endpoint: &str) -> Result<Conn, Error> {
         let channel = self.raw_channel(endpoint)?;
         Ok(InterceptedService::new(channel, self.credentials.clone()))
+    }
+
+    /// [`Router::channel`], its failure as the `UNAVAILABLE` status of the
+    /// call that needed it.
+    pub(crate) fn channel_for_call(&self, endpoint: &str) -> Result<Conn, tonic::Status> {
+        self.channel(endpoint)
+            .map_err(|error| tonic::Status::unavailable(error.to_string()))
     }
 
     fn raw_channel(&self, endpoint: &str) -> Result<Channel, Error> {

@@ -10,8 +10,9 @@
 //! and leaderships watch.
 //!
 //! A failed renewal (broken stream, no answer in time, not the leader) marks
-//! the lease failing — [`crate::LeaseState::Jeopardy`] — and retries after a short jittered pause: at the leader a follower named,
-//! or else at the next endpoint. An answer that the lease is not
+//! the lease failing — [`crate::LeaseState::Jeopardy`] — and retries after
+//! a short jittered pause: at the leader a follower named, or else at the
+//! next endpoint. An answer that the lease is not
 //! found ends it. The task returns when the lease ends, when the deadline
 //! passes with no acknowledged renewal, or when it is aborted because the
 //! last lease handle was dropped.

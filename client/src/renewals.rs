@@ -91,9 +91,7 @@ impl Renewals {
         if let Some(submit) = streams.get(target).filter(|s| !s.is_closed()) {
             return Ok(submit.clone());
         }
-        let channel = router
-            .channel(target)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let channel = router.channel_for_call(target)?;
         let (submit, submitted) = mpsc::unbounded_channel();
         tokio::spawn(serve(channel, submitted, self.stall_limit));
         streams.insert(target.to_string(), submit.clone());
