@@ -12,7 +12,7 @@
 //! | no election nobody asked for in 10 idle and 10 loaded minutes | latchkey `leader-stability`, both windows |
 //! | holder-crash p99 ≤ TTL + 100 ms | latchkey `holder-crash` samples and its granted TTL |
 //! | lease-keepalive p99 ≤ 10 ms, ≥ 3× etcd keepalives/s | `lease-keepalive` of both: the paced window's p99, the closed loop's rate |
-//! | memory ≤ 1 KiB per lease+lock | latchkey `memory` |
+//! | memory ≤ 1 KiB per lease+lock at 100 000 leases (n/a below) | latchkey `memory` |
 
 use crate::cluster::System;
 use crate::floor::{commits_floor_ms, Floor};
@@ -249,18 +249,33 @@ fn leader_stability(lookup: &Lookup<'_>) -> TargetResult {
     }
 }
 
+/// Leases+locks at which the memory target is judged: fewer leave a larger
+/// share of each node's fixed growth (memtables, caches) on every lease.
+const MEMORY_TARGET_LEASES: f64 = 100_000.0;
+
+/// Bytes per live lease+lock on the node that grew most, judged only at
+/// [`MEMORY_TARGET_LEASES`] or more; a smaller run (`--quick`) is "n/a".
 fn memory(lookup: &Lookup<'_>) -> TargetResult {
-    let target = "memory ≤ 1 KiB per lease+lock".to_string();
-    let bytes = lookup
-        .get(Workload::Memory, "", System::Latchkey)
-        .and_then(|m| m.numbers.get("bytes_per_lease_lock").copied());
-    match bytes {
-        Some(b) => TargetResult {
+    let target = "memory ≤ 1 KiB per lease+lock at 100 000 leases".to_string();
+    let Some(m) = lookup.get(Workload::Memory, "", System::Latchkey) else {
+        return not_measured(target, "latchkey not measured");
+    };
+    let Some(bytes) = m.numbers.get("bytes_per_lease_lock").copied() else {
+        return not_measured(target, "latchkey not measured");
+    };
+    let count = m.numbers.get("leases_locks").copied().unwrap_or(0.0);
+    let detail = format!("{bytes:.0} bytes on the node that grew most, at {count:.0} leases+locks");
+    if count < MEMORY_TARGET_LEASES {
+        return TargetResult {
             target,
-            pass: Some(b <= 1024.0),
-            detail: format!("{b:.0} bytes on the node that grew most"),
-        },
-        None => not_measured(target, "latchkey not measured"),
+            pass: None,
+            detail: format!("{detail}; the target is judged at 100 000 (--memory-leases 100000)"),
+        };
+    }
+    TargetResult {
+        target,
+        pass: Some(bytes <= 1024.0),
+        detail,
     }
 }
 
@@ -284,6 +299,27 @@ mod tests {
 
     fn judged(measurements: &[Measurement]) -> TargetResult {
         leader_stability(&Lookup { measurements })
+    }
+
+    fn memory_run(bytes: f64, count: f64) -> TargetResult {
+        let mut m = Measurement::new(Workload::Memory, "run", System::Latchkey);
+        m.numbers.insert("bytes_per_lease_lock".into(), bytes);
+        m.numbers.insert("leases_locks".into(), count);
+        memory(&Lookup { measurements: &[m] })
+    }
+
+    #[test]
+    fn memory_is_judged_only_at_a_hundred_thousand_leases() {
+        assert_eq!(memory_run(712.0, 100_000.0).pass, Some(true));
+        assert_eq!(memory_run(1100.0, 100_000.0).pass, Some(false));
+        let quick = memory_run(1629.0, 10_000.0);
+        assert_eq!(quick.pass, None);
+        assert!(quick.detail.contains("10000"), "{}", quick.detail);
+        assert!(
+            quick.detail.contains("judged at 100 000"),
+            "{}",
+            quick.detail
+        );
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub async fn memory(run: &mut Run<'_>) -> Result<Vec<Measurement>, String> {
         .collect();
     m.notes.push(format!("RSS after: {}", rss.join(", ")));
     m.numbers.insert("bytes_per_lease_lock".into(), worst.1);
+    m.numbers.insert("leases_locks".into(), count as f64);
     Ok(vec![m])
 }
 
