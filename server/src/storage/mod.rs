@@ -326,17 +326,6 @@ impl Engine {
         }
     }
 
-    /// Makes every write so far durable: one fsync of RocksDB's write-ahead
-    /// log, which writes made without `sync` sit in until then.
-    pub fn sync_wal(&self) -> Result<(), FatalError> {
-        match &self.backend {
-            Backend::Rocks(db) => db
-                .flush_wal(true)
-                .map_err(|e| FatalError::storage("syncing the write-ahead log", e)),
-            Backend::Memory(memory) => memory.flush(),
-        }
-    }
-
     /// Flushes memtables to table files (used on clean shutdown so that a
     /// restart does not need to replay the write-ahead log).
     pub fn flush(&self) -> Result<(), FatalError> {
