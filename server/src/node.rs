@@ -9,14 +9,16 @@
 //! 2. handle the Ready in the order raft-rs documents: send messages; apply
 //!    a snapshot; apply committed entries (many to one unsynced RocksDB
 //!    write, see `ready.rs`) and persist entries and hard state in
-//!    one batch (fsynced when `must_sync`), then send persisted messages —
-//!    a follower persists and acknowledges before it applies, a leader
-//!    applies (answers) before it persists; in the production loop the
-//!    task yields once before the leader's fsync and once before the
-//!    follower's apply, so that the link tasks it just woke write the
-//!    appends (or the ack) first; `advance`; send the light
-//!    ready's messages, record its commit index and apply its committed
-//!    entries; `advance_apply`;
+//!    one batch, then send persisted messages. A leader applies (answers)
+//!    first, writes without syncing and leaves the fsync to a thread of its
+//!    own, which reports back through the inbox (`log_sync.rs`; raft-rs's
+//!    `advance_append_async` and `on_persist_ready`), so it goes on
+//!    stepping acknowledgements during the fsync. Anyone else fsyncs when
+//!    `must_sync` and acknowledges before it applies, yielding once in
+//!    between in the production loop so that the link task it just woke
+//!    writes the ack first; then `advance`, send the light ready's
+//!    messages, record its commit index and apply its committed entries;
+//!    `advance_apply`;
 //! 3. publish the status (and its [`Standing`], when that changed) and
 //!    compact the log if it has grown past the configured bound.
 //!
@@ -50,6 +52,7 @@
 //!
 //! # Layout
 //! - this file: the handle, the loop, proposals, the Ready, apply.
+//! - `log_sync.rs`: the leader's fsync on a thread of its own.
 //! - `reads.rs`: ReadIndex contexts, pending reads and their resends.
 //! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
 //! - `sessions.rs`: expiry of idle exactly-once sessions.
@@ -89,6 +92,7 @@ use crate::storage::{Batch, Engine, LogPosition, RaftLog};
 use crate::types::{LogIndex, NodeId};
 
 mod leases;
+mod log_sync;
 mod membership;
 mod options;
 pub mod peer_messages;
@@ -103,6 +107,7 @@ pub use options::{ApplyObserver, Clock, MonotonicClock, NodeOptions, RateFileClo
 pub use reads::READ_RESEND_INTERVAL;
 
 use leases::KeepAliveReply;
+use log_sync::LogSync;
 use membership::MembersReply;
 use reads::{PendingRead, ReadReply};
 use ready::Pause;
@@ -246,6 +251,9 @@ pub enum NodeMsg {
         leases: Vec<LeaseId>,
         reply: oneshot::Sender<Vec<Option<Duration>>>,
     },
+    /// The log sync thread made every Ready up to this number durable (0:
+    /// it failed, and left its error in the node's fatal slot).
+    LogSynced(u64),
     /// The membership and each member's progress (leader only).
     Members { reply: MembersReply },
     /// A membership change, checked, proposed, and answered once applied.
@@ -468,6 +476,11 @@ pub struct Node {
     clock: Box<dyn Clock>,
     apply_observer: Option<ApplyObserver>,
     metrics: Arc<Metrics>,
+    /// A sender into this node's own inbox (the log sync thread's way back).
+    own_inbox: mpsc::Sender<NodeMsg>,
+    /// The leader's written, not yet synced Readies. Last, so that it is
+    /// dropped (joining its thread) after the inbox the thread sends to.
+    log_sync: LogSync,
 }
 
 impl Node {
@@ -586,6 +599,8 @@ impl Node {
             clock: options.clock,
             apply_observer: options.apply_observer,
             metrics: options.metrics.clone(),
+            own_inbox: inbox_tx.clone(),
+            log_sync: LogSync::new(),
         };
         node.members = node.load_members()?;
         // A member that was removed while it was down stops at once.
@@ -629,6 +644,7 @@ impl Node {
         let mut next_tick = tokio::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
+            self.wait_out_stalled_sync().await?;
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep_until(next_tick) => {
@@ -706,6 +722,7 @@ impl Node {
 
     /// [`Node::after_input`] for a synchronous driver.
     fn after_input_now(&mut self) -> Result<(), FatalError> {
+        self.finish_deferred_sync()?;
         self.after_input(Pause::Never)
             .now_or_never()
             .expect("a Ready handled without pauses never waits")
@@ -746,6 +763,7 @@ impl Node {
                 self.raw.report_snapshot(to.0, status);
             }
             NodeMsg::KeepAlive { lease, reply } => self.keep_alive(lease, reply),
+            NodeMsg::LogSynced(number) => self.on_log_synced(number),
             NodeMsg::Members { reply } => self.membership_view(reply),
             NodeMsg::ChangeMembers { change, reply } => self.change_members(change, reply),
             NodeMsg::TransferLeader { to, reply } => {

@@ -54,9 +54,7 @@ impl Node {
         if let Some(soft_state) = ready.ss() {
             self.on_role(soft_state.raft_state.into());
         }
-        let messages = ready.take_messages();
-        let sent = !messages.is_empty();
-        self.transport.send(messages);
+        self.transport.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot())?;
         }
@@ -65,35 +63,40 @@ impl Node {
         // `ready()` and `advance()` appends to the unstable log behind the
         // Ready's back (raft-rs then panics in `advance`).
         let read_states = ready.take_read_states();
-        // Both orders are allowed (the committed entries were persisted by
-        // an earlier Ready); each role puts first what someone waits for.
-        // A leader answers its clients before the fsync of the entries
-        // proposed since; a follower acknowledges the new entries (its
-        // persisted messages) before it applies what it has learnt is
-        // committed, since the leader's commit waits for that ack.
-        //
-        // A message handed to the transport wakes the peer's link task,
-        // which runs on this worker once this task lets it: the pauses
-        // let it write the appends before the leader's fsync and the ack
-        // before the follower's apply, instead of after them.
-        if self.role == Role::Leader {
-            self.apply(ready.take_committed_entries())?;
-            if sent && ready.must_sync() {
-                pause.now().await;
-            }
-            self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
-            self.transport.send(ready.take_persisted_messages());
-        } else {
-            self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
-            let acks = ready.take_persisted_messages();
-            let acked = !acks.is_empty();
-            self.transport.send(acks);
-            let committed = ready.take_committed_entries();
-            if acked && !committed.is_empty() {
-                pause.now().await;
-            }
-            self.apply(committed)?;
+        // A leader (which never installs a snapshot) writes its new
+        // entries without syncing and leaves the fsync to another thread,
+        // so that it goes on stepping acknowledgements meanwhile
+        // (`log_sync.rs`). A Ready that changes the term or the vote (a
+        // single voter's election: it leads in the step that made it a
+        // candidate) takes the synchronous path.
+        let same_term_and_vote = ready.hs().is_none_or(|hs| {
+            let stored = self.raw.store().hard_state();
+            hs.term == stored.term && hs.vote == stored.vote
+        });
+        if self.role == Role::Leader && ready.snapshot().is_empty() && same_term_and_vote {
+            self.handle_leader_ready(ready)?;
+            self.answer_reads(read_states);
+            return Ok(());
         }
+        // Anyone else persists synchronously, having first synced what a
+        // leadership of its own may have left unsynced. A follower
+        // acknowledges the new entries (its persisted messages) before it
+        // applies what it has learnt is committed (both orders are allowed:
+        // the committed entries were persisted by an earlier Ready), since
+        // the leader's commit waits for that ack. A message handed to the
+        // transport wakes the peer's link task, which runs on this worker
+        // once this task lets it: the pause lets it write the ack before
+        // the apply instead of after.
+        self.sync_what_leading_left()?;
+        self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
+        let acks = ready.take_persisted_messages();
+        let acked = !acks.is_empty();
+        self.transport.send(acks);
+        let committed = ready.take_committed_entries();
+        if acked && !committed.is_empty() {
+            pause.now().await;
+        }
+        self.apply(committed)?;
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut batch = Batch::new(self.raw.store().engine());

@@ -52,7 +52,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::RawRecord;
 use crate::error::FatalError;
@@ -108,6 +108,33 @@ pub struct PowerLoss {
 #[derive(Clone, Default)]
 pub struct MemoryDisk {
     state: Arc<Mutex<DiskState>>,
+    stall: Arc<Stall>,
+}
+
+/// Whether the disk's syncs hang ([`MemoryDisk::stall_syncs`]).
+#[derive(Default)]
+struct Stall {
+    stalled: Mutex<bool>,
+    ended: Condvar,
+}
+
+impl Stall {
+    fn wait_out(&self) {
+        let mut stalled = self.stalled.lock();
+        while *stalled {
+            self.ended.wait(&mut stalled);
+        }
+    }
+}
+
+/// Keeps a disk's syncs hanging until dropped.
+pub struct SyncStall(Arc<Stall>);
+
+impl Drop for SyncStall {
+    fn drop(&mut self) {
+        *self.0.stalled.lock() = false;
+        self.0.ended.notify_all();
+    }
 }
 
 #[derive(Default)]
@@ -131,6 +158,14 @@ struct DiskState {
 impl MemoryDisk {
     pub fn new() -> MemoryDisk {
         MemoryDisk::default()
+    }
+
+    /// Makes every sync of this disk (a synced write, a flush) hang until
+    /// the returned guard is dropped, as a disk does in a stall; writes
+    /// without a sync go on.
+    pub fn stall_syncs(&self) -> SyncStall {
+        *self.stall.stalled.lock() = true;
+        SyncStall(self.stall.clone())
     }
 
     /// Bytes written since the last synced write, as records.
@@ -158,6 +193,7 @@ impl MemoryDisk {
                 generation: 0,
                 torn_records_dropped: state.torn_records_dropped,
             })),
+            stall: Arc::default(),
         }
     }
 
@@ -291,6 +327,9 @@ impl MemoryEngine {
     /// Applies `ops` atomically; `sync` makes them, and every earlier
     /// write, durable.
     pub fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), FatalError> {
+        if sync {
+            self.disk.stall.wait_out();
+        }
         let mut state = self.disk.state.lock();
         let state = &mut *state;
         let Some(live) = state
@@ -313,6 +352,7 @@ impl MemoryEngine {
 
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<(), FatalError> {
+        self.disk.stall.wait_out();
         let mut state = self.disk.state.lock();
         if state.generation != self.generation || state.live.is_none() {
             return Err(closed());

@@ -49,7 +49,7 @@ use rocksdb::{
 };
 
 pub use latchkey_proto::state::v1::LogPosition;
-pub use memory::{MemoryDisk, PowerLoss};
+pub use memory::{MemoryDisk, PowerLoss, SyncStall};
 pub use raft_log::RaftLog;
 
 use memory::{MemoryEngine, Op};
@@ -323,6 +323,17 @@ impl Engine {
             // `Batch::new` makes the batch for the engine it is given, and
             // the node writes it to that engine.
             _ => unreachable!("a batch written to another kind of engine"),
+        }
+    }
+
+    /// Makes every write so far durable: one fsync of RocksDB's write-ahead
+    /// log, which writes made without `sync` sit in until then.
+    pub fn sync_wal(&self) -> Result<(), FatalError> {
+        match &self.backend {
+            Backend::Rocks(db) => db
+                .flush_wal(true)
+                .map_err(|e| FatalError::storage("syncing the write-ahead log", e)),
+            Backend::Memory(memory) => memory.flush(),
         }
     }
 

@@ -114,7 +114,10 @@ impl TestNode {
             request: None,
         };
         self.handle.report(NodeMsg::Propose { command, reply });
-        // Fatal errors surface on the next tick.
+        // Fatal errors surface on the next tick. The second step syncs the
+        // leader's write (deferred to its next step under a synchronous
+        // driver), and a single voter commits and applies it then.
+        let _ = self.node.handle_inbox();
         let _ = self.node.handle_inbox();
         answer
     }

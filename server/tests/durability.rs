@@ -1,0 +1,174 @@
+//! What a leader's answer promises about its own disk. A leader writes its
+//! new entries without syncing and leaves the fsync to another thread
+//! (`node/log_sync.rs`); raft-rs counts its copy only once that sync is
+//! reported. Under a synchronous driver the sync happens at the node's next
+//! step, so these tests can cut the power between a leader's write and its
+//! sync. A single voter makes the leader's copy the whole quorum: if it
+//! counted an unsynced copy, it would commit and answer a write that a
+//! power loss then takes back.
+//!
+//! The last test runs the production loop, with the sync on its thread,
+//! over a disk whose syncs hang: a leader whose sync stalls takes no input
+//! until it ends, as when the fsync ran on the node task.
+
+#[allow(dead_code)]
+#[path = "fuzz/node.rs"]
+mod node;
+
+use std::time::Duration;
+
+use tokio::sync::oneshot::{self, error::TryRecvError};
+
+use latchkey_proto::state::v1::{command, Command, GrantLease};
+use latchkey_server::error::RequestError;
+use latchkey_server::node::{Applied, NodeHandle, NodeMsg, Role};
+use latchkey_server::storage::{MemoryDisk, PowerLoss};
+
+use node::{lead_alone, TestNode, ELECTION_TICKS};
+
+type Answer = oneshot::Receiver<Result<Applied, RequestError>>;
+
+/// A single voter that leads, with everything of its election applied.
+fn leader_on(disk: &MemoryDisk) -> TestNode {
+    let mut node = TestNode::start(disk, 1, &[1], ELECTION_TICKS).expect("the node opens");
+    lead_alone(&mut node).expect("it leads");
+    for _ in 0..3 {
+        node.node.tick().expect("it runs");
+    }
+    let status = node.handle.status();
+    assert_eq!(
+        status.applied_index, status.last_index,
+        "settled: {status:?}"
+    );
+    node
+}
+
+/// Hands a lease grant to the node and lets it take one step.
+fn propose_one_step(node: &mut TestNode) -> Answer {
+    let answer = propose(&node.handle);
+    node.node.handle_inbox().expect("it runs");
+    answer
+}
+
+const EVERYTHING_UNSYNCED_LOST: PowerLoss = PowerLoss {
+    kept_bytes: 0,
+    torn_fill: None,
+};
+
+#[test]
+fn a_write_cut_off_before_the_leaders_sync_is_neither_answered_nor_kept() {
+    let disk = MemoryDisk::new();
+    let mut node = leader_on(&disk);
+    let before = node.handle.status();
+    let mut answer = propose_one_step(&mut node);
+
+    let written = node.handle.status();
+    assert_eq!(written.last_index, before.last_index + 1, "{written:?}");
+    assert_eq!(
+        written.commit_index, before.commit_index,
+        "committed on an unsynced copy"
+    );
+    assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+    assert!(disk.unsynced_bytes() > 0, "the entry was synced at once");
+
+    disk.lose_power(EVERYTHING_UNSYNCED_LOST);
+    drop(node);
+    assert!(
+        matches!(answer.try_recv(), Err(TryRecvError::Closed)),
+        "the write was answered"
+    );
+    let node = leader_on(&disk);
+    let after = node.handle.status();
+    // The new term's empty entry took the lost entry's place.
+    assert_eq!(after.last_index, before.last_index + 1, "{after:?}");
+    assert!(after.term > written.term, "{after:?}");
+}
+
+#[test]
+fn a_write_the_leader_answered_survives_a_power_loss() {
+    let disk = MemoryDisk::new();
+    let mut node = leader_on(&disk);
+    let mut answer = propose_one_step(&mut node);
+    node.node.tick().expect("it runs");
+    let applied = match answer.try_recv() {
+        Ok(Ok(applied)) => applied,
+        other => panic!("not answered after the sync: {other:?}"),
+    };
+
+    disk.lose_power(EVERYTHING_UNSYNCED_LOST);
+    drop(node);
+    let node = leader_on(&disk);
+    let after = node.handle.status();
+    assert!(
+        after.last_index > applied.index.0,
+        "the answered entry {} is gone: {after:?}",
+        applied.index.0
+    );
+    assert!(after.applied_index > applied.index.0, "{after:?}");
+}
+
+/// Deadline for what must happen once the stall ends; not a measurement.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_sync_stalls_takes_no_input_until_the_sync_ends() {
+    let disk = MemoryDisk::new();
+    let TestNode { node, handle, .. } =
+        TestNode::start(&disk, 1, &[1], ELECTION_TICKS).expect("the node opens");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(node.run(async {
+        let _ = stopped.await;
+    }));
+    let elected = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let status = handle.status();
+            if status.role == Role::Leader && status.applied_index == status.last_index {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    elected.await.expect("a single voter leads");
+
+    let stall = disk.stall_syncs();
+    let mut written = propose(&handle);
+    // Many ticks (50 ms each in this configuration): the sync is overdue.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (reply, mut remaining) = oneshot::channel();
+    handle.report(NodeMsg::LeasesRemaining {
+        leases: Vec::new(),
+        reply,
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        matches!(remaining.try_recv(), Err(TryRecvError::Empty)),
+        "the leader took input while its sync stalled"
+    );
+    assert!(
+        matches!(written.try_recv(), Err(TryRecvError::Empty)),
+        "a write was answered before its sync"
+    );
+
+    drop(stall);
+    let answered = tokio::time::timeout(DEADLINE, remaining).await;
+    assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+    let applied = tokio::time::timeout(DEADLINE, written).await;
+    assert!(matches!(applied, Ok(Ok(Ok(_)))), "{applied:?}");
+    let _ = stop.send(());
+    let result = tokio::time::timeout(DEADLINE, running).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
+
+/// Hands a lease grant to a running node.
+fn propose(handle: &NodeHandle) -> Answer {
+    let (reply, answer) = oneshot::channel();
+    let command = Command {
+        command: Some(command::Command::GrantLease(GrantLease {
+            ttl_ms: 60_000,
+            ..GrantLease::default()
+        })),
+        request: None,
+    };
+    handle.report(NodeMsg::Propose { command, reply });
+    answer
+}
