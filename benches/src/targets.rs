@@ -257,10 +257,10 @@ const MEMORY_TARGET_LEASES: f64 = 100_000.0;
 /// [`MEMORY_TARGET_LEASES`] or more; a smaller run (`--quick`) is "n/a".
 fn memory(lookup: &Lookup<'_>) -> TargetResult {
     let target = "memory ≤ 1 KiB per lease+lock at 100 000 leases".to_string();
-    let Some(m) = lookup.get(Workload::Memory, "", System::Latchkey) else {
-        return not_measured(target, "latchkey not measured");
-    };
-    let Some(bytes) = m.numbers.get("bytes_per_lease_lock").copied() else {
+    let measured = lookup
+        .get(Workload::Memory, "", System::Latchkey)
+        .and_then(|m| Some((m, m.numbers.get("bytes_per_lease_lock").copied()?)));
+    let Some((m, bytes)) = measured else {
         return not_measured(target, "latchkey not measured");
     };
     let count = m.numbers.get("leases_locks").copied().unwrap_or(0.0);
