@@ -197,15 +197,21 @@ impl Node {
             Syncer::Thread { requests, .. } => {
                 let sent = requests.as_ref().map(|r| r.send(number));
                 if !matches!(sent, Some(Ok(()))) {
-                    // The thread stopped: it left its error in the slot.
-                    return Err(self.fatal.lock().take().unwrap_or_else(|| {
-                        FatalError::Raft("the log sync thread stopped".into())
-                    }));
+                    return Err(self.sync_thread_stopped());
                 }
             }
             Syncer::None => unreachable!("a syncer was just made"),
         }
         Ok(())
+    }
+
+    /// Why the log sync thread stopped: the error it left in the fatal
+    /// slot.
+    fn sync_thread_stopped(&self) -> FatalError {
+        self.fatal
+            .lock()
+            .take()
+            .unwrap_or_else(|| FatalError::Raft("the log sync thread stopped".into()))
     }
 
     fn spawn_syncer(&self) -> Result<Syncer, FatalError> {
@@ -269,12 +275,7 @@ impl Node {
                 return Ok(());
             }
             if synced.changed().await.is_err() {
-                // The thread stopped: it left its error in the slot.
-                return Err(self
-                    .fatal
-                    .lock()
-                    .take()
-                    .unwrap_or_else(|| FatalError::Raft("the log sync thread stopped".into())));
+                return Err(self.sync_thread_stopped());
             }
         }
     }
