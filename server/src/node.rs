@@ -52,7 +52,8 @@
 //!
 //! # Layout
 //! - this file: the handle, the loop, proposals, the Ready, apply.
-//! - `log_sync.rs`: the leader's fsync on a thread of its own.
+//! - `log_sync.rs`: the Raft log's fsync on a thread of its own (leader and
+//!   followers).
 //! - `reads.rs`: ReadIndex contexts, pending reads and their resends.
 //! - `leases.rs`: keepalives, confirmation rounds, expiry proposals.
 //! - `sessions.rs`: expiry of idle exactly-once sessions.

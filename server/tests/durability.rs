@@ -1,4 +1,4 @@
-//! What a leader's answer promises about its own disk. A leader writes its
+//! What a leader's answer and a follower's ack promise about their disks. A leader writes its
 //! new entries without syncing and leaves the fsync to another thread
 //! (`node/log_sync.rs`); raft-rs counts its copy only once that sync is
 //! reported. Under a synchronous driver the sync happens at the node's next
@@ -6,6 +6,11 @@
 //! sync. A single voter makes the leader's copy the whole quorum: if it
 //! counted an unsynced copy, it would commit and answer a write that a
 //! power loss then takes back.
+//!
+//! A follower writes the appends it receives the same way, and its
+//! acknowledgement waits for the sync: three voters, node 3 given one
+//! append alone, show that no ack leaves before the sync and that a power
+//! loss before it takes back only an entry nobody was told was kept.
 //!
 //! The last test runs the production loop, with the sync on its thread,
 //! over a disk whose syncs hang: a leader whose sync stalls takes no input
@@ -17,6 +22,7 @@ mod node;
 
 use std::time::Duration;
 
+use raft::prelude::{Message, MessageType};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use latchkey_proto::state::v1::{command, Command, GrantLease};
@@ -105,6 +111,117 @@ fn a_write_the_leader_answered_survives_a_power_loss() {
         applied.index.0
     );
     assert!(after.applied_index > applied.index.0, "{after:?}");
+}
+
+/// Election timeout of the voters that should never campaign here.
+const PATIENT_TICKS: usize = 1000;
+
+/// Three voters on memory disks, node 1 leading, every message routed by
+/// the test.
+struct Trio {
+    disks: Vec<MemoryDisk>,
+    nodes: Vec<TestNode>,
+}
+
+impl Trio {
+    fn start() -> Trio {
+        let voters = [1, 2, 3];
+        let disks: Vec<MemoryDisk> = voters.iter().map(|_| MemoryDisk::new()).collect();
+        let nodes = voters
+            .iter()
+            .zip(&disks)
+            .map(|(&id, disk)| {
+                let ticks = if id == 1 {
+                    ELECTION_TICKS
+                } else {
+                    PATIENT_TICKS
+                };
+                TestNode::start(disk, id, &voters, ticks).expect("the node opens")
+            })
+            .collect();
+        let mut trio = Trio { disks, nodes };
+        for _ in 0..4 * ELECTION_TICKS {
+            trio.nodes[0].node.tick().expect("it runs");
+            trio.settle();
+            if trio.nodes[0].role() == Role::Leader {
+                return trio;
+            }
+        }
+        panic!("node 1 did not become leader");
+    }
+
+    /// Steps every node (an empty inbox still steps: a sync deferred at a
+    /// node's last step ends at its next) and delivers what they send,
+    /// until two rounds in a row send nothing.
+    fn settle(&mut self) {
+        let mut quiet_rounds = 0;
+        for _ in 0..200 {
+            for node in &mut self.nodes {
+                node.node.handle_inbox().expect("it runs");
+            }
+            let sent: Vec<Message> = self.nodes.iter().flat_map(|n| n.take_sent()).collect();
+            if sent.is_empty() {
+                quiet_rounds += 1;
+                if quiet_rounds == 2 {
+                    return;
+                }
+                continue;
+            }
+            quiet_rounds = 0;
+            for message in sent {
+                let to = usize::try_from(message.to).expect("small id") - 1;
+                self.nodes[to]
+                    .handle
+                    .report(NodeMsg::Raft(Box::new(message)));
+            }
+        }
+        panic!("the nodes still send after 200 rounds");
+    }
+}
+
+fn acks(sent: &[Message]) -> Vec<(u64, bool)> {
+    sent.iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgAppendResponse)
+        .map(|m| (m.index, m.reject))
+        .collect()
+}
+
+#[test]
+fn a_follower_acknowledges_an_append_only_once_it_has_synced_it() {
+    let mut trio = Trio::start();
+    let before = trio.nodes[2].handle.status().last_index;
+
+    // The leader's append of one proposal, delivered to node 3 alone.
+    let _answer = propose(&trio.nodes[0].handle);
+    trio.nodes[0].node.handle_inbox().expect("it runs");
+    let appends: Vec<Message> = trio.nodes[0]
+        .take_sent()
+        .into_iter()
+        .filter(|m| m.to == 3 && m.get_msg_type() == MessageType::MsgAppend)
+        .collect();
+    assert_eq!(appends.len(), 1, "one append to node 3");
+    for append in appends {
+        trio.nodes[2].handle.report(NodeMsg::Raft(Box::new(append)));
+    }
+    trio.nodes[2].node.handle_inbox().expect("it runs");
+    assert_eq!(trio.nodes[2].handle.status().last_index, before + 1);
+    assert_eq!(
+        acks(&trio.nodes[2].take_sent()),
+        vec![],
+        "node 3 acknowledged an entry it has not synced"
+    );
+    assert!(trio.disks[2].unsynced_bytes() > 0, "synced at once");
+
+    // A power loss now takes the entry back, and nobody was told it was kept.
+    let cut = trio.disks[2].clone_for_test();
+    cut.lose_power(EVERYTHING_UNSYNCED_LOST);
+    let restarted = TestNode::start(&cut, 3, &[1, 2, 3], PATIENT_TICKS).expect("node 3 reopens");
+    assert_eq!(restarted.handle.status().last_index, before);
+
+    // Its next step syncs it, and only then does the ack leave.
+    trio.nodes[2].node.handle_inbox().expect("it runs");
+    assert_eq!(acks(&trio.nodes[2].take_sent()), vec![(before + 1, false)]);
+    assert_eq!(trio.disks[2].unsynced_bytes(), 0);
 }
 
 /// Deadline for what must happen once the stall ends; not a measurement.

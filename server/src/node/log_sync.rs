@@ -1,4 +1,4 @@
-//! The leader's fsync, off the node task.
+//! The fsync of the Raft log, off the node task.
 //!
 //! A leader writes the entries of a Ready to RocksDB without syncing (they
 //! can be read back at once, which raft-rs needs), sends them to the
@@ -11,6 +11,19 @@
 //! committing, applying and answering, where it used to sit in the fsync
 //! while the acknowledgements of the entries before piled up in its inbox.
 //!
+//! A follower does the same with the appends it receives. Its
+//! acknowledgements are raft-rs's persisted messages: they wait here with
+//! their Ready and leave only once the sync is reported, so no leader
+//! counts a copy that a power loss could take back. Meanwhile the
+//! follower's task applies what is committed and takes the next append,
+//! whose sync follows as soon as the one in flight ends; before, each of a
+//! follower's rounds was its fsync and then its apply, in series. An
+//! append that replaces an unsynced suffix (a new leader's) is written
+//! after it in the same write-ahead log, so a power loss keeps either the
+//! old suffix, never acknowledged, or both; raft-rs's `on_persist_ready`
+//! counts a synced index only if the entry there still has the term it was
+//! written with.
+//!
 //! Two facts of the storage make this sound:
 //!
 //! - **A sync makes every earlier write durable.** RocksDB's write-ahead log
@@ -22,18 +35,17 @@
 //!   Ready up to `n`. The thread reports the highest number it was given
 //!   before it began a sync, so many Readies share one fsync under load.
 //!
-//! Only a leader writes this way. A follower's or a candidate's Ready keeps
-//! the synchronous path (its acknowledgement or its vote must not leave
-//! before its write is durable, and a follower may truncate its log), as
-//! does a leader's Ready that changes the term or the vote (a single
-//! voter wins its election in the step that made it a candidate). The
-//! synchronous path first syncs whatever a leadership left unsynced, so
+//! A candidate's Ready, and any Ready that installs a snapshot or changes
+//! the term or the vote (a vote given; a single voter wins its election in
+//! the step that made it a candidate), keeps the synchronous path. The
+//! synchronous path first syncs whatever the other one left unsynced, so
 //! that raft-rs's synchronous `advance`, which marks every earlier Ready
 //! persisted, is true when it is called.
 //!
 //! A driver that owns the schedule (the simulator) gets the same path with
 //! the sync deferred to the node's next step instead of a thread, so a
-//! power loss can fall between a leader's write and its sync.
+//! power loss can fall between a leader's or a follower's write and its
+//! sync.
 //!
 //! **A sync that stalls stops the leader, as the fsync on the node task
 //! did.** Once the oldest unsynced Ready has waited longer than a tick, the
@@ -45,7 +57,9 @@
 //! is stuck would go on sending appends and heartbeats, keeping healthy
 //! followers from replacing it while it cannot apply anything. Stopped, it
 //! does neither, and its followers elect another leader if their disks
-//! work, as they did before the sync left the node task.
+//! work, as they did before the sync left the node task. A follower whose
+//! sync stalls stops the same way, as it did when it synced on its task:
+//! it neither ticks nor takes appends it could not acknowledge.
 
 use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
@@ -57,7 +71,15 @@ use tokio::sync::watch;
 
 use super::*;
 
-/// Readies a leader has written but not yet synced.
+/// A Ready written without syncing, before its sync is asked for.
+struct Unsynced {
+    number: u64,
+    /// The messages raft-rs wants sent only once the Ready is durable.
+    held: Vec<Message>,
+    must_sync: bool,
+}
+
+/// Readies a leader or a follower has written but not yet synced.
 pub(super) struct LogSync {
     /// Oldest first: each Ready's number, the messages raft-rs wants sent
     /// only once it is durable, and when it was written.
@@ -160,12 +182,49 @@ impl Node {
     /// vote for its entries, hence commits) comes in a later Ready.
     pub(super) fn handle_leader_ready(&mut self, mut ready: Ready) -> Result<(), FatalError> {
         self.apply(ready.take_committed_entries())?;
-        let must_sync = ready.must_sync();
-        self.persist(ready.entries(), ready.hs().cloned(), false)?;
-        let number = ready.number();
-        let held = ready.take_persisted_messages();
+        let written = self.write_unsynced(&mut ready)?;
         self.raw.advance_append_async(ready);
         self.raw.advance_apply();
+        self.sync_later(written)
+    }
+
+    /// A follower's way with a Ready that installs no snapshot and changes
+    /// neither term nor vote: write the new entries and hard state without
+    /// syncing and ask for the sync first, so that the fsync runs while
+    /// this task applies what is committed (persisted by earlier Readies)
+    /// and takes the next append. The acknowledgements (all of a
+    /// follower's messages are persisted messages) leave once the sync is
+    /// done.
+    pub(super) fn handle_follower_ready(&mut self, mut ready: Ready) -> Result<(), FatalError> {
+        let committed = ready.take_committed_entries();
+        let written = self.write_unsynced(&mut ready)?;
+        self.raw.advance_append_async(ready);
+        self.sync_later(written)?;
+        self.apply(committed)?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    /// Writes a Ready's entries and hard state without syncing.
+    fn write_unsynced(&mut self, ready: &mut Ready) -> Result<Unsynced, FatalError> {
+        self.persist(ready.entries(), ready.hs().cloned(), false)?;
+        Ok(Unsynced {
+            number: ready.number(),
+            held: ready.take_persisted_messages(),
+            must_sync: ready.must_sync(),
+        })
+    }
+
+    /// Hands a written Ready's sync to [`LogSync`], with the messages that
+    /// must wait for it; or, if it needs no sync and none is pending, marks
+    /// it persisted and sends them. Call once raft-rs has been told
+    /// (`advance_append_async`).
+    fn sync_later(&mut self, written: Unsynced) -> Result<(), FatalError> {
+        let Unsynced {
+            number,
+            held,
+            must_sync,
+        } = written;
         if !must_sync {
             if !self.log_sync.pending() {
                 // Nothing to make durable, nothing before it waiting.
@@ -292,10 +351,10 @@ impl Node {
         Ok(())
     }
 
-    /// Before a Ready on the synchronous path: makes whatever a leadership
-    /// left unsynced durable, so that raft-rs's `advance` (which marks every
+    /// Before a Ready on the synchronous path: makes whatever the other
+    /// path left unsynced durable, so that raft-rs's `advance` (which marks every
     /// earlier Ready persisted) tells the truth.
-    pub(super) fn sync_what_leading_left(&mut self) -> Result<(), FatalError> {
+    pub(super) fn sync_what_is_pending(&mut self) -> Result<(), FatalError> {
         if !self.log_sync.pending() {
             return Ok(());
         }

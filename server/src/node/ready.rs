@@ -63,31 +63,42 @@ impl Node {
         // `ready()` and `advance()` appends to the unstable log behind the
         // Ready's back (raft-rs then panics in `advance`).
         let read_states = ready.take_read_states();
-        // A leader (which never installs a snapshot) writes its new
-        // entries without syncing and leaves the fsync to another thread,
-        // so that it goes on stepping acknowledgements meanwhile
-        // (`log_sync.rs`). A Ready that changes the term or the vote (a
-        // single voter's election: it leads in the step that made it a
-        // candidate) takes the synchronous path.
+        // A leader or a follower writes its new entries without syncing
+        // and leaves the fsync to another thread (`log_sync.rs`): a leader
+        // goes on stepping acknowledgements meanwhile, a follower applies
+        // and takes the next append, and its acknowledgement waits for the
+        // sync. A Ready that installs a snapshot or changes the term or the
+        // vote (a vote given; a single voter's election: it leads in the
+        // step that made it a candidate), and any Ready of a candidate,
+        // takes the synchronous path.
         let same_term_and_vote = ready.hs().is_none_or(|hs| {
             let stored = self.raw.store().hard_state();
             hs.term == stored.term && hs.vote == stored.vote
         });
-        if self.role == Role::Leader && ready.snapshot().is_empty() && same_term_and_vote {
-            self.handle_leader_ready(ready)?;
-            self.answer_reads(read_states);
-            return Ok(());
+        if ready.snapshot().is_empty() && same_term_and_vote {
+            match self.role {
+                Role::Leader => {
+                    self.handle_leader_ready(ready)?;
+                    self.answer_reads(read_states);
+                    return Ok(());
+                }
+                Role::Follower => {
+                    self.handle_follower_ready(ready)?;
+                    self.answer_reads(read_states);
+                    return Ok(());
+                }
+                Role::Candidate | Role::PreCandidate => {}
+            }
         }
-        // Anyone else persists synchronously, having first synced what a
-        // leadership of its own may have left unsynced. A follower
-        // acknowledges the new entries (its persisted messages) before it
-        // applies what it has learnt is committed (both orders are allowed:
-        // the committed entries were persisted by an earlier Ready), since
-        // the leader's commit waits for that ack. A message handed to the
-        // transport wakes the peer's link task, which runs on this worker
-        // once this task lets it: the pause lets it write the ack before
-        // the apply instead of after.
-        self.sync_what_leading_left()?;
+        // The synchronous path, having first synced what the other one
+        // left unsynced. A follower on it acknowledges the new entries (its
+        // persisted messages) before it applies what it has learnt is
+        // committed (both orders are allowed: the committed entries were
+        // persisted by an earlier Ready), since the leader's commit waits
+        // for that ack. A message handed to the transport wakes the peer's
+        // link task, which runs on this worker once this task lets it: the
+        // pause lets it write the ack before the apply instead of after.
+        self.sync_what_is_pending()?;
         self.persist(ready.entries(), ready.hs().cloned(), ready.must_sync())?;
         let acks = ready.take_persisted_messages();
         let acked = !acks.is_empty();
