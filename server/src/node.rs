@@ -9,11 +9,14 @@
 //! 2. handle the Ready in the order raft-rs documents: send messages; apply
 //!    a snapshot; apply committed entries (many to one unsynced RocksDB
 //!    write, see `ready.rs`) and persist entries and hard state in
-//!    one batch, then send persisted messages. A leader applies (answers)
-//!    first, writes without syncing and leaves the fsync to a thread of its
-//!    own, which reports back through the inbox (`log_sync.rs`; raft-rs's
-//!    `advance_append_async` and `on_persist_ready`), so it goes on
-//!    stepping acknowledgements during the fsync. Anyone else fsyncs when
+//!    one batch, then send persisted messages. A leader or a follower
+//!    writes without syncing and leaves the fsync to a thread of its own,
+//!    which reports back through the inbox (`log_sync.rs`; raft-rs's
+//!    `advance_append_async` and `on_persist_ready`): a leader applies
+//!    (answers) first and goes on stepping acknowledgements during the
+//!    fsync; a follower asks for the sync first, applies during it, and its
+//!    acks leave once it is done. A Ready that installs a snapshot or
+//!    changes the term or the vote, and a candidate's, fsyncs when
 //!    `must_sync` and acknowledges before it applies, yielding once in
 //!    between in the production loop so that the link task it just woke
 //!    writes the ack first; then `advance`, send the light ready's
@@ -479,8 +482,9 @@ pub struct Node {
     metrics: Arc<Metrics>,
     /// A sender into this node's own inbox (the log sync thread's way back).
     own_inbox: mpsc::Sender<NodeMsg>,
-    /// The leader's written, not yet synced Readies. Last, so that it is
-    /// dropped (joining its thread) after the inbox the thread sends to.
+    /// The written, not yet synced Readies of a leader or a follower. Last,
+    /// so that it is dropped (joining its thread) after the inbox the
+    /// thread sends to.
     log_sync: LogSync,
 }
 
