@@ -12,9 +12,10 @@
 //! append alone, show that no ack leaves before the sync and that a power
 //! loss before it takes back only an entry nobody was told was kept.
 //!
-//! The last test runs the production loop, with the sync on its thread,
-//! over a disk whose syncs hang: a leader whose sync stalls takes no input
-//! until it ends, as when the fsync ran on the node task.
+//! The last tests run the production loop, with the sync on its thread,
+//! over a disk whose syncs hang: a leader or a follower whose sync stalls
+//! takes no input until it ends, as when the fsync ran on the node task,
+//! and the follower's ack waits for that end.
 
 #[allow(dead_code)]
 #[path = "fuzz/node.rs"]
@@ -271,6 +272,85 @@ async fn a_leader_whose_sync_stalls_takes_no_input_until_the_sync_ends() {
     assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
     let applied = tokio::time::timeout(DEADLINE, written).await;
     assert!(matches!(applied, Ok(Ok(Ok(_)))), "{applied:?}");
+    let _ = stop.send(());
+    let result = tokio::time::timeout(DEADLINE, running).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_sync_stalls_takes_no_input_and_acks_nothing_until_it_ends() {
+    let mut trio = Trio::start();
+    let _first = propose(&trio.nodes[0].handle);
+    trio.nodes[0].node.handle_inbox().expect("it runs");
+    trio.settle();
+    // Node 3 again, from its disk, this time in the production loop (its
+    // syncs on their thread); the test routes the leader's messages to it.
+    let disk = trio.disks[2].clone_for_test();
+    let TestNode {
+        node,
+        handle,
+        outbox,
+    } = TestNode::start(&disk, 3, &[1, 2, 3], PATIENT_TICKS).expect("node 3 reopens");
+    let before = handle.status().last_index;
+    assert_eq!(before, trio.nodes[0].handle.status().last_index);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(node.run(async {
+        let _ = stopped.await;
+    }));
+
+    let stall = disk.stall_syncs();
+    let _second = propose(&trio.nodes[0].handle);
+    trio.nodes[0].node.handle_inbox().expect("it runs");
+    let appends: Vec<Message> = trio.nodes[0]
+        .take_sent()
+        .into_iter()
+        .filter(|m| m.to == 3 && m.get_msg_type() == MessageType::MsgAppend)
+        .collect();
+    assert_eq!(appends.len(), 1, "one append to node 3");
+    for append in appends {
+        handle.report(NodeMsg::Raft(Box::new(append)));
+    }
+    let written = tokio::time::timeout(DEADLINE, async {
+        while handle.status().last_index <= before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    written.await.expect("node 3 writes the append");
+    // Many ticks (50 ms each in this configuration): the sync is overdue.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (reply, mut remaining) = oneshot::channel();
+    handle.report(NodeMsg::LeasesRemaining {
+        leases: Vec::new(),
+        reply,
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        matches!(remaining.try_recv(), Err(TryRecvError::Empty)),
+        "the follower took input while its sync stalled"
+    );
+    assert_eq!(
+        acks(&outbox.lock()),
+        vec![],
+        "the follower acknowledged an append before its sync"
+    );
+
+    drop(stall);
+    let answered = tokio::time::timeout(DEADLINE, remaining).await;
+    assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+    let acked = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let acked = acks(&outbox.lock());
+            if !acked.is_empty() {
+                return acked;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert_eq!(
+        acked.await.expect("an ack after the sync"),
+        vec![(before + 1, false)]
+    );
+    assert_eq!(disk.unsynced_bytes(), 0);
     let _ = stop.send(());
     let result = tokio::time::timeout(DEADLINE, running).await;
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
