@@ -177,3 +177,75 @@ fn register_run_on_the_loopback_fallback_is_valid() {
         "results do not say which network ran"
     );
 }
+
+/// Every cycle stalls the leader's disk for 1.8–3.6 s, an election timeout
+/// (200–400 ms) many times over. A stalled leader must stop taking input
+/// and so stop heartbeating: another node leads before each stall ends.
+#[test]
+fn a_leader_whose_disk_stalls_is_replaced_and_the_run_stays_valid() {
+    use latchkey_jepsen::history::{OpType, Process};
+
+    let store = tempfile::tempdir().expect("tempdir");
+    let (code, output, run_dir) = run_test(
+        store.path(),
+        &[
+            "--workload",
+            "register",
+            "--nemesis",
+            "disk-stall:leader",
+            "--network",
+            "loopback",
+            "--time-limit",
+            "15",
+            "--fault-interval",
+            "3s",
+            "--quiet",
+            "3s",
+            "--concurrency",
+            "4",
+            "--seed",
+            "7",
+        ],
+    );
+    assert_complete_and_valid(code, &output, &run_dir);
+    let history = std::fs::read(run_dir.join("history.jsonl")).expect("history");
+    let ops = latchkey_jepsen::history::read_jsonl(&history[..]).expect("history parses");
+    let nemesis = ops
+        .iter()
+        .filter(|op| op.process == Process::Nemesis && op.kind == OpType::Info);
+    // For each stall: the stalled node, and whether another was seen
+    // leading before the stall ended.
+    let mut stalls: Vec<(u64, bool)> = Vec::new();
+    let mut stalled: Option<u64> = None;
+    for op in nemesis {
+        match op.f.as_str() {
+            "disk-stall" => {
+                let node = op.value["nodes"][0].as_u64().expect("a stalled node");
+                let description = op.value["description"].as_str().unwrap_or_default();
+                // A stall of a random node (no leader known) proves nothing.
+                if description.contains("(leader)") {
+                    stalled = Some(node);
+                    stalls.push((node, false));
+                }
+            }
+            "disk-stall-end" => stalled = None,
+            "status" if op.value["role"] == "leader" => {
+                let leader = op.value["node"].as_u64();
+                if let (Some(node), Some(last)) = (stalled, stalls.last_mut()) {
+                    if leader != Some(node) {
+                        last.1 = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        !stalls.is_empty(),
+        "no leader's disk stalled; output:\n{output}"
+    );
+    assert!(
+        stalls.iter().all(|(_, replaced)| *replaced),
+        "a leader whose disk hung led until the stall ended: {stalls:?}; output:\n{output}"
+    );
+}

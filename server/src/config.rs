@@ -135,6 +135,11 @@ pub struct ServeArgs {
     /// ms. For fault-injection tests only.
     #[arg(long, env = "LATCHKEY_UNSAFE_CLOCK_RATE_FILE", hide = true)]
     pub unsafe_clock_rate_file: Option<PathBuf>,
+    /// While this file exists, every sync of this node's Raft log and
+    /// state waits for it to be removed, as on a disk whose flushes hang.
+    /// For fault-injection tests only.
+    #[arg(long, env = "LATCHKEY_UNSAFE_DISK_STALL_FILE", hide = true)]
+    pub unsafe_disk_stall_file: Option<PathBuf>,
 }
 
 /// The same settings as a TOML file (`--config`).
@@ -248,6 +253,8 @@ pub struct UnsafeSwitches {
     pub unconfirmed_renewals: bool,
     /// The node's clock runs at the rate written in this file.
     pub clock_rate_file: Option<PathBuf>,
+    /// The node's syncs wait while this file exists.
+    pub disk_stall_file: Option<PathBuf>,
     /// Linearizable reads are served from local state without ReadIndex
     /// (Invariant 6).
     pub local_reads: bool,
@@ -446,6 +453,7 @@ impl Config {
                 no_fencing: args.unsafe_no_fencing,
                 unconfirmed_renewals: args.unsafe_unconfirmed_renewals,
                 clock_rate_file: args.unsafe_clock_rate_file.clone(),
+                disk_stall_file: args.unsafe_disk_stall_file.clone(),
                 ..UnsafeSwitches::default()
             },
         })

@@ -490,12 +490,19 @@ fn open_engine(config: &Config) -> Result<Engine, StartupError> {
         ))
     })?;
     let db_dir = dir.join("db");
-    Engine::open(&db_dir).map_err(|e| {
+    let engine = Engine::open(&db_dir).map_err(|e| {
         let hint = match e {
             FatalError::Corruption { .. } => "",
             _ => "; if the data is damaged, restore this member from a healthy one (empty its data dir and let it catch up)",
         };
         StartupError::Storage(format!("cannot open data in {}: {e}{hint}", db_dir.display()))
+    })?;
+    Ok(match &config.unsafe_switches.disk_stall_file {
+        Some(path) => {
+            tracing::warn!(file = %path.display(), "syncs wait while a file exists (--unsafe-disk-stall-file): test use only");
+            engine.stall_syncs_while_exists(path.clone())
+        }
+        None => engine,
     })
 }
 

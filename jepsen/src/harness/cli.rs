@@ -24,7 +24,7 @@ pub struct TestArgs {
     #[arg(long, default_value = "lock-fenced")]
     pub workload: String,
     /// Comma-separated faults: partition, kill, pause, clock, clock-rate,
-    /// client-partition; `kind:variant` narrows one to a variant, and
+    /// disk-stall, client-partition; `kind:variant` narrows one to a variant, and
     /// `a+b` applies faults together in one cycle; or `none`.
     #[arg(long, default_value = "partition,kill,pause")]
     pub nemesis: String,

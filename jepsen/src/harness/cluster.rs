@@ -27,9 +27,17 @@
 //!   (`LD_PRELOAD`, `FAKETIME="+OFFSETs xRATE"`), which fakes its monotonic
 //!   clock too, and also offsets its wall clock. The skew is fixed at exec.
 //!
+//! # Disks
+//! With `disk_stall_files`, every node is started with
+//! `--unsafe-disk-stall-file RUN/nodes/nI.disk-stall`: while that file
+//! exists, the node's syncs (its Raft log's fsync, every synced write) wait
+//! for it to be removed, as on a disk whose flushes hang; its unsynced
+//! writes, reads and network go on ([`Cluster::set_disk_stall`]).
+//!
 //! # Not done yet
 //! - A node restarted by `kill` keeps the rate its file says; the nemesis
-//!   writes every file back to 1 at its heal.
+//!   writes every file back to 1 at its heal. A stalled disk stays stalled
+//!   across a restart the same way.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -79,6 +87,9 @@ pub struct NodeOptions {
     /// Start every node with `--unsafe-clock-rate-file`, so that
     /// [`Cluster::set_clock_rate`] works.
     pub clock_rate_files: bool,
+    /// Start every node with `--unsafe-disk-stall-file`, so that
+    /// [`Cluster::set_disk_stall`] works.
+    pub disk_stall_files: bool,
     /// libfaketime's shared object, when installed.
     pub faketime_lib: Option<PathBuf>,
 }
@@ -89,6 +100,9 @@ struct Node {
     log: PathBuf,
     /// `RUN/nodes/nI.clock-rate`, read by the node when `clock_rate_files`.
     rate_file: PathBuf,
+    /// `RUN/nodes/nI.disk-stall`: its syncs wait while it exists, when
+    /// `disk_stall_files`.
+    stall_file: PathBuf,
     child: Option<Child>,
     paused: bool,
     clock: Option<ClockSkew>,
@@ -131,6 +145,7 @@ impl Cluster {
                     data_dir: nodes_dir.join(format!("n{}-data", addrs.id)),
                     log: nodes_dir.join(format!("n{}.log", addrs.id)),
                     rate_file: nodes_dir.join(format!("n{}.clock-rate", addrs.id)),
+                    stall_file: nodes_dir.join(format!("n{}.disk-stall", addrs.id)),
                     addrs: addrs.clone(),
                     child: None,
                     paused: false,
@@ -195,6 +210,24 @@ impl Cluster {
         }
         let path = self.node(id).rate_file.clone();
         write_rate_file(&path, rate)
+    }
+
+    /// Stalls node `id`'s disk (its syncs wait) or ends the stall, whether
+    /// or not it is running; see the module docs.
+    pub fn set_disk_stall(&mut self, id: u64, stalled: bool) -> Result<(), String> {
+        if !self.options.disk_stall_files {
+            return Err("the nodes were started without --unsafe-disk-stall-file".into());
+        }
+        let path = self.node(id).stall_file.clone();
+        let result = if stalled {
+            std::fs::write(&path, b"")
+        } else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|e| format!("cannot change the disk stall file {}: {e}", path.display()))
     }
 
     pub fn start_all(&mut self) -> Result<(), String> {
@@ -393,6 +426,10 @@ fn serve_args(options: &NodeOptions, node: &Node) -> Vec<String> {
     if options.clock_rate_files {
         args.push("--unsafe-clock-rate-file".into());
         args.push(node.rate_file.display().to_string());
+    }
+    if options.disk_stall_files {
+        args.push("--unsafe-disk-stall-file".into());
+        args.push(node.stall_file.display().to_string());
     }
     args
 }

@@ -59,7 +59,7 @@ pub fn render(ops: &[Op], results: &Results, info: &RunInfo) -> String {
     );
     summary_table(&mut html, info, ops.len());
     checker_table(&mut html, results);
-    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#16a085\">client partition</span>, <span style=\"color:#c9a227\">clock (restart skew or clock rate)</span>. Hover a band for the fault, a bar for the op.</p>");
+    html.push_str("<h2>Timeline</h2><p class=\"legend\"><span class=\"ok\">■ ok</span> <span class=\"fail\">■ fail</span> <span class=\"info\">■ info</span> <span class=\"open\">■ never completed</span> · shaded: <span style=\"color:#3b6fd6\">partition</span>, <span style=\"color:#d63b3b\">kill</span>, <span style=\"color:#8e44ad\">pause</span>, <span style=\"color:#16a085\">client partition</span>, <span style=\"color:#6b4f2a\">disk stall</span>, <span style=\"color:#c9a227\">clock (restart skew or clock rate)</span>. Hover a band for the fault, a bar for the op.</p>");
     timeline(&mut html, &spans, &standalone, &intervals, ops, end);
     html.push_str("<h2>Latency</h2>");
     latency(&mut html, &spans, &intervals, end);
@@ -271,6 +271,8 @@ fn fault_edges(op: &Op) -> Vec<(String, &'static str, bool)> {
         "clock-reset" => edge("clock".into(), "clock", false),
         "clock-rate" => edge("clock-rate".into(), "clock", true),
         "clock-rate-reset" => edge("clock-rate".into(), "clock", false),
+        "disk-stall" => edge("disk".into(), "disk", true),
+        "disk-stall-end" => edge("disk".into(), "disk", false),
         "pause" if variant.as_deref() == Some("client-at-write") => Vec::new(),
         "client-partition" if variant.as_deref() == Some("holder") => Vec::new(),
         "client-pause" => edge(format!("client-{slot}"), "pause", true),
@@ -300,6 +302,7 @@ fn interval_color(kind: &str) -> &'static str {
         "kill" => "#d63b3b",
         "pause" => "#8e44ad",
         "client-partition" => "#16a085",
+        "disk" => "#6b4f2a",
         _ => "#c9a227",
     }
 }

@@ -165,6 +165,7 @@ async fn run_async(options: RunOptions) -> Result<RunOutcome, String> {
         unsafe_unconfirmed_renewals: options.unsafe_unconfirmed_renewals,
         max_clock_drift_ppm: options.max_clock_drift_ppm,
         clock_rate_files: options.nemeses.iter().any(|m| m.has(FaultKind::ClockRate)),
+        disk_stall_files: options.nemeses.iter().any(|m| m.has(FaultKind::DiskStall)),
         faketime_lib: faketime_lib.clone(),
     };
     if options.rates_beyond_bound() {

@@ -40,7 +40,7 @@ pub mod raft_log;
 pub mod snapshot_file;
 
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{
@@ -96,7 +96,13 @@ const MEMORY_SCAN_LARGEST_CHUNK: usize = 256;
 #[derive(Clone)]
 pub struct Engine {
     backend: Backend,
+    /// A fault-injection file: while it exists, syncs wait (see
+    /// [`Engine::stall_syncs_while_exists`]).
+    stall_file: Option<Arc<PathBuf>>,
 }
+
+/// How often a sync held by a stall file looks whether it is gone.
+const STALL_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Clone)]
 enum Backend {
@@ -131,6 +137,7 @@ impl Engine {
             .map_err(|e| FatalError::storage(format!("opening {}", dir.display()), e))?;
         let engine = Engine {
             backend: Backend::Rocks(Arc::new(db)),
+            stall_file: None,
         };
         engine.verify_all()?;
         Ok(engine)
@@ -142,6 +149,7 @@ impl Engine {
     pub fn open_memory(disk: &MemoryDisk) -> Result<Engine, FatalError> {
         let engine = Engine {
             backend: Backend::Memory(Arc::new(MemoryEngine::open(disk)?)),
+            stall_file: None,
         };
         engine.verify_all()?;
         Ok(engine)
@@ -312,6 +320,9 @@ impl Engine {
 
     /// Applies a batch; `sync` forces it to disk before returning.
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), FatalError> {
+        if sync {
+            self.wait_out_stall_file();
+        }
         match (&self.backend, batch.inner) {
             (Backend::Rocks(db), BatchInner::Rocks(inner)) => {
                 let mut options = WriteOptions::default();
@@ -329,11 +340,33 @@ impl Engine {
     /// Makes every write so far durable: one fsync of RocksDB's write-ahead
     /// log, which writes made without `sync` sit in until then.
     pub fn sync_wal(&self) -> Result<(), FatalError> {
+        self.wait_out_stall_file();
         match &self.backend {
             Backend::Rocks(db) => db
                 .flush_wal(true)
                 .map_err(|e| FatalError::storage("syncing the write-ahead log", e)),
             Backend::Memory(memory) => memory.flush(),
+        }
+    }
+
+    /// For fault injection only (`serve --unsafe-disk-stall-file`): from
+    /// now on, while `path` exists, every sync of this engine and its
+    /// clones (a synced write, a sync of the write-ahead log) waits for it
+    /// to be removed before it starts, as on a disk whose flushes hang.
+    /// Writes without a sync go on. Set before the engine is cloned.
+    pub fn stall_syncs_while_exists(mut self, path: PathBuf) -> Engine {
+        self.stall_file = Some(Arc::new(path));
+        self
+    }
+
+    fn wait_out_stall_file(&self) {
+        let Some(path) = &self.stall_file else {
+            return;
+        };
+        // Ends when the file is removed; the fault injector that made it
+        // removes it at its heal.
+        while path.exists() {
+            std::thread::sleep(STALL_FILE_POLL);
         }
     }
 

@@ -259,6 +259,51 @@ fn checksum_mismatch_on_read_is_reported() {
 }
 
 #[test]
+fn syncs_wait_while_the_stall_file_exists_and_other_writes_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let stall = dir.path().join("stall");
+    let engine = Engine::open(&dir.path().join("db"))
+        .unwrap()
+        .stall_syncs_while_exists(stall.clone());
+    // No file: a sync goes through.
+    engine.sync_wal().unwrap();
+    std::fs::write(&stall, b"").unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let syncing = engine.clone();
+    let thread = std::thread::spawn(move || {
+        let mut batch = Batch::new(&syncing);
+        batch.put(CF_STATE, b"k/synced", b"1");
+        let written = syncing.write(batch, true);
+        let _ = done.send(written.and_then(|()| syncing.sync_wal()));
+    });
+    // An unsynced write and a read of it go on meanwhile.
+    let mut batch = Batch::new(&engine);
+    batch.put(CF_STATE, b"k/unsynced", b"2");
+    engine.write(batch, false).unwrap();
+    assert_eq!(
+        engine.get(CF_STATE, b"k/unsynced").unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
+    assert!(
+        finished
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err(),
+        "a synced write went through while the stall file existed"
+    );
+    assert_eq!(engine.get(CF_STATE, b"k/synced").unwrap(), None);
+    std::fs::remove_file(&stall).unwrap();
+    let result = finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the sync ends once the file is gone");
+    result.unwrap();
+    thread.join().unwrap();
+    assert_eq!(
+        engine.get(CF_STATE, b"k/synced").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+}
+
+#[test]
 fn truncated_record_is_corruption_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(dir.path()).unwrap();

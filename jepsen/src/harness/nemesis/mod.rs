@@ -15,6 +15,7 @@
 //! | `pause` | SIGSTOP a node or the leader; a client worker stopped at its next fenced write while holding the lock; a client worker stopped at a random moment | `resume`: SIGCONT |
 //! | `clock` | restart a node under libfaketime with one of the clock rates and an offset of ±10 s | `clock-reset`: restart with the real clock |
 //! | `clock-rate` | the running leader's, a random node's, or every node's clock runs at one of the clock rates (`--unsafe-clock-rate-file`) | `clock-rate-reset`: rate 1 |
+//! | `disk-stall` | the leader's, a random node's, or a random minority's syncs hang (`--unsafe-disk-stall-file`): each node's fsyncs and synced writes wait, the rest of it runs on | `disk-stall-end` |
 //! | `client-partition` | `holder`: the next worker to acquire the lock or win the election is cut from every node at that moment, for the client pause; `random`: a random worker, now | `client-heal` |
 //!
 //! The clock rates are `--clock-rates`, by default four rates within the
@@ -34,6 +35,7 @@
 //! - `partition`: the cut sets and the partition step.
 //! - `process`: kill, pause, and client partitions.
 //! - `clock`: clock skew at a restart, and clock rates on running nodes.
+//! - `disk`: disks whose syncs hang.
 //!
 //! # Not done yet
 //! - Faults are dealt at random; there is no way to script an exact
@@ -42,6 +44,7 @@
 //!   by the schedule's heal, so it can outlast its cycle.
 
 mod clock;
+mod disk;
 mod partition;
 pub mod plan;
 mod process;
@@ -110,6 +113,7 @@ struct InPlace {
     stopped_clients: Vec<u64>,
     skewed: Vec<u64>,
     rated: Vec<u64>,
+    stalled_disks: Vec<u64>,
 }
 
 /// Everything the nemesis touches.
@@ -237,6 +241,7 @@ impl Nemesis {
             FaultKind::Pause => self.pause(variant).await,
             FaultKind::Clock => self.clock().await,
             FaultKind::ClockRate => self.clock_rate(variant).await,
+            FaultKind::DiskStall => self.disk_stall(variant).await,
             FaultKind::ClientPartition => self.client_partition(variant).await,
         }
     }
@@ -253,6 +258,7 @@ impl Nemesis {
             self.record(OpType::Info, "heal", &value);
         }
         self.heal_clients()?;
+        self.heal_disks().await?;
         let killed = std::mem::take(&mut self.in_place.killed);
         if !killed.is_empty() {
             let value = json!({"nodes": killed, "description": format!("restart {killed:?}")});

@@ -22,16 +22,18 @@ pub enum FaultKind {
     Pause,
     Clock,
     ClockRate,
+    DiskStall,
     ClientPartition,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Partition,
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Clock,
         FaultKind::ClockRate,
+        FaultKind::DiskStall,
         FaultKind::ClientPartition,
     ];
 
@@ -42,6 +44,7 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::Clock => "clock",
             FaultKind::ClockRate => "clock-rate",
+            FaultKind::DiskStall => "disk-stall",
             FaultKind::ClientPartition => "client-partition",
         }
     }
@@ -63,6 +66,7 @@ impl FaultKind {
             FaultKind::Pause => &["node", "leader", "client-at-write", "client"],
             FaultKind::Clock => &["node"],
             FaultKind::ClockRate => &["leader", "node", "all"],
+            FaultKind::DiskStall => &["leader", "node", "minority"],
             FaultKind::ClientPartition => &["holder", "random"],
         }
     }
