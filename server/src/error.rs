@@ -93,6 +93,11 @@ pub enum RequestError {
     /// The request would leave the cluster without a quorum that answers.
     #[error("{0}")]
     NoQuorum(String),
+    /// This node's disk has not completed a sync for longer than twice the
+    /// election timeout; the request was not proposed. Retry at another
+    /// node.
+    #[error("this node's disk is not completing syncs; the request was not proposed, retry at another node")]
+    SyncStalled,
     /// The cluster was restored from a backup and is raising its token
     /// floor; retry shortly.
     #[error("the cluster is completing a restore (raising its token floor); retry shortly")]

@@ -62,6 +62,8 @@ pub struct HttpState {
 pub fn readiness(status: &Standing, stopping: bool) -> Result<(), &'static str> {
     if stopping || !status.running {
         Err("the node is stopping")
+    } else if status.sync_stalled {
+        Err("a sync of the Raft log has hung; requests are refused until it ends")
     } else if status.leader_id == 0 {
         Err("no leader known")
     } else if !status.caught_up {

@@ -232,6 +232,16 @@ impl<R> LeaseClock<R> {
             .collect()
     }
 
+    /// The keepalives waiting for a round, taken unanswered for the caller
+    /// to refuse (a leader whose disk hangs); their leases are not
+    /// renewed. The clock goes on leading.
+    pub fn take_waiting(&mut self) -> Vec<R> {
+        self.waiting
+            .drain(..)
+            .map(|waiting| waiting.reply)
+            .collect()
+    }
+
     pub fn leading(&self) -> bool {
         self.leading
     }

@@ -177,6 +177,10 @@ pub struct NodeStatus {
     pub last_index: u64,
     /// False once the node task has stopped.
     pub running: bool,
+    /// A sync of the Raft log has hung for longer than twice the election
+    /// timeout (see `Node::wait_out_stalled_sync`): the node takes no input
+    /// and refuses new requests until it ends.
+    pub sync_stalled: bool,
 }
 
 impl NodeStatus {
@@ -188,6 +192,7 @@ impl NodeStatus {
             leader_id: self.leader_id,
             caught_up: self.applied_index >= self.commit_index,
             running: self.running,
+            sync_stalled: self.sync_stalled,
         }
     }
 }
@@ -209,6 +214,8 @@ pub struct Standing {
     pub caught_up: bool,
     /// False once the node task has stopped.
     pub running: bool,
+    /// See [`NodeStatus::sync_stalled`].
+    pub sync_stalled: bool,
 }
 
 /// The events of one applied entry, broadcast to watchers on this node.
@@ -227,6 +234,16 @@ pub struct Applied {
 }
 
 type ProposalReply = oneshot::Sender<Result<Applied, RequestError>>;
+
+/// A proposal in flight, waiting for its entry to apply.
+struct Pending {
+    reply: ProposalReply,
+    /// Its command carries a session's request id, so a resend of it is
+    /// applied at most once: its client may be told "outcome unknown"
+    /// early (a leader whose disk hangs). One without cannot be resent
+    /// safely, and waits for its outcome.
+    resendable: bool,
+}
 
 /// Messages into the node task.
 pub enum NodeMsg {
@@ -337,7 +354,14 @@ impl NodeHandle {
         let _ = self.inbox.try_send(message);
     }
 
+    /// Hands a request to the node task, or refuses it at once while the
+    /// node's sync is stalled: it would wait in the inbox until the stall
+    /// ends, where another node can serve it now. Nothing was proposed, so
+    /// the client may resend it anywhere.
     async fn send(&self, message: NodeMsg) -> Result<(), RequestError> {
+        if self.standing.borrow().sync_stalled {
+            return Err(RequestError::SyncStalled);
+        }
         self.inbox
             .send(message)
             .await
@@ -448,7 +472,7 @@ pub struct Node {
     events: broadcast::Sender<Arc<AppliedEvents>>,
     fatal: FatalSlot,
     next_request_id: u64,
-    proposals: HashMap<u64, ProposalReply>,
+    proposals: HashMap<u64, Pending>,
     /// Membership changes that reached this leader before it applied the
     /// entries of earlier terms (raft-rs holds back every conf change
     /// until then); proposed, or refused, once it has.
@@ -828,12 +852,14 @@ impl Node {
             return;
         }
         let request_id = self.take_request_id();
+        let resendable = command.request.is_some();
         match self
             .raw
             .propose(self.proposal_context(request_id), command.encode_to_vec())
         {
             Ok(()) => {
-                self.proposals.insert(request_id, reply);
+                self.proposals
+                    .insert(request_id, Pending { reply, resendable });
             }
             Err(raft::Error::ProposalDropped) => {
                 let _ = reply.send(Err(self.not_leader()));
@@ -875,6 +901,7 @@ impl Node {
             first_index: store.first_index(),
             last_index: store.last_index(),
             running,
+            sync_stalled: self.log_sync.refusing,
         };
         if status.leader_id != raft::INVALID_ID
             && status.leader_id != self.status.borrow().leader_id

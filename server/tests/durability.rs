@@ -15,7 +15,8 @@
 //! The last tests run the production loop, with the sync on its thread,
 //! over a disk whose syncs hang: a leader or a follower whose sync stalls
 //! takes no input until it ends, as when the fsync ran on the node task,
-//! and the follower's ack waits for that end.
+//! and the follower's ack waits for that end; past an election timeout
+//! the leader refuses new requests at once.
 
 #[allow(dead_code)]
 #[path = "fuzz/node.rs"]
@@ -27,6 +28,7 @@ use raft::prelude::{Message, MessageType};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use latchkey_proto::state::v1::{command, Command, GrantLease};
+use latchkey_proto::v1::RequestId;
 use latchkey_server::error::RequestError;
 use latchkey_server::node::{Applied, NodeHandle, NodeMsg, Role};
 use latchkey_server::storage::{MemoryDisk, PowerLoss};
@@ -229,7 +231,7 @@ fn a_follower_acknowledges_an_append_only_once_it_has_synced_it() {
 const DEADLINE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_whose_sync_stalls_takes_no_input_until_the_sync_ends() {
+async fn a_leader_whose_sync_stalls_takes_no_input_and_refuses_requests_until_it_ends() {
     let disk = MemoryDisk::new();
     let TestNode { node, handle, .. } =
         TestNode::start(&disk, 1, &[1], ELECTION_TICKS).expect("the node opens");
@@ -249,29 +251,85 @@ async fn a_leader_whose_sync_stalls_takes_no_input_until_the_sync_ends() {
     elected.await.expect("a single voter leads");
 
     let stall = disk.stall_syncs();
+    // One write without a session (a one-shot client's, which cannot be
+    // resent safely) and one with (resent under its request id, applied
+    // at most once).
     let mut written = propose(&handle);
-    // Many ticks (50 ms each in this configuration): the sync is overdue.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (reply, mut in_session) = oneshot::channel();
+    let mut command = grant();
+    command.request = Some(RequestId {
+        client_id: 77,
+        seq: 1,
+        oldest_pending_seq: 1,
+    });
+    handle.report(NodeMsg::Propose { command, reply });
+    // Two ticks (50 ms each in this configuration): the sync is overdue,
+    // short of twice the election timeout (600 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = handle.status();
+    assert!(before.last_index > before.commit_index, "{before:?}");
     let (reply, mut remaining) = oneshot::channel();
     handle.report(NodeMsg::LeasesRemaining {
         leases: Vec::new(),
         reply,
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut queued = propose(&handle);
+    for answer in [&mut written, &mut in_session] {
+        assert!(
+            matches!(answer.try_recv(), Err(TryRecvError::Empty)),
+            "a write was answered before its sync"
+        );
+    }
+    assert!(!handle.status().sync_stalled, "{:?}", handle.status());
+
+    // Past twice the election timeout it says so. The session's write in
+    // flight ends as on a loss of leadership (outcome unknown), the
+    // one-shot write waits, the request still in its inbox is refused as
+    // never proposed, and so is a new one, at once; other input waits for
+    // the stall's end.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(handle.status().sync_stalled, "{:?}", handle.status());
+    assert!(
+        matches!(in_session.try_recv(), Ok(Err(RequestError::LeadershipLost))),
+        "the session's write in flight is not answered 'outcome unknown'"
+    );
+    assert!(
+        matches!(written.try_recv(), Err(TryRecvError::Empty)),
+        "the one-shot write in flight did not wait"
+    );
+    assert!(
+        matches!(queued.try_recv(), Ok(Err(RequestError::SyncStalled))),
+        "the request in the inbox is not refused"
+    );
+    let refused = tokio::time::timeout(DEADLINE, handle.propose(grant())).await;
+    assert!(
+        matches!(refused, Ok(Err(RequestError::SyncStalled))),
+        "{refused:?}"
+    );
     assert!(
         matches!(remaining.try_recv(), Err(TryRecvError::Empty)),
         "the leader took input while its sync stalled"
     );
-    assert!(
-        matches!(written.try_recv(), Err(TryRecvError::Empty)),
-        "a write was answered before its sync"
-    );
+    assert_eq!(handle.status().commit_index, before.commit_index);
 
     drop(stall);
     let answered = tokio::time::timeout(DEADLINE, remaining).await;
     assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+    // Both writes were kept: a single voter commits them once its sync
+    // ends; the one-shot write is answered then.
     let applied = tokio::time::timeout(DEADLINE, written).await;
     assert!(matches!(applied, Ok(Ok(Ok(_)))), "{applied:?}");
+    let committed = tokio::time::timeout(DEADLINE, async {
+        while handle.status().applied_index < before.last_index {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    committed
+        .await
+        .expect("the session's write is applied after the stall");
+    assert!(!handle.status().sync_stalled, "{:?}", handle.status());
+    let accepted = tokio::time::timeout(DEADLINE, handle.propose(grant())).await;
+    assert!(matches!(accepted, Ok(Ok(_))), "{accepted:?}");
     let _ = stop.send(());
     let result = tokio::time::timeout(DEADLINE, running).await;
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
@@ -359,13 +417,19 @@ async fn a_follower_whose_sync_stalls_takes_no_input_and_acks_nothing_until_it_e
 /// Hands a lease grant to a running node.
 fn propose(handle: &NodeHandle) -> Answer {
     let (reply, answer) = oneshot::channel();
-    let command = Command {
+    handle.report(NodeMsg::Propose {
+        command: grant(),
+        reply,
+    });
+    answer
+}
+
+fn grant() -> Command {
+    Command {
         command: Some(command::Command::GrantLease(GrantLease {
             ttl_ms: 60_000,
             ..GrantLease::default()
         })),
         request: None,
-    };
-    handle.report(NodeMsg::Propose { command, reply });
-    answer
+    }
 }

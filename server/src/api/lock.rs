@@ -203,10 +203,13 @@ impl Api {
         tokio::pin!(stopping);
         // A deposed leader (partitioned away, stepped down) stops serving the
         // wait at once, so the caller resends to the new leader, where the
-        // lease is still queued, instead of waiting out its deadline here.
+        // lease is still queued, instead of waiting out its deadline here;
+        // so does a leader whose disk has hung past twice the election timeout.
         let mut status = self.node.watch_standing();
         let deposed = async move {
-            let _ = status.wait_for(|status| status.role != Role::Leader).await;
+            let _ = status
+                .wait_for(|status| status.role != Role::Leader || status.sync_stalled)
+                .await;
         };
         tokio::pin!(deposed);
         loop {

@@ -383,6 +383,20 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
         RequestError::LeadershipLost | RequestError::ShuttingDown | RequestError::Restoring => {
             Status::unavailable(error.to_string())
         }
+        // Typed as "not the leader, none known": clients then resend at once
+        // to another node, and know that nothing was proposed.
+        RequestError::SyncStalled => {
+            let details = latchkey_proto::v1::ErrorDetails {
+                detail: Some(latchkey_proto::v1::error_details::Detail::NotLeader(
+                    latchkey_proto::v1::NotLeader::default(),
+                )),
+            };
+            Status::with_details(
+                tonic::Code::Unavailable,
+                error.to_string(),
+                details.encode_to_vec().into(),
+            )
+        }
         RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
         RequestError::Conflict(_) => Status::failed_precondition(error.to_string()),
         RequestError::NoQuorum(_) => Status::failed_precondition(error.to_string()),
@@ -590,5 +604,34 @@ impl Kv for Api {
             kvs: records.into_iter().map(|(k, r)| key_value(k, r)).collect(),
             more,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_node_refuses_as_not_the_leader_with_none_known() {
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let config = crate::config::Config::with_defaults(
+            NodeId(1),
+            "/nonexistent/latchkey-api-test".into(),
+            addr,
+            addr,
+            std::collections::BTreeMap::from([(NodeId(1), "127.0.0.1:1".to_string())]),
+        );
+        let status = status_from(RequestError::SyncStalled, &PeerDirectory::new(&config));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("not proposed"), "{status:?}");
+        // What clients read as "nothing was proposed; try another node".
+        let details = latchkey_proto::v1::ErrorDetails::decode(status.details()).expect("details");
+        assert_eq!(
+            details.detail,
+            Some(latchkey_proto::v1::error_details::Detail::NotLeader(
+                latchkey_proto::v1::NotLeader::default()
+            ))
+        );
+        assert!(status.metadata().get(LEADER_ADDR_HEADER).is_none());
     }
 }

@@ -294,3 +294,24 @@ fn the_unsafe_switch_renews_without_a_round() {
     );
     assert!(!clock.round_wanted(start + ms(500)));
 }
+
+#[test]
+fn keepalives_taken_unanswered_renew_nothing_and_later_ones_still_do() {
+    let (state, lease) = state_with_lease(1000);
+    let start = Instant::now();
+    let mut clock = leading(&state, start, 0);
+    assert_eq!(clock.keep_alive(start + ms(500), lease, 1), None);
+    assert_eq!(clock.take_waiting(), vec![1]);
+    assert!(clock.leading());
+    // A round confirmed after it answers nobody and renews nothing.
+    clock.start_round(7, start + ms(600));
+    let confirmed = clock.finish_round(7, start + ms(600)).expect("in flight");
+    assert_eq!(answers(confirmed), vec![]);
+    assert_eq!(clock.remaining(start + ms(600), lease), Some(ms(400)));
+    assert_eq!(clock.keep_alive(start + ms(700), lease, 2), None);
+    assert_eq!(
+        confirm(&mut clock, 8, start + ms(800)),
+        vec![(2, KeepAlive::Renewed { ttl_ms: 1000 })]
+    );
+    assert_eq!(clock.remaining(start + ms(800), lease), Some(ms(900)));
+}

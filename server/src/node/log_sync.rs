@@ -59,7 +59,10 @@
 //! does neither, and its followers elect another leader if their disks
 //! work, as they did before the sync left the node task. A follower whose
 //! sync stalls stops the same way, as it did when it synced on its task:
-//! it neither ticks nor takes appends it could not acknowledge.
+//! it neither ticks nor takes appends it could not acknowledge. Once the
+//! stall has lasted twice the election timeout, the node also stops
+//! keeping its clients waiting ([`Node::refuse_while_stalled`]): they go
+//! to another node instead of waiting for their own timeouts.
 
 use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
@@ -88,6 +91,13 @@ pub(super) struct LogSync {
     /// Syncs run at the node's steps, not on a thread (a synchronous
     /// driver; set at its first step).
     deferred: bool,
+    /// The production loop has waited out a stalled sync for longer than
+    /// twice the election timeout, and refuses its clients meanwhile;
+    /// published as `NodeStatus::sync_stalled`.
+    pub(super) refusing: bool,
+    /// What the inbox held when the node refused its requests during a
+    /// stall, other than those requests: handled once the stall ends.
+    held_input: Vec<NodeMsg>,
 }
 
 enum Syncer {
@@ -112,6 +122,8 @@ impl LogSync {
             waiting: VecDeque::new(),
             syncer: Syncer::None,
             deferred: false,
+            refusing: false,
+            held_input: Vec::new(),
         }
     }
 
@@ -323,18 +335,104 @@ impl Node {
     /// once the oldest unsynced Ready has waited longer than a tick, waits
     /// for the thread to sync it, taking no input meanwhile. Its report
     /// through the inbox, read later, then finds nothing left to do.
+    ///
+    /// Once the wait has lasted twice the election timeout (raft-rs's
+    /// longest randomized one: by then every follower that heard no
+    /// heartbeat has campaigned), the node stops keeping its clients
+    /// waiting ([`Node::refuse_while_stalled`]), so that they go to another
+    /// node instead of waiting for their own timeouts.
     pub(super) async fn wait_out_stalled_sync(&mut self) -> Result<(), FatalError> {
         let Some((oldest, mut synced)) = self.log_sync.stalled(self.tick_interval) else {
             return Ok(());
         };
-        loop {
+        let started = tokio::time::Instant::now();
+        let refuse_after = self.tick_interval * 2 * self.raw.raft.election_timeout() as u32;
+        let result = loop {
             let done = *synced.borrow_and_update();
             if done >= oldest {
                 self.on_log_synced(done);
-                return Ok(());
+                break Ok(());
             }
-            if synced.changed().await.is_err() {
-                return Err(self.sync_thread_stopped());
+            let refusing = self.log_sync.refusing;
+            tokio::select! {
+                changed = synced.changed() => {
+                    if changed.is_err() {
+                        break Err(self.sync_thread_stopped());
+                    }
+                }
+                () = tokio::time::sleep_until(started + refuse_after), if !refusing => {
+                    tracing::warn!(node = %self.id, "a sync of the Raft log has hung for {refuse_after:?}: refusing requests until it ends");
+                    self.refuse_while_stalled();
+                }
+            }
+        };
+        if self.log_sync.refusing {
+            tracing::info!(node = %self.id, "the hung sync ended after {:?}", started.elapsed());
+            self.log_sync.refusing = false;
+            self.publish_status(true);
+            for message in std::mem::take(&mut self.log_sync.held_input) {
+                self.handle(message);
+            }
+        }
+        result
+    }
+
+    /// A sync has hung for twice the election timeout: the node stops
+    /// keeping its clients waiting, without stepping anything into Raft.
+    /// - Its status says so: its handle refuses new requests at once
+    ///   ([`RequestError::SyncStalled`]: nothing was proposed, try another
+    ///   node), its waiting acquires end as a deposed leader's do, and it
+    ///   reports itself not ready.
+    /// - The requests waiting in its inbox get the same refusal; the rest
+    ///   of the inbox (peers' messages, the transport's and the sync
+    ///   thread's reports) is held, in order, until the stall ends.
+    /// - Its reads and keepalives waiting for a quorum get the same
+    ///   refusal (a keepalive refused renews nothing).
+    /// - Its proposals in flight that carry a session's request id end as
+    ///   on a loss of leadership: outcome unknown, retry. The retry carries
+    ///   the same request id, so the leader that takes it applies it at
+    ///   most once. Those without (one-shot writes, membership changes)
+    ///   cannot be resent safely and wait for their outcome.
+    fn refuse_while_stalled(&mut self) {
+        self.log_sync.refusing = true;
+        self.publish_status(true);
+        let resendable: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, pending)| pending.resendable)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in resendable {
+            if let Some(pending) = self.proposals.remove(&id) {
+                let _ = pending.reply.send(Err(RequestError::LeadershipLost));
+            }
+        }
+        self.refuse_reads(RequestError::SyncStalled);
+        for reply in self.lease_clock.take_waiting() {
+            let _ = reply.send(Err(RequestError::SyncStalled));
+        }
+        while let Ok(message) = self.inbox.try_recv() {
+            match message {
+                NodeMsg::Propose { reply, .. } | NodeMsg::ChangeMembers { reply, .. } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                NodeMsg::ReadIndex { reply } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                NodeMsg::KeepAlive { reply, .. } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                NodeMsg::Members { reply } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                NodeMsg::TransferLeader { reply, .. } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                other @ (NodeMsg::Raft(_)
+                | NodeMsg::Unreachable(_)
+                | NodeMsg::SnapshotSent { .. }
+                | NodeMsg::LogSynced(_)
+                | NodeMsg::LeasesRemaining { .. }) => self.log_sync.held_input.push(other),
             }
         }
     }

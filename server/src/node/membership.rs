@@ -137,7 +137,9 @@ impl Node {
             .propose_conf_change(self.proposal_context(request_id), conf_change(&change))
         {
             Ok(()) => {
-                self.proposals.insert(request_id, reply);
+                let resendable = false;
+                self.proposals
+                    .insert(request_id, super::Pending { reply, resendable });
             }
             Err(e) => {
                 let _ = reply.send(Err(RequestError::Conflict(format!(

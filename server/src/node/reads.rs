@@ -114,6 +114,14 @@ impl Node {
         );
     }
 
+    /// Answers every pending read with `error`; a confirmation that comes
+    /// later finds nobody waiting.
+    pub(super) fn refuse_reads(&mut self, error: RequestError) {
+        for (_, read) in std::mem::take(&mut self.reads) {
+            let _ = read.reply.send(Err(error.clone()));
+        }
+    }
+
     /// Fails reads that waited too long; sends the others again when they
     /// have waited [`READ_RESEND_INTERVAL`] or `leader_changed`.
     pub(super) fn tend_reads(&mut self, leader_changed: bool) {

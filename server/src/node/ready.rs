@@ -145,8 +145,8 @@ impl Node {
     }
 
     pub(super) fn fail_all(&mut self, error: RequestError) {
-        for (_, reply) in self.proposals.drain() {
-            let _ = reply.send(Err(error.clone()));
+        for (_, pending) in self.proposals.drain() {
+            let _ = pending.reply.send(Err(error.clone()));
         }
         for (_, reply) in self.deferred_changes.drain(..) {
             let _ = reply.send(Err(error.clone()));
@@ -336,8 +336,8 @@ impl Node {
         if context.node_id != self.id.0 || context.boot_id != self.boot_id {
             return;
         }
-        if let Some(reply) = self.proposals.remove(&context.request_id) {
-            let _ = reply.send(Ok(Applied {
+        if let Some(pending) = self.proposals.remove(&context.request_id) {
+            let _ = pending.reply.send(Ok(Applied {
                 index: LogIndex(entry.index),
                 term: entry.term,
                 result,

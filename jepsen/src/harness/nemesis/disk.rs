@@ -5,8 +5,9 @@
 //! unsynced writes, reads, network and clock go on. A leader so stalled
 //! stops taking input after a tick (its stall guard), stops heartbeating,
 //! and the others elect a leader; a stalled follower acknowledges nothing,
-//! so no commit counts its copy. Every checker must stay valid, as under
-//! `pause`, which stops the whole process instead.
+//! so no commit counts its copy. After an election timeout the node
+//! refuses its clients so that they move on. Every checker must stay
+//! valid, as under `pause`, which stops the whole process instead.
 //!
 //! # Not done yet
 //! - Only syncs hang: reads and unsynced writes of a real failing disk can
