@@ -146,29 +146,34 @@ fn lock_fenced_run_under_partition_kill_and_pause_is_valid_and_reported() {
     );
 }
 
+/// A 15 s `register` run on loopback: 4 workers, a fault every 3–6 s.
+fn short_register_on_loopback<'a>(nemesis: &'a str, seed: &'a str) -> [&'a str; 16] {
+    [
+        "--workload",
+        "register",
+        "--nemesis",
+        nemesis,
+        "--network",
+        "loopback",
+        "--time-limit",
+        "15",
+        "--fault-interval",
+        "3s",
+        "--quiet",
+        "3s",
+        "--concurrency",
+        "4",
+        "--seed",
+        seed,
+    ]
+}
+
 #[test]
 fn register_run_on_the_loopback_fallback_is_valid() {
     let store = tempfile::tempdir().expect("tempdir");
     let (code, output, run_dir) = run_test(
         store.path(),
-        &[
-            "--workload",
-            "register",
-            "--nemesis",
-            "partition,kill",
-            "--network",
-            "loopback",
-            "--time-limit",
-            "15",
-            "--fault-interval",
-            "3s",
-            "--quiet",
-            "3s",
-            "--concurrency",
-            "4",
-            "--seed",
-            "5",
-        ],
+        &short_register_on_loopback("partition,kill", "5"),
     );
     assert_complete_and_valid(code, &output, &run_dir);
     let results = std::fs::read_to_string(run_dir.join("results.json")).expect("results");
@@ -191,24 +196,7 @@ fn a_leader_whose_disk_stalls_is_replaced_and_the_run_stays_valid() {
     let store = tempfile::tempdir().expect("tempdir");
     let (code, output, run_dir) = run_test(
         store.path(),
-        &[
-            "--workload",
-            "register",
-            "--nemesis",
-            "disk-stall:leader",
-            "--network",
-            "loopback",
-            "--time-limit",
-            "15",
-            "--fault-interval",
-            "3s",
-            "--quiet",
-            "3s",
-            "--concurrency",
-            "4",
-            "--seed",
-            "7",
-        ],
+        &short_register_on_loopback("disk-stall:leader", "7"),
     );
     assert_complete_and_valid(code, &output, &run_dir);
     let history = std::fs::read(run_dir.join("history.jsonl")).expect("history");

@@ -180,6 +180,21 @@ impl Trio {
         }
         panic!("the nodes still send after 200 rounds");
     }
+
+    /// Hands node 1 (the leader) a proposal and takes one step: returns
+    /// its append to node `to`, leaving the others undelivered.
+    fn append_of_one_proposal_to(&mut self, to: u64) -> Message {
+        // Its answer is not awaited.
+        let _answer = propose(&self.nodes[0].handle);
+        self.nodes[0].node.handle_inbox().expect("it runs");
+        let mut appends: Vec<Message> = self.nodes[0]
+            .take_sent()
+            .into_iter()
+            .filter(|m| m.to == to && m.get_msg_type() == MessageType::MsgAppend)
+            .collect();
+        assert_eq!(appends.len(), 1, "one append to node {to}");
+        appends.remove(0)
+    }
 }
 
 fn acks(sent: &[Message]) -> Vec<(u64, bool)> {
@@ -195,17 +210,8 @@ fn a_follower_acknowledges_an_append_only_once_it_has_synced_it() {
     let before = trio.nodes[2].handle.status().last_index;
 
     // The leader's append of one proposal, delivered to node 3 alone.
-    let _answer = propose(&trio.nodes[0].handle);
-    trio.nodes[0].node.handle_inbox().expect("it runs");
-    let appends: Vec<Message> = trio.nodes[0]
-        .take_sent()
-        .into_iter()
-        .filter(|m| m.to == 3 && m.get_msg_type() == MessageType::MsgAppend)
-        .collect();
-    assert_eq!(appends.len(), 1, "one append to node 3");
-    for append in appends {
-        trio.nodes[2].handle.report(NodeMsg::Raft(Box::new(append)));
-    }
+    let append = trio.append_of_one_proposal_to(3);
+    trio.nodes[2].handle.report(NodeMsg::Raft(Box::new(append)));
     trio.nodes[2].node.handle_inbox().expect("it runs");
     assert_eq!(trio.nodes[2].handle.status().last_index, before + 1);
     assert_eq!(
@@ -357,17 +363,8 @@ async fn a_follower_whose_sync_stalls_takes_no_input_and_acks_nothing_until_it_e
     }));
 
     let stall = disk.stall_syncs();
-    let _second = propose(&trio.nodes[0].handle);
-    trio.nodes[0].node.handle_inbox().expect("it runs");
-    let appends: Vec<Message> = trio.nodes[0]
-        .take_sent()
-        .into_iter()
-        .filter(|m| m.to == 3 && m.get_msg_type() == MessageType::MsgAppend)
-        .collect();
-    assert_eq!(appends.len(), 1, "one append to node 3");
-    for append in appends {
-        handle.report(NodeMsg::Raft(Box::new(append)));
-    }
+    let append = trio.append_of_one_proposal_to(3);
+    handle.report(NodeMsg::Raft(Box::new(append)));
     let written = tokio::time::timeout(DEADLINE, async {
         while handle.status().last_index <= before {
             tokio::time::sleep(Duration::from_millis(10)).await;
