@@ -13,28 +13,14 @@
 //! - Only syncs hang: reads and unsynced writes of a real failing disk can
 //!   hang too (a full page cache), and a sync can also fail, not just wait.
 
-use rand::seq::SliceRandom;
 use serde_json::json;
 
-use super::{leader_note, Nemesis};
+use super::Nemesis;
 use crate::history::OpType;
 
 impl Nemesis {
     pub(super) async fn disk_stall(&mut self, variant: &'static str) -> Result<(), String> {
-        let mut ids = self.node_ids().await;
-        ids.shuffle(&mut self.rng);
-        let (targets, who) = match variant {
-            "leader" => {
-                let (node, known) = self.leader_or_random().await;
-                (vec![node], format!("n{node}{}", leader_note(known)))
-            }
-            "node" => (vec![ids[0]], format!("n{}", ids[0])),
-            _ => {
-                let minority = ids[..(ids.len() - 1) / 2].to_vec();
-                let who = format!("minority {minority:?}");
-                (minority, who)
-            }
-        };
+        let (targets, who) = self.nodes_for(variant).await;
         let description = format!("syncs of {who} hang");
         let value = json!({"variant": variant, "nodes": targets, "description": description});
         self.record(OpType::Invoke, "disk-stall", &value);

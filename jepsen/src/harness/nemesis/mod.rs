@@ -233,6 +233,25 @@ impl Nemesis {
         }
     }
 
+    /// The nodes a `leader`, `minority` or single-node variant (`one`,
+    /// `node`) names, and how to name them in a description.
+    async fn nodes_for(&mut self, variant: &str) -> (Vec<u64>, String) {
+        let mut ids = self.node_ids().await;
+        ids.shuffle(&mut self.rng);
+        match variant {
+            "leader" => {
+                let (node, known) = self.leader_or_random().await;
+                (vec![node], format!("n{node}{}", leader_note(known)))
+            }
+            "minority" => {
+                let minority = ids[..(ids.len() - 1) / 2].to_vec();
+                let who = format!("minority {minority:?}");
+                (minority, who)
+            }
+            _ => (vec![ids[0]], format!("n{}", ids[0])),
+        }
+    }
+
     async fn start_fault(&mut self, spec: FaultSpec) -> Result<(), String> {
         let variant = self.variant(spec);
         match spec.kind {

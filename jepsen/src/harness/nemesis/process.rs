@@ -12,7 +12,6 @@
 //! - A client cut from *some* nodes only (say, the leader's followers) is
 //!   a `partition` variant for every worker at once, not a per-worker one.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::json;
 
@@ -22,20 +21,8 @@ use crate::history::OpType;
 
 impl Nemesis {
     pub(super) async fn kill(&mut self, variant: &'static str) -> Result<(), String> {
-        let mut ids = self.node_ids().await;
-        ids.shuffle(&mut self.rng);
-        let (targets, description) = match variant {
-            "one" => (vec![ids[0]], format!("kill -9 n{}", ids[0])),
-            "leader" => {
-                let (node, known) = self.leader_or_random().await;
-                (vec![node], format!("kill -9 n{node}{}", leader_note(known)))
-            }
-            _ => {
-                let minority = ids[..(ids.len() - 1) / 2].to_vec();
-                let description = format!("kill -9 minority {minority:?}");
-                (minority, description)
-            }
-        };
+        let (targets, who) = self.nodes_for(variant).await;
+        let description = format!("kill -9 {who}");
         let value = json!({"variant": variant, "nodes": targets, "description": description});
         self.record(OpType::Invoke, "kill", &value);
         {
