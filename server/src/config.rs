@@ -271,6 +271,29 @@ impl UnsafeSwitches {
     pub fn any(&self) -> bool {
         *self != UnsafeSwitches::default()
     }
+
+    /// Whether a switch that breaks an invariant is on. The two files
+    /// inject faults (a clock rate, stalled syncs) that the invariants must
+    /// survive; they break none.
+    pub fn breaks_invariants(&self) -> bool {
+        let faults_only = UnsafeSwitches {
+            clock_rate_file: self.clock_rate_file.clone(),
+            disk_stall_file: self.disk_stall_file.clone(),
+            ..UnsafeSwitches::default()
+        };
+        *self != faults_only
+    }
+
+    /// The line a node logs at start when a switch is on: which kind.
+    pub fn warning(&self) -> Option<&'static str> {
+        if self.breaks_invariants() {
+            Some("invariants are broken on purpose: test use only")
+        } else if self.any() {
+            Some("faults are injected on purpose (clock rate or stalled syncs): test use only")
+        } else {
+            None
+        }
+    }
 }
 
 /// A validated node configuration.
@@ -781,6 +804,7 @@ mod tests {
             DEFAULT_SESSION_IDLE_TIMEOUT_MS
         );
         assert!(!config.unsafe_switches.any());
+        assert_eq!(config.unsafe_switches.warning(), None);
         let mut a = args();
         a.max_clock_drift_ppm = Some(MAX_MAX_CLOCK_DRIFT_PPM + 1);
         let err = Config::resolve(&a).unwrap_err().to_string();
@@ -802,5 +826,50 @@ mod tests {
         };
         let err = Config::resolve(&a).unwrap_err().to_string();
         assert!(err.contains("invalid"), "{err}");
+    }
+
+    #[test]
+    fn fault_files_inject_faults_and_the_other_switches_break_invariants() {
+        let stall = UnsafeSwitches {
+            disk_stall_file: Some(PathBuf::from("/tmp/stall")),
+            ..UnsafeSwitches::default()
+        };
+        assert!(stall.any() && !stall.breaks_invariants());
+        assert!(stall
+            .warning()
+            .is_some_and(|w| w.starts_with("faults are injected")));
+        let clock = UnsafeSwitches {
+            clock_rate_file: Some(PathBuf::from("/tmp/rate")),
+            ..stall.clone()
+        };
+        assert!(!clock.breaks_invariants());
+        let broken = UnsafeSwitches {
+            no_fencing: true,
+            ..clock
+        };
+        assert!(broken.breaks_invariants());
+        assert!(broken
+            .warning()
+            .is_some_and(|w| w.starts_with("invariants are broken")));
+        for switches in [
+            UnsafeSwitches {
+                unconfirmed_renewals: true,
+                ..UnsafeSwitches::default()
+            },
+            UnsafeSwitches {
+                local_reads: true,
+                ..UnsafeSwitches::default()
+            },
+            UnsafeSwitches {
+                local_expiry: true,
+                ..UnsafeSwitches::default()
+            },
+            UnsafeSwitches {
+                volatile_token_counter: true,
+                ..UnsafeSwitches::default()
+            },
+        ] {
+            assert!(switches.breaks_invariants(), "{switches:?}");
+        }
     }
 }

@@ -549,8 +549,8 @@ impl Node {
             fatal.clone(),
         )?;
         let switches = &config.unsafe_switches;
-        if switches.any() {
-            tracing::warn!(?switches, "invariants are broken on purpose: test use only");
+        if let Some(warning) = switches.warning() {
+            tracing::warn!(?switches, "{warning}");
         }
         raft_log.set_snapshot_dir(&config.data_dir.join("snapshots"))?;
         let state_machine = StateMachine::open(engine.clone(), switches)?;
