@@ -851,24 +851,15 @@ mod tests {
         assert!(broken
             .warning()
             .is_some_and(|w| w.starts_with("invariants are broken")));
-        for switches in [
-            UnsafeSwitches {
-                unconfirmed_renewals: true,
-                ..UnsafeSwitches::default()
-            },
-            UnsafeSwitches {
-                local_reads: true,
-                ..UnsafeSwitches::default()
-            },
-            UnsafeSwitches {
-                local_expiry: true,
-                ..UnsafeSwitches::default()
-            },
-            UnsafeSwitches {
-                volatile_token_counter: true,
-                ..UnsafeSwitches::default()
-            },
-        ] {
+        let breakers: [fn(&mut UnsafeSwitches); 4] = [
+            |s| s.unconfirmed_renewals = true,
+            |s| s.local_reads = true,
+            |s| s.local_expiry = true,
+            |s| s.volatile_token_counter = true,
+        ];
+        for turn_on in breakers {
+            let mut switches = UnsafeSwitches::default();
+            turn_on(&mut switches);
             assert!(switches.breaks_invariants(), "{switches:?}");
         }
     }

@@ -345,6 +345,38 @@ fn header_at(api: &Api, applied: &Applied) -> ResponseHeader {
     }
 }
 
+/// `UNAVAILABLE` with a `NotLeader` detail (nothing was proposed; resend
+/// elsewhere) and, when known, the leader's id and client address in the
+/// detail and the metadata.
+fn not_leader_status(
+    message: String,
+    leader_id: Option<u64>,
+    leader_client_addr: Option<String>,
+) -> Status {
+    let details = latchkey_proto::v1::ErrorDetails {
+        detail: Some(latchkey_proto::v1::error_details::Detail::NotLeader(
+            latchkey_proto::v1::NotLeader {
+                leader_id: leader_id.unwrap_or(0),
+                leader_client_addr: leader_client_addr.clone().unwrap_or_default(),
+            },
+        )),
+    };
+    let mut status = Status::with_details(
+        tonic::Code::Unavailable,
+        message,
+        details.encode_to_vec().into(),
+    );
+    if let Some(id) = leader_id {
+        status
+            .metadata_mut()
+            .insert(LEADER_ID_HEADER, MetadataValue::from(id));
+    }
+    if let Some(value) = leader_client_addr.and_then(|a| MetadataValue::try_from(a).ok()) {
+        status.metadata_mut().insert(LEADER_ADDR_HEADER, value);
+    }
+    status
+}
+
 /// Maps a request error to its gRPC status, adding the leader hint.
 pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
     match error {
@@ -357,46 +389,14 @@ pub fn status_from(error: RequestError, directory: &PeerDirectory) -> Status {
                 leader_id,
                 leader_client_addr: leader_client_addr.clone(),
             };
-            let details = latchkey_proto::v1::ErrorDetails {
-                detail: Some(latchkey_proto::v1::error_details::Detail::NotLeader(
-                    latchkey_proto::v1::NotLeader {
-                        leader_id: leader_id.unwrap_or(0),
-                        leader_client_addr: leader_client_addr.clone().unwrap_or_default(),
-                    },
-                )),
-            };
-            let mut status = Status::with_details(
-                tonic::Code::Unavailable,
-                error.to_string(),
-                details.encode_to_vec().into(),
-            );
-            if let Some(id) = leader_id {
-                status
-                    .metadata_mut()
-                    .insert(LEADER_ID_HEADER, MetadataValue::from(id));
-            }
-            if let Some(value) = leader_client_addr.and_then(|a| MetadataValue::try_from(a).ok()) {
-                status.metadata_mut().insert(LEADER_ADDR_HEADER, value);
-            }
-            status
+            not_leader_status(error.to_string(), leader_id, leader_client_addr)
         }
         RequestError::LeadershipLost | RequestError::ShuttingDown | RequestError::Restoring => {
             Status::unavailable(error.to_string())
         }
         // Typed as "not the leader, none known": clients then resend at once
         // to another node, and know that nothing was proposed.
-        RequestError::SyncStalled => {
-            let details = latchkey_proto::v1::ErrorDetails {
-                detail: Some(latchkey_proto::v1::error_details::Detail::NotLeader(
-                    latchkey_proto::v1::NotLeader::default(),
-                )),
-            };
-            Status::with_details(
-                tonic::Code::Unavailable,
-                error.to_string(),
-                details.encode_to_vec().into(),
-            )
-        }
+        RequestError::SyncStalled => not_leader_status(error.to_string(), None, None),
         RequestError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
         RequestError::Conflict(_) => Status::failed_precondition(error.to_string()),
         RequestError::NoQuorum(_) => Status::failed_precondition(error.to_string()),

@@ -396,16 +396,8 @@ impl Node {
     fn refuse_while_stalled(&mut self) {
         self.log_sync.refusing = true;
         self.publish_status(true);
-        let resendable: Vec<u64> = self
-            .proposals
-            .iter()
-            .filter(|(_, pending)| pending.resendable)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in resendable {
-            if let Some(pending) = self.proposals.remove(&id) {
-                let _ = pending.reply.send(Err(RequestError::LeadershipLost));
-            }
+        for (_, pending) in self.proposals.extract_if(|_, pending| pending.resendable) {
+            let _ = pending.reply.send(Err(RequestError::LeadershipLost));
         }
         self.refuse_reads(RequestError::SyncStalled);
         for reply in self.lease_clock.take_waiting() {

@@ -137,9 +137,11 @@ impl Node {
             .propose_conf_change(self.proposal_context(request_id), conf_change(&change))
         {
             Ok(()) => {
-                let resendable = false;
-                self.proposals
-                    .insert(request_id, super::Pending { reply, resendable });
+                let pending = super::Pending {
+                    reply,
+                    resendable: false,
+                };
+                self.proposals.insert(request_id, pending);
             }
             Err(e) => {
                 let _ = reply.send(Err(RequestError::Conflict(format!(
