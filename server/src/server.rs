@@ -36,9 +36,14 @@ const TRANSFER_WAIT_ELECTION_TIMEOUTS: u32 = 3;
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Worker threads of the runtime that runs the node task and the peer
-/// transport: one may block in a synced write while the other sends the
-/// appends that the write does not wait for.
-pub const RAFT_WORKER_THREADS: usize = 2;
+/// transport. One: the fsyncs of the Raft log run on the log sync thread
+/// (`node/log_sync.rs`), so the node task no longer blocks in them, and a
+/// second worker cost more than it bought. Every wake-up of a parked
+/// worker is a context switch, and on a machine that runs several nodes
+/// the two workers mostly woke each other to steal one short task; with
+/// one, a task the node wakes runs on the same thread once the node task
+/// yields. Measured in `docs/performance.md`.
+pub const RAFT_WORKER_THREADS: usize = 1;
 
 /// The runtime of the node task and the peer transport, apart from the
 /// client API's: a flood of client streams (thousands of keepalives woken
