@@ -2,14 +2,14 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+use latchkey_bench::cli::{Cli, Command};
+
 /// The load generator shares the machine with the clusters it measures:
 /// glibc's allocator was a tenth of its CPU under `lock-nc` (measured in
 /// `docs/performance.md`), CPU that both systems' servers then lacked.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use clap::Parser;
-use latchkey_bench::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
