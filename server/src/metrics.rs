@@ -55,6 +55,7 @@ pub struct Metrics {
     raft_term: IntGauge,
     raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
+    checkpoint_index: IntGauge,
     raft_first_index: IntGauge,
     raft_last_index: IntGauge,
     raft_leader_id: IntGauge,
@@ -120,6 +121,10 @@ impl Metrics {
                 "raft_applied_index",
                 "Highest log index applied to the state machine.",
             ),
+            checkpoint_index: gauge(
+                "checkpoint_index",
+                "Applied index of the last checkpoint written to disk; a restart applies the entries after it again.",
+            ),
             raft_first_index: gauge("raft_first_index", "First index still in the Raft log."),
             raft_last_index: gauge("raft_last_index", "Last index in this node's Raft log."),
             raft_leader_id: gauge("raft_leader_id", "Id of the leader this node knows; 0: none."),
@@ -179,6 +184,7 @@ impl Metrics {
         gauge(&self.raft_term, status.term);
         gauge(&self.raft_commit_index, status.commit_index);
         gauge(&self.raft_applied_index, status.applied_index);
+        gauge(&self.checkpoint_index, status.checkpoint_index);
         gauge(&self.raft_first_index, status.first_index);
         gauge(&self.raft_last_index, status.last_index);
         gauge(&self.raft_leader_id, status.leader_id);
@@ -433,6 +439,7 @@ mod tests {
             leader_id: 3,
             commit_index: 42,
             applied_index: 41,
+            checkpoint_index: 40,
             ..NodeStatus::default()
         };
         let state = Coordination::new(crate::coordination::TtlBounds {
@@ -445,6 +452,7 @@ mod tests {
             "latchkey_raft_leader_id 3",
             "latchkey_raft_commit_index 42",
             "latchkey_raft_applied_index 41",
+            "latchkey_checkpoint_index 40",
             "latchkey_raft_leader_changes_total 1",
             "latchkey_node_ready 0",
             "latchkey_leases 0",

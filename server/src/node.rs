@@ -171,6 +171,10 @@ pub struct NodeStatus {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// The applied index the disk holds (the last checkpoint, see
+    /// [`crate::state_machine`]): a restart applies the entries after it
+    /// again.
+    pub checkpoint_index: u64,
     /// 0 when no leader is known.
     pub leader_id: u64,
     pub first_index: u64,
@@ -286,6 +290,11 @@ pub enum NodeMsg {
     TransferLeader {
         to: Option<NodeId>,
         reply: oneshot::Sender<Result<NodeId, RequestError>>,
+    },
+    /// Writes a checkpoint of everything applied so far, so that the engine
+    /// holds it (a backup reads the engine); answers with its position.
+    Checkpoint {
+        reply: oneshot::Sender<Result<LogPosition, RequestError>>,
     },
 }
 
@@ -404,6 +413,15 @@ impl NodeHandle {
     ) -> Result<Applied, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(NodeMsg::ChangeMembers { change, reply }).await?;
+        answer.await.map_err(|_| RequestError::ShuttingDown)?
+    }
+
+    /// Has the node write a checkpoint of everything it has applied (see
+    /// [`crate::state_machine`]); returns its position. A backup asks for
+    /// one after its read point, so that the engine it reads is not older.
+    pub async fn checkpoint(&self) -> Result<LogPosition, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(NodeMsg::Checkpoint { reply }).await?;
         answer.await.map_err(|_| RequestError::ShuttingDown)?
     }
 
@@ -656,9 +674,13 @@ impl Node {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), FatalError> {
-        let result = self.run_loop(shutdown).await;
+        let mut result = self.run_loop(shutdown).await;
         self.fail_all(RequestError::ShuttingDown);
         self.publish_status(false);
+        if result.is_ok() {
+            // A clean stop leaves nothing for the next start to apply again.
+            result = self.write_checkpoint();
+        }
         let flushed = self.raw.store().engine().flush();
         result.and(flushed)
     }
@@ -798,6 +820,15 @@ impl Node {
             NodeMsg::TransferLeader { to, reply } => {
                 let _ = reply.send(self.start_transfer(to));
             }
+            NodeMsg::Checkpoint { reply } => match self.write_checkpoint() {
+                Ok(()) => {
+                    let _ = reply.send(Ok(self.state_machine.checkpointed()));
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(RequestError::ShuttingDown));
+                    self.report_fatal(error);
+                }
+            },
             NodeMsg::LeasesRemaining { leases, reply } => {
                 let now = self.clock.now();
                 let remaining = leases
@@ -872,12 +903,29 @@ impl Node {
         }
     }
 
+    /// Writes a checkpoint of everything applied so far, unless the last
+    /// one is already of it.
+    fn write_checkpoint(&mut self) -> Result<(), FatalError> {
+        if self.state_machine.checkpointed() == self.state_machine.applied() {
+            return Ok(());
+        }
+        let mut batch = Batch::new(self.raw.store().engine());
+        self.state_machine.checkpoint(&mut batch);
+        self.raw.store().engine().write(batch, false)?;
+        self.state_machine.batch_written();
+        Ok(())
+    }
+
     fn maybe_compact(&mut self) -> Result<(), FatalError> {
         let applied = self.state_machine.applied().index;
         let first = self.raw.store().first_index();
         if applied < first || applied - first + 1 < self.compact_log_after_entries {
             return Ok(());
         }
+        // A restart resumes from the last checkpoint and applies the entries
+        // after it again: the log must keep them. Compaction stays below
+        // one written now.
+        self.write_checkpoint()?;
         // Keep the most recent half so that a follower that is only a little
         // behind catches up from the log rather than a snapshot.
         let keep = self.compact_log_after_entries / 2;
@@ -897,6 +945,7 @@ impl Node {
             term: raft.term,
             commit_index: raft.raft_log.committed,
             applied_index: self.state_machine.applied().index,
+            checkpoint_index: self.state_machine.checkpointed().index,
             leader_id: raft.leader_id,
             first_index: store.first_index(),
             last_index: store.last_index(),

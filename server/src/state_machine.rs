@@ -3,16 +3,33 @@
 //!
 //! Apply reads no clock, no randomness and does no I/O beyond the `state`
 //! column family: every replica that applies the same entries reaches the
-//! same state. The caller writes the changes of one or more consecutive
-//! entries and the new applied position in one batch; until it reports the
-//! batch written ([`StateMachine::batch_written`]), the key-value records
-//! those entries wrote are read from an overlay, so each entry sees the
-//! ones before it. The coordination and auth records the entries change
-//! go into the batch once, at their latest value, when the caller finishes
-//! it ([`StateMachine::finish_batch`]): a record that several entries of
-//! the batch change (the token counter, a session, a lock handed over) is
-//! written once rather than once per entry, which is the same state after
-//! the batch's atomic write.
+//! same state. The caller applies one or more consecutive entries into a
+//! batch and then finishes it ([`StateMachine::finish_batch`]); until it
+//! reports the batch written ([`StateMachine::batch_written`]), the
+//! key-value records those entries wrote are read from an overlay, so each
+//! entry sees the ones before it.
+//!
+//! Checkpoints. The coordination and auth state lives in memory; the
+//! `state` column family holds a copy of it as of a *checkpoint*, an
+//! applied position written in the same atomic batch as every record
+//! changed up to it ([`keys::APPLIED`]). The records the entries change
+//! are kept, at their latest value, until the next checkpoint: a record
+//! that many entries change (the token counter, a session, a lock taken
+//! and released) is written once per checkpoint rather than once per
+//! entry, and one taken and released between two checkpoints not at all.
+//! A batch is a checkpoint when it has anything to write of its own (a
+//! key-value record, a membership change), when [`CHECKPOINT_ENTRIES`]
+//! entries, [`CHECKPOINT_RECORDS`] changed records or [`CHECKPOINT_BYTES`]
+//! of them have gathered since the last one, or when the node asks for one
+//! (before it compacts the log, for a backup, at a clean stop).
+//! Between checkpoints the engine holds an older but whole state, so a
+//! crash loses nothing: the node restarts from the last checkpoint and
+//! Raft applies the committed entries after it again (the node writes a
+//! checkpoint before it compacts the log, so the log keeps every entry
+//! after [`StateMachine::checkpointed`]), reaching the same state, because
+//! apply is deterministic. Key-value
+//! records are never deferred: API reads of the fenced store go to the
+//! engine, so the batch that changes one is a checkpoint.
 //!
 //! Committed entries that are not a command this binary can apply
 //! ([`StateMachine::apply_encoded`]) fall in two kinds:
@@ -71,6 +88,17 @@ use crate::error::FatalError;
 use crate::storage::{keys, Batch, Engine, LogPosition, CF_STATE};
 use crate::types::LogIndex;
 
+/// Applied entries after which the next batch is a checkpoint (see the
+/// module docs): what a restart applies again at most, beside the entries
+/// committed after the last apply.
+pub const CHECKPOINT_ENTRIES: u64 = 4096;
+/// Changed records after which the next batch is a checkpoint: bounds the
+/// memory the records waiting for it take, with [`CHECKPOINT_BYTES`].
+pub const CHECKPOINT_RECORDS: usize = 8192;
+/// Bytes of changed records (keys and values, each change counted, so an
+/// overestimate) after which the next batch is a checkpoint.
+pub const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
+
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value accepted, in bytes.
@@ -96,6 +124,8 @@ pub type SharedCoordination = Arc<RwLock<Coordination>>;
 pub struct StateMachine {
     engine: Engine,
     applied: LogPosition,
+    /// The position of the last checkpoint: what the engine holds.
+    checkpointed: LogPosition,
     coordination: SharedCoordination,
     auth: SharedAuth,
     /// Invariants broken on purpose for tests (all off in production):
@@ -106,9 +136,12 @@ pub struct StateMachine {
     /// batch being built and not yet in the engine.
     unwritten_kv: std::collections::HashMap<Vec<u8>, Option<KvRecord>>,
     /// Coordination and auth records (stored key → encoded value; `None`:
-    /// deleted) that the entries of the batch being built changed, at their
-    /// latest value; they go into the batch in [`StateMachine::finish_batch`].
+    /// deleted) that the entries applied since the last checkpoint changed,
+    /// at their latest value; they go into the next checkpoint's batch.
     unwritten_records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes staged into `unwritten_records` since the last checkpoint,
+    /// overwritten ones included.
+    unwritten_bytes: usize,
 }
 
 /// What applying one command produced.
@@ -127,21 +160,19 @@ impl StateMachine {
         Ok(StateMachine {
             engine,
             applied,
+            checkpointed: applied,
             coordination: Arc::new(RwLock::new(coordination)),
             auth: Arc::new(RwLock::new(auth)),
             switches: switches.clone(),
             unwritten_kv: std::collections::HashMap::new(),
             unwritten_records: BTreeMap::new(),
+            unwritten_bytes: 0,
         })
     }
 
-    /// The caller wrote the batch it has been building: reads go to the
-    /// engine again.
+    /// The caller wrote the batch it has been building (or dropped it,
+    /// empty, when it was no checkpoint): reads go to the engine again.
     pub fn batch_written(&mut self) {
-        assert!(
-            self.unwritten_records.is_empty(),
-            "a batch is written only once finished (finish_batch)"
-        );
         self.unwritten_kv.clear();
     }
 
@@ -158,6 +189,12 @@ impl StateMachine {
         self.applied
     }
 
+    /// The applied position the engine holds: a restart resumes from here,
+    /// so the log must keep every entry after it.
+    pub fn checkpointed(&self) -> LogPosition {
+        self.checkpointed
+    }
+
     pub fn coordination(&self) -> SharedCoordination {
         self.coordination.clone()
     }
@@ -166,16 +203,21 @@ impl StateMachine {
         self.auth.clone()
     }
 
-    /// Re-reads the state after a snapshot replaced it.
+    /// Re-reads the state after a snapshot replaced it. Records changed
+    /// since the last checkpoint are dropped: the snapshot is of a later
+    /// position, and replaces them.
     pub fn reload(&mut self) -> Result<(), FatalError> {
         assert!(
-            self.unwritten_kv.is_empty() && self.unwritten_records.is_empty(),
+            self.unwritten_kv.is_empty(),
             "a snapshot is installed only between written batches"
         );
         let (coordination, auth, applied) = load_state(&self.engine, &self.switches)?;
         *self.coordination.write() = coordination;
         *self.auth.write() = auth;
         self.applied = applied;
+        self.checkpointed = applied;
+        self.unwritten_records.clear();
+        self.unwritten_bytes = 0;
         Ok(())
     }
 
@@ -499,40 +541,53 @@ impl StateMachine {
         })))
     }
 
-    /// Finishes the batch being built before the caller writes it: adds the
-    /// records its entries changed, each at its latest value, and records
-    /// that everything up to `position` (its last entry) is applied.
-    pub fn finish_batch(&mut self, batch: &mut Batch, position: LogPosition) {
+    /// Finishes the batch being built, whose last entry is at `position`:
+    /// everything up to it is applied. Returns whether the caller must
+    /// write the batch: `true` when it is a checkpoint (see the module
+    /// docs), which it then holds; `false` when it stays empty and the
+    /// records its entries changed wait for a later checkpoint.
+    pub fn finish_batch(&mut self, batch: &mut Batch, position: LogPosition) -> bool {
         assert!(
             position.index > self.applied.index,
             "applied index must grow: {} after {}",
             position.index,
             self.applied.index
         );
-        self.finish_batch_in_place(batch);
-        batch.put_message(CF_STATE, keys::APPLIED, &position);
         self.applied = position;
+        let due = !batch.is_empty()
+            || self.unwritten_records.len() >= CHECKPOINT_RECORDS
+            || self.unwritten_bytes >= CHECKPOINT_BYTES
+            || position.index - self.checkpointed.index >= CHECKPOINT_ENTRIES;
+        if due {
+            self.checkpoint(batch);
+        }
+        due
     }
 
-    /// Finishes a batch that applies no new entry (the `local_expiry` test
-    /// switch): only the records it changed.
-    pub fn finish_batch_in_place(&mut self, batch: &mut Batch) {
+    /// Makes `batch` a checkpoint of the applied position: every record
+    /// changed since the last one, at its latest value, and the position.
+    /// The caller writes it.
+    pub fn checkpoint(&mut self, batch: &mut Batch) {
         for (key, value) in std::mem::take(&mut self.unwritten_records) {
             match value {
                 Some(value) => batch.put(CF_STATE, &key, &value),
                 None => batch.delete(CF_STATE, &key),
             }
         }
+        batch.put_message(CF_STATE, keys::APPLIED, &self.applied);
+        self.checkpointed = self.applied;
+        self.unwritten_bytes = 0;
     }
 
-    /// Keeps changed records for [`StateMachine::finish_batch`], replacing
-    /// any earlier value of the same record in this batch.
+    /// Keeps changed records for the next checkpoint, replacing any
+    /// earlier value of the same record since the last one.
     fn stage_changes(&mut self, changes: coordination::Changes) {
         for (key, value) in changes {
             if self.switches.volatile_token_counter && key == coordination::NEXT_TOKEN_KEY {
                 // Broken on purpose (test switch): the counter stays in memory.
                 continue;
             }
+            self.unwritten_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
             self.unwritten_records.insert(key, value);
         }
     }

@@ -12,6 +12,10 @@
 //! append alone, show that no ack leaves before the sync and that a power
 //! loss before it takes back only an entry nobody was told was kept.
 //!
+//! The state machine's checkpoints: the entries applied after the last one
+//! are kept by the log alone, so a power loss or a kill (even after the log
+//! was compacted) leaves them to be applied again, to the same state.
+//!
 //! The last tests run the production loop, with the sync on its thread,
 //! over a disk whose syncs hang: a leader or a follower whose sync stalls
 //! takes no input until it ends, as when the fsync ran on the node task,
@@ -27,8 +31,10 @@ use std::time::Duration;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
-use latchkey_proto::state::v1::{command, Command, GrantLease};
+use latchkey_proto::state::v1::{command, command_result, Command, GrantLease};
 use latchkey_proto::v1::RequestId;
+use latchkey_server::config::Config;
+use latchkey_server::coordination::LeaseId;
 use latchkey_server::error::RequestError;
 use latchkey_server::node::{Applied, NodeHandle, NodeMsg, Role};
 use latchkey_server::storage::{MemoryDisk, PowerLoss};
@@ -114,6 +120,104 @@ fn a_write_the_leader_answered_survives_a_power_loss() {
         applied.index.0
     );
     assert!(after.applied_index > applied.index.0, "{after:?}");
+}
+
+/// Has a single-voter leader apply `count` lease grants; returns their ids.
+fn grant_leases(node: &mut TestNode, count: usize) -> Vec<u64> {
+    (0..count)
+        .map(
+            |_| match node::result_of(node.propose(grant().command.unwrap())).result {
+                Some(command_result::Result::LeaseGranted(granted)) => granted.lease,
+                other => panic!("not granted: {other:?}"),
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn answered_entries_after_the_last_checkpoint_survive_a_power_loss_applied_again() {
+    let disk = MemoryDisk::new();
+    let mut node = leader_on(&disk);
+    let leases = grant_leases(&mut node, 20);
+    let status = node.handle.status();
+    assert!(
+        status.checkpoint_index < status.applied_index,
+        "the grants wrote no checkpoint: {status:?}"
+    );
+    let applied = node.handle.coordination().read().clone();
+
+    disk.lose_power(EVERYTHING_UNSYNCED_LOST);
+    drop(node);
+    let node = leader_on(&disk);
+    let after = node.handle.status();
+    assert!(after.applied_index > status.applied_index, "{after:?}");
+    assert_eq!(*node.handle.coordination().read(), applied);
+    for lease in leases {
+        assert!(node
+            .handle
+            .coordination()
+            .read()
+            .lease(LeaseId(lease))
+            .is_some());
+    }
+}
+
+#[test]
+fn a_checkpoint_asked_for_holds_everything_applied_and_a_restart_starts_from_it() {
+    let disk = MemoryDisk::new();
+    let mut node = leader_on(&disk);
+    grant_leases(&mut node, 5);
+    let before = node.handle.status();
+    assert!(before.checkpoint_index < before.applied_index, "{before:?}");
+    node.checkpoint();
+    assert_eq!(node.handle.status().checkpoint_index, before.applied_index);
+
+    // The process dies; what it wrote stays (a checkpoint is not synced of
+    // its own: the next sync of the log makes it durable).
+    drop(node);
+    let node = TestNode::start(&disk, 1, &[1], ELECTION_TICKS).expect("the node opens");
+    let reopened = node.handle.status();
+    assert_eq!(
+        (reopened.checkpoint_index, reopened.applied_index),
+        (before.applied_index, before.applied_index),
+        "{reopened:?}"
+    );
+}
+
+#[test]
+fn a_compacted_log_keeps_every_entry_after_the_last_checkpoint() {
+    const COMPACT_AFTER: u64 = 20;
+    let config = Config {
+        compact_log_after_entries: COMPACT_AFTER,
+        ..node::config(1, &[1])
+    };
+    let disk = MemoryDisk::new();
+    let mut node = TestNode::start_with(&disk, &config, ELECTION_TICKS).expect("the node opens");
+    lead_alone(&mut node).expect("it leads");
+    // Far fewer entries than a checkpoint is due after, none of them a
+    // key-value write: only compaction writes one.
+    grant_leases(&mut node, 3 * COMPACT_AFTER as usize);
+    let status = node.handle.status();
+    assert!(
+        status.first_index > COMPACT_AFTER,
+        "not compacted: {status:?}"
+    );
+    assert!(
+        status.checkpoint_index + 1 >= status.first_index,
+        "the log lost entries after the checkpoint: {status:?}"
+    );
+    let applied = node.handle.coordination().read().clone();
+
+    // Killed: no clean stop's checkpoint.
+    drop(node);
+    let mut node = TestNode::start_with(&disk, &config, ELECTION_TICKS).expect("it reopens");
+    lead_alone(&mut node).expect("it leads again");
+    for _ in 0..3 {
+        node.node.tick().expect("it runs");
+    }
+    let after = node.handle.status();
+    assert!(after.applied_index > status.applied_index, "{after:?}");
+    assert_eq!(*node.handle.coordination().read(), applied);
 }
 
 /// Election timeout of the voters that should never campaign here.

@@ -43,6 +43,9 @@ impl Maintenance for Api {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.identify(&request)?.require_admin()?;
         self.read_point(false).await?;
+        // The file is read from the engine, which holds the state as of the
+        // last checkpoint: have one written of everything applied so far.
+        self.node.checkpoint().await.map_err(|e| self.status(e))?;
         let number = NEXT_BACKUP.fetch_add(1, Ordering::Relaxed);
         let path = self
             .snapshot_dir

@@ -121,7 +121,7 @@ impl Node {
         let output = self
             .state_machine
             .apply(&mut batch, index, expire_command(leases))?;
-        self.state_machine.finish_batch_in_place(&mut batch);
+        self.state_machine.checkpoint(&mut batch);
         self.raw.store().engine().write(batch, false)?;
         self.state_machine.batch_written();
         for event in &output.events {
@@ -144,7 +144,7 @@ impl Node {
         }
     }
 
-    fn report_fatal(&self, error: FatalError) {
+    pub(super) fn report_fatal(&self, error: FatalError) {
         tracing::error!("{error}");
         self.fatal.lock().get_or_insert(error);
     }

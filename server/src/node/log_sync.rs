@@ -29,8 +29,8 @@
 //! - **A sync makes every earlier write durable.** RocksDB's write-ahead log
 //!   is one sequence, and a power loss keeps a prefix of it (the memory
 //!   backend models exactly that). So syncing once covers every Ready
-//!   written before, and the apply batches written after an entry (state
-//!   changes, not synced) can never survive a crash that loses it.
+//!   written before, and the checkpoints of the state machine written after
+//!   an entry (not synced) can never survive a crash that loses it.
 //! - **Readies are numbered in order**, and `on_persist_ready(n)` marks every
 //!   Ready up to `n`. The thread reports the highest number it was given
 //!   before it began a sync, so many Readies share one fsync under load.
@@ -418,6 +418,9 @@ impl Node {
                     let _ = reply.send(Err(RequestError::SyncStalled));
                 }
                 NodeMsg::TransferLeader { reply, .. } => {
+                    let _ = reply.send(Err(RequestError::SyncStalled));
+                }
+                NodeMsg::Checkpoint { reply } => {
                     let _ = reply.send(Err(RequestError::SyncStalled));
                 }
                 other @ (NodeMsg::Raft(_)

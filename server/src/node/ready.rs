@@ -199,14 +199,16 @@ impl Node {
         Ok(())
     }
 
-    /// Applies `entries` in order, writing the changes of up to
-    /// [`MAX_APPLY_BATCH_ENTRIES`] consecutive entries, and the applied
-    /// position of the last, in one batch: one RocksDB write instead of one
-    /// per entry. A conf change is applied in a batch of its own, because
-    /// what follows it (peers, removal) acts once it is written. Nobody
-    /// hears of an entry (its proposer's answer, its events, the observer)
-    /// before its batch is written, so no answer runs ahead of the state a
-    /// read of this node would find.
+    /// Applies `entries` in order, in batches of up to
+    /// [`MAX_APPLY_BATCH_ENTRIES`] consecutive entries; a batch is written
+    /// (one RocksDB write) only when it is a checkpoint (see
+    /// [`crate::state_machine`]). A conf change is applied in a batch of its
+    /// own, because what follows it (peers, removal) acts once it is
+    /// written. Nobody hears of an entry (its proposer's answer, its
+    /// events, the observer) before its batch is finished, and written if
+    /// it is to be, so no answer runs ahead of the state a read of this
+    /// node would find: key-value records in the engine, the rest in
+    /// memory.
     pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<(), FatalError> {
         if entries.is_empty() {
             return Ok(());
@@ -230,12 +232,12 @@ impl Node {
         Ok(())
     }
 
-    /// Finishes `batch` (the records its entries changed, the applied
-    /// position of its last entry) and writes it, leaving an empty one in
-    /// its place; then announces each entry it holds: observer, lease
-    /// clock, events, the proposer's answer. Each record and the position
-    /// are written once per batch, not per entry: the batch is atomic, so
-    /// only their last value could ever be read.
+    /// Finishes `batch` (its last entry's position is applied) and writes
+    /// it if it is a checkpoint, leaving an empty one in its place; then
+    /// announces each entry it holds: observer, lease clock, events, the
+    /// proposer's answer. Each record and the position are written once per
+    /// checkpoint, not per entry: the batch is atomic, so only their last
+    /// value could ever be read.
     fn write_applied(
         &mut self,
         batch: &mut Batch,
@@ -248,9 +250,10 @@ impl Node {
             index: last.index,
             term: last.term,
         };
-        self.state_machine.finish_batch(batch, position);
-        let written = std::mem::replace(batch, Batch::new(self.raw.store().engine()));
-        self.raw.store().engine().write(written, false)?;
+        if self.state_machine.finish_batch(batch, position) {
+            let written = std::mem::replace(batch, Batch::new(self.raw.store().engine()));
+            self.raw.store().engine().write(written, false)?;
+        }
         self.state_machine.batch_written();
         self.after_members_changed();
         for (entry, output) in unannounced.drain(..) {

@@ -46,18 +46,48 @@ impl Harness {
         output.result
     }
 
-    /// Finishes `batch` with the last applied index, writes it, and returns
-    /// how many writes it held.
+    /// Finishes `batch` with the last applied index, writes it if it is a
+    /// checkpoint (as the node does), and returns how many writes it held.
     fn write_batch(&mut self, mut batch: Batch) -> usize {
         let position = LogPosition {
             index: self.index,
             term: 1,
         };
-        self.machine.finish_batch(&mut batch, position);
+        let writes = if self.machine.finish_batch(&mut batch, position) {
+            let writes = batch.len();
+            self.engine.write(batch, false).unwrap();
+            writes
+        } else {
+            assert!(
+                batch.is_empty(),
+                "a batch that is no checkpoint stays empty"
+            );
+            0
+        };
+        self.machine.batch_written();
+        writes
+    }
+
+    /// Finishes `batch` as a checkpoint, due or not, writes it, and returns
+    /// how many writes it held.
+    fn write_checkpoint(&mut self, mut batch: Batch) -> usize {
+        let position = LogPosition {
+            index: self.index,
+            term: 1,
+        };
+        let new_entries = position.index > self.machine.applied().index;
+        if !(new_entries && self.machine.finish_batch(&mut batch, position)) {
+            self.machine.checkpoint(&mut batch);
+        }
         let writes = batch.len();
         self.engine.write(batch, false).unwrap();
         self.machine.batch_written();
         writes
+    }
+
+    /// What a restart finds: the state machine opened again on the engine.
+    fn reopened(&self) -> StateMachine {
+        StateMachine::open(self.engine.clone(), &UnsafeSwitches::default()).unwrap()
     }
 
     fn apply(&mut self, body: command::Command) -> CommandResult {
@@ -298,9 +328,9 @@ fn tokens_keep_increasing_after_reload() {
     let mut h = Harness::new();
     let lease = h.lease();
     let t1 = token_of(&h.acquire("a", lease));
+    h.write_checkpoint(Batch::new(&h.engine));
     h.machine.reload().unwrap();
-    let reopened = StateMachine::open(h.engine.clone(), &UnsafeSwitches::default()).unwrap();
-    h.machine = reopened;
+    h.machine = h.reopened();
     let t2 = token_of(&h.acquire("b", lease));
     assert!(t2 > t1, "token after restart {t2} must exceed {t1}");
 }
@@ -417,7 +447,7 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
             let result = h.machine.apply(&mut batch, h.index, command).unwrap();
             if !one_batch {
                 let written = std::mem::replace(&mut batch, Batch::new(&h.engine));
-                *writes += h.write_batch(written);
+                *writes += h.write_checkpoint(written);
             }
             result.result
         };
@@ -427,7 +457,7 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
         let b = token_of(&step(h, acquire("b", leases[0])));
         step(h, release("b", b));
         if one_batch {
-            *writes += h.write_batch(batch);
+            *writes += h.write_checkpoint(batch);
         }
     }
     let applied = batched.machine.coordination().read().clone();
@@ -438,7 +468,7 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
     assert_eq!(a.holder.lease, LeaseId(second_lease));
     assert!(applied.describe(Kind::Lock, "b").is_none());
     for h in [&batched, &one_by_one] {
-        let reloaded = StateMachine::open(h.engine.clone(), &UnsafeSwitches::default()).unwrap();
+        let reloaded = h.reopened();
         assert_eq!(*reloaded.coordination().read(), applied);
         assert_eq!(reloaded.applied().index, h.index);
     }
@@ -448,4 +478,170 @@ fn records_several_entries_of_a_batch_change_are_written_once_at_their_latest_va
         writes[0],
         writes[1]
     );
+}
+
+/// Applies a lock-only workload, each entry in a batch of its own, and
+/// returns its entries: a session and a lease, then `cycles` acquires and
+/// releases of their own locks, none of them a key-value write.
+fn lock_cycles(h: &mut Harness, cycles: usize) -> Vec<(u64, Command)> {
+    let mut applied = Vec::new();
+    let mut step = |h: &mut Harness, body, request| {
+        let command = Command {
+            command: Some(body),
+            request,
+        };
+        h.index += 1;
+        let mut batch = Batch::new(&h.engine);
+        let output = h.machine.apply(&mut batch, h.index, command.clone());
+        h.write_batch(batch);
+        applied.push((h.index, command));
+        output.unwrap().result
+    };
+    let session = match step(
+        h,
+        command::Command::OpenSession(latchkey_proto::state::v1::OpenSession {}),
+        None,
+    )
+    .result
+    {
+        Some(command_result::Result::SessionOpened(opened)) => opened.session,
+        other => panic!("no session: {other:?}"),
+    };
+    let grant = GrantLease {
+        ttl_ms: 5_000,
+        ..GrantLease::default()
+    };
+    let lease = match step(h, command::Command::GrantLease(grant), None).result {
+        Some(command_result::Result::LeaseGranted(granted)) => granted.lease,
+        other => panic!("lease not granted: {other:?}"),
+    };
+    let request = |seq| {
+        Some(RequestId {
+            client_id: session,
+            seq,
+            oldest_pending_seq: seq,
+        })
+    };
+    for cycle in 0..cycles as u64 {
+        let name = format!("lock-{}", cycle % 7);
+        let acquire = Acquire {
+            name: name.clone(),
+            lease,
+            wait: true,
+            ..Acquire::default()
+        };
+        let granted = step(
+            h,
+            command::Command::Acquire(acquire),
+            request(2 * cycle + 1),
+        );
+        let release = Release {
+            name,
+            token: token_of(&granted),
+            ..Release::default()
+        };
+        step(
+            h,
+            command::Command::Release(release),
+            request(2 * cycle + 2),
+        );
+    }
+    applied
+}
+
+#[test]
+fn batches_between_checkpoints_write_nothing_and_a_restart_applies_them_again() {
+    let mut h = Harness::new();
+    let checkpoint = h.machine.checkpointed();
+    assert_eq!(checkpoint, h.machine.applied());
+    let applied = lock_cycles(&mut h, 20);
+    assert_eq!(h.machine.checkpointed(), checkpoint, "no batch was due");
+    assert_eq!(h.machine.applied().index, h.index);
+    let state = h.machine.coordination().read().clone();
+
+    // A restart finds the last checkpoint: the engine never saw the cycles.
+    let mut restarted = h.reopened();
+    assert_eq!(restarted.applied(), checkpoint);
+    assert_ne!(*restarted.coordination().read(), state);
+    // Raft applies the committed entries after it again, to the same state,
+    // and the retried requests among them get their first answers.
+    for (index, command) in applied.iter().filter(|(i, _)| *i > checkpoint.index) {
+        let mut batch = Batch::new(&h.engine);
+        restarted
+            .apply(&mut batch, *index, command.clone())
+            .unwrap();
+        let position = LogPosition {
+            index: *index,
+            term: 1,
+        };
+        if restarted.finish_batch(&mut batch, position) {
+            h.engine.write(batch, false).unwrap();
+        }
+        restarted.batch_written();
+    }
+    assert_eq!(*restarted.coordination().read(), state);
+}
+
+#[test]
+fn a_key_value_write_makes_its_batch_a_checkpoint_of_every_record_changed_since_the_last() {
+    let mut h = Harness::new();
+    lock_cycles(&mut h, 5);
+    let before = h.machine.checkpointed();
+    let put = h.apply(command::Command::Put(Put {
+        key: "k".into(),
+        value: "v".into(),
+        ..Put::default()
+    }));
+    assert!(matches!(put.result, Some(command_result::Result::Put(_))));
+    assert!(h.machine.checkpointed().index > before.index);
+    assert_eq!(h.machine.checkpointed(), h.machine.applied());
+    let restarted = h.reopened();
+    assert_eq!(restarted.applied(), h.machine.applied());
+    assert_eq!(
+        *restarted.coordination().read(),
+        *h.machine.coordination().read()
+    );
+    assert_eq!(h.value("k").unwrap().value, b"v");
+}
+
+#[test]
+fn a_checkpoint_is_due_once_enough_entries_have_applied_since_the_last() {
+    let mut h = Harness::new();
+    let first = h.machine.checkpointed().index;
+    let cycles = CHECKPOINT_ENTRIES as usize / 2 + 1;
+    lock_cycles(&mut h, cycles);
+    let checkpointed = h.machine.checkpointed().index;
+    assert!(
+        checkpointed >= first + CHECKPOINT_ENTRIES && checkpointed < h.index,
+        "checkpoint at {checkpointed}, first {first}, applied {}",
+        h.index
+    );
+    let restarted = h.reopened();
+    assert_eq!(restarted.applied().index, checkpointed);
+}
+
+#[test]
+fn a_checkpoint_is_due_once_the_records_changed_since_the_last_reach_checkpoint_bytes() {
+    let mut h = Harness::new();
+    let lease = h.lease();
+    let value = vec![7u8; coordination::MAX_ELECTION_VALUE_BYTES];
+    let campaigns = CHECKPOINT_BYTES / value.len() + 1;
+    for n in 0..campaigns {
+        let campaign = h.apply(command::Command::Acquire(Acquire {
+            kind: latchkey_proto::state::v1::GrantKind::Election as i32,
+            name: format!("election-{n}"),
+            lease,
+            value: value.clone(),
+            ..Acquire::default()
+        }));
+        token_of(&campaign);
+    }
+    let checkpointed = h.machine.checkpointed().index;
+    assert!(
+        checkpointed > 1 && h.index < CHECKPOINT_ENTRIES,
+        "checkpoint at {checkpointed} after {} entries",
+        h.index
+    );
+    let restarted = h.reopened();
+    assert_eq!(restarted.applied().index, checkpointed);
 }

@@ -301,10 +301,16 @@ pub fn apply_entries(entries: &[EntryBytes]) -> Result<(), TestCaseError> {
                 )))
             }
         }
-        machine.finish_batch(&mut batch, LogPosition { index, term: 1 });
-        engine.write(batch, false).expect("a memory write");
+        if machine.finish_batch(&mut batch, LogPosition { index, term: 1 }) {
+            engine.write(batch, false).expect("a memory write");
+        }
         machine.batch_written();
     }
+    // What a clean stop writes: a checkpoint of everything applied.
+    let mut batch = Batch::new(&engine);
+    machine.checkpoint(&mut batch);
+    engine.write(batch, false).expect("a memory write");
+    machine.batch_written();
     let applied = machine.coordination().read().clone();
     if let Err(e) = applied.validate() {
         return Err(TestCaseError::fail(format!(

@@ -68,6 +68,16 @@ impl TestNode {
         voters: &[u64],
         election_ticks: usize,
     ) -> Result<TestNode, FatalError> {
+        TestNode::start_with(disk, &config(id, voters), election_ticks)
+    }
+
+    /// [`TestNode::start`] with a config of the caller's.
+    pub fn start_with(
+        disk: &MemoryDisk,
+        config: &Config,
+        election_ticks: usize,
+    ) -> Result<TestNode, FatalError> {
+        let id = config.id.0;
         let engine = Engine::open_memory(disk)?;
         let outbox = Arc::new(Mutex::new(Vec::new()));
         let options = NodeOptions {
@@ -76,17 +86,27 @@ impl TestNode {
             raft_logger: Some(slog::Logger::root(slog::Discard, slog::o!())),
             ..NodeOptions::default()
         };
-        let (node, handle) = Node::with_options(
-            &config(id, voters),
-            engine,
-            Box::new(Outbox(outbox.clone())),
-            options,
-        )?;
+        let (node, handle) =
+            Node::with_options(config, engine, Box::new(Outbox(outbox.clone())), options)?;
         Ok(TestNode {
             node,
             handle,
             outbox,
         })
+    }
+
+    /// Has the node write a checkpoint of everything it applied, so that
+    /// its disk holds the whole state (a node dropped without a clean stop
+    /// leaves the entries after its last one to be applied again).
+    pub fn checkpoint(&mut self) {
+        let (reply, mut answer) = oneshot::channel();
+        self.handle.report(NodeMsg::Checkpoint { reply });
+        self.node.handle_inbox().expect("the node runs");
+        let applied = self.handle.status().applied_index;
+        match answer.try_recv() {
+            Ok(Ok(position)) => assert_eq!(position.index, applied),
+            other => panic!("no checkpoint: {other:?}"),
+        }
     }
 
     pub fn take_sent(&self) -> Vec<Message> {

@@ -133,6 +133,9 @@ fn build_fixture() -> Fixture {
         );
     }
     let committed = nodes[&1].handle.status().commit_index;
+    for node in nodes.values_mut() {
+        node.checkpoint();
+    }
     drop(nodes);
     let mut templates: Vec<Message> = seen;
     templates.push(snapshot_message(&disks[&1], committed));

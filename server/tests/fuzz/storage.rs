@@ -150,6 +150,7 @@ fn build_fixture() -> Fixture {
             "auth change refused: {done:?}"
         );
     }
+    node.checkpoint();
     drop(node);
     let engine = Engine::open_memory(&disk).expect("the fixture reopens");
     let mut records = Vec::new();

@@ -519,19 +519,45 @@ impl World {
             .sum()
     }
 
-    /// Every state record of every running node, for the final comparison.
-    pub fn state_digests(&self) -> BTreeMap<u64, (u64, u64)> {
+    /// Every state record of every running node, with the applied index it
+    /// is of, for the final comparison. A node's engine holds its state as
+    /// of its last checkpoint, so each is first asked for one of everything
+    /// it has applied.
+    pub fn state_digests(&mut self) -> BTreeMap<u64, (u64, u64)> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        let mut checkpoints = BTreeMap::new();
+        for id in ids {
+            let Some(running) = self.running(id) else {
+                continue;
+            };
+            let (reply, mut answer) = tokio::sync::oneshot::channel();
+            running.handle.report(NodeMsg::Checkpoint { reply });
+            // The step may apply more after the checkpoint: the disk holds
+            // the checkpoint's position, which is what the digest is of.
+            self.step(id, |node| node.handle_inbox());
+            match answer.try_recv() {
+                Ok(Ok(position)) => {
+                    checkpoints.insert(id, position.index);
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) if !self.is_up(id) => {}
+                other => self
+                    .checker
+                    .violations
+                    .add(format!("node {id} wrote no checkpoint: {other:?}")),
+            }
+        }
         self.nodes
             .iter()
             .filter_map(|(id, running)| {
                 let running = running.as_ref()?;
+                let checkpoint = *checkpoints.get(id)?;
                 let records = running.engine.state_records().expect("state reads");
                 let mut bytes = Vec::new();
                 for (key, value) in records {
                     bytes.extend_from_slice(&key);
                     bytes.extend_from_slice(&value);
                 }
-                Some((*id, (running.handle.status().applied_index, digest(&bytes))))
+                Some((*id, (checkpoint, digest(&bytes))))
             })
             .collect()
     }
