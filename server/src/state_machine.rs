@@ -27,9 +27,9 @@
 //! Raft applies the committed entries after it again (the node writes a
 //! checkpoint before it compacts the log, so the log keeps every entry
 //! after [`StateMachine::checkpointed`]), reaching the same state, because
-//! apply is deterministic. Key-value
-//! records are never deferred: API reads of the fenced store go to the
-//! engine, so the batch that changes one is a checkpoint.
+//! apply is deterministic. Key-value records are never deferred: API reads
+//! of the fenced store go to the engine, so the batch that changes one is a
+//! checkpoint.
 //!
 //! Committed entries that are not a command this binary can apply
 //! ([`StateMachine::apply_encoded`]) fall in two kinds:
