@@ -13,15 +13,18 @@
 //! `state` column family holds a copy of it as of a *checkpoint*, an
 //! applied position written in the same atomic batch as every record
 //! changed up to it ([`keys::APPLIED`]). The records the entries change
-//! are kept, at their latest value, until the next checkpoint: a record
+//! wait for the next checkpoint, which writes each at its latest value
+//! (coordination records are noted as changed and encoded from the
+//! in-memory state only then; auth records are kept encoded): a record
 //! that many entries change (the token counter, a session, a lock taken
 //! and released) is written once per checkpoint rather than once per
 //! entry, and one taken and released between two checkpoints not at all.
 //! A batch is a checkpoint when it has anything to write of its own (a
 //! key-value record, a membership change), when [`CHECKPOINT_ENTRIES`]
 //! entries, [`CHECKPOINT_RECORDS`] changed records or [`CHECKPOINT_BYTES`]
-//! of them have gathered since the last one, or when the node asks for one
-//! (before it compacts the log, for a backup, at a clean stop).
+//! of applied commands have gathered since the last one, or when the node
+//! asks for one (before it compacts the log, for a backup, at a clean
+//! stop).
 //! Between checkpoints the engine holds an older but whole state, so a
 //! crash loses nothing: the node restarts from the last checkpoint and
 //! Raft applies the committed entries after it again (the node writes a
@@ -95,8 +98,10 @@ pub const CHECKPOINT_ENTRIES: u64 = 4096;
 /// Changed records after which the next batch is a checkpoint: bounds the
 /// memory the records waiting for it take, with [`CHECKPOINT_BYTES`].
 pub const CHECKPOINT_RECORDS: usize = 8192;
-/// Bytes of changed records (keys and values, each change counted, so an
-/// overestimate) after which the next batch is a checkpoint.
+/// Bytes of the commands applied since the last checkpoint after which the
+/// next batch is a checkpoint: what a record holds beyond a few fixed-width
+/// fields (a name, an election's value, a result) comes from a command, so
+/// this bounds what the checkpoint writes, with [`CHECKPOINT_RECORDS`].
 pub const CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest key accepted, in bytes.
@@ -135,12 +140,18 @@ pub struct StateMachine {
     /// Key-value records (by stored key; `None`: deleted) written into the
     /// batch being built and not yet in the engine.
     unwritten_kv: std::collections::HashMap<Vec<u8>, Option<KvRecord>>,
-    /// Coordination and auth records (stored key → encoded value; `None`:
-    /// deleted) that the entries applied since the last checkpoint changed,
-    /// at their latest value; they go into the next checkpoint's batch.
+    /// Auth records (stored key → encoded value; `None`: deleted) that the
+    /// entries applied since the last checkpoint changed, at their latest
+    /// value; they go into the next checkpoint's batch, with the rendered
+    /// coordination records of `touched`.
     unwritten_records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Bytes staged into `unwritten_records` since the last checkpoint,
-    /// overwritten ones included.
+    /// Coordination records the entries applied since the last checkpoint
+    /// changed; rendered at the checkpoint, from the state then, so a
+    /// record that many entries change is encoded once.
+    touched: coordination::Touched,
+    /// Bytes of the commands applied since the last checkpoint and of the
+    /// records in `unwritten_records`: what the next checkpoint writes is
+    /// made of these.
     unwritten_bytes: usize,
 }
 
@@ -166,6 +177,7 @@ impl StateMachine {
             switches: switches.clone(),
             unwritten_kv: std::collections::HashMap::new(),
             unwritten_records: BTreeMap::new(),
+            touched: coordination::Touched::default(),
             unwritten_bytes: 0,
         })
     }
@@ -217,6 +229,7 @@ impl StateMachine {
         self.applied = applied;
         self.checkpointed = applied;
         self.unwritten_records.clear();
+        self.touched = coordination::Touched::default();
         self.unwritten_bytes = 0;
         Ok(())
     }
@@ -256,6 +269,7 @@ impl StateMachine {
         index: u64,
         command: Command,
     ) -> Result<ApplyOutput, FatalError> {
+        self.unwritten_bytes += command.encoded_len();
         let session = command.request.as_ref().map_or(0, |r| r.client_id);
         let request = command.request.filter(|r| r.client_id != 0 && r.seq != 0);
         if let Some(request) = &request {
@@ -270,13 +284,13 @@ impl StateMachine {
         let mut output = self.apply_new(batch, index, command)?;
         output.session = session;
         if let Some(request) = request {
-            let changes = self.coordination.write().record_session(
+            self.coordination.write().record_session_touching(
                 SessionId(request.client_id),
                 SequenceNumber(request.seq),
                 SequenceNumber(request.oldest_pending_seq),
                 output.result.encode_to_vec(),
+                &mut self.touched,
             );
-            self.stage_changes(changes);
         }
         Ok(output)
     }
@@ -413,11 +427,12 @@ impl StateMachine {
             }
         };
         let name = op_name(&op);
-        let applied = self
-            .coordination
-            .write()
-            .apply_as(LogIndex(index), op, &caller);
-        self.stage_changes(applied.changes);
+        let applied = self.coordination.write().apply_touching(
+            LogIndex(index),
+            op,
+            &caller,
+            &mut self.touched,
+        );
         let result = match applied.result {
             Ok(outcome) => outcome_result(&name, outcome),
             Err(error) => coordination_error(&name, error),
@@ -555,7 +570,7 @@ impl StateMachine {
         );
         self.applied = position;
         let due = !batch.is_empty()
-            || self.unwritten_records.len() >= CHECKPOINT_RECORDS
+            || self.touched.len() + self.unwritten_records.len() >= CHECKPOINT_RECORDS
             || self.unwritten_bytes >= CHECKPOINT_BYTES
             || position.index - self.checkpointed.index >= CHECKPOINT_ENTRIES;
         if due {
@@ -568,6 +583,9 @@ impl StateMachine {
     /// changed since the last one, at its latest value, and the position.
     /// The caller writes it.
     pub fn checkpoint(&mut self, batch: &mut Batch) {
+        let touched = std::mem::take(&mut self.touched);
+        let changes = self.coordination.read().render_touched(&touched);
+        self.stage_changes(changes);
         for (key, value) in std::mem::take(&mut self.unwritten_records) {
             match value {
                 Some(value) => batch.put(CF_STATE, &key, &value),

@@ -195,6 +195,21 @@ enum Record {
     SessionResult(SessionId, SequenceNumber),
 }
 
+/// Records ops changed, kept to be rendered later, at their value then
+/// ([`Coordination::render_touched`]).
+#[derive(Debug, Default)]
+pub struct Touched(BTreeSet<Record>);
+
+impl Touched {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What an op has produced so far.
 #[derive(Debug, Default)]
 struct Effects {
@@ -231,6 +246,38 @@ impl Coordination {
     /// Applies `op` on behalf of `caller`: leases it grants are the
     /// caller's, and the owner and limit checks it asks for are made.
     pub fn apply_as(&mut self, index: LogIndex, op: Op, caller: &Caller) -> Applied {
+        let (result, effects) = self.apply_effects(index, op, caller);
+        Applied {
+            result,
+            changes: self.render(&effects.touched),
+            events: effects.events,
+        }
+    }
+
+    /// [`Coordination::apply_as`], adding the records the op changed to
+    /// `touched` instead of rendering them; `changes` is left empty.
+    pub fn apply_touching(
+        &mut self,
+        index: LogIndex,
+        op: Op,
+        caller: &Caller,
+        touched: &mut Touched,
+    ) -> Applied {
+        let (result, effects) = self.apply_effects(index, op, caller);
+        touched.0.extend(effects.touched);
+        Applied {
+            result,
+            changes: Changes::new(),
+            events: effects.events,
+        }
+    }
+
+    fn apply_effects(
+        &mut self,
+        index: LogIndex,
+        op: Op,
+        caller: &Caller,
+    ) -> (Result<Outcome, CoordinationError>, Effects) {
         let mut effects = Effects::default();
         let fx = &mut effects;
         let result = match op {
@@ -276,11 +323,7 @@ impl Coordination {
             "a refused op must change nothing, but {result:?} touched {:?}",
             effects.touched
         );
-        Applied {
-            result,
-            changes: self.render(&effects.touched),
-            events: effects.events,
-        }
+        (result, effects)
     }
 
     /// Whether request `seq` of `session` must be applied, answered from
@@ -299,19 +342,37 @@ impl Coordination {
         oldest_pending: SequenceNumber,
         result: Vec<u8>,
     ) -> Changes {
+        let mut touched = Touched::default();
+        self.record_session_touching(session, seq, oldest_pending, result, &mut touched);
+        self.render(&touched.0)
+    }
+
+    /// [`Coordination::record_session`], adding the records it changed to
+    /// `touched` instead of rendering them.
+    pub fn record_session_touching(
+        &mut self,
+        session: SessionId,
+        seq: SequenceNumber,
+        oldest_pending: SequenceNumber,
+        result: Vec<u8>,
+        touched: &mut Touched,
+    ) {
         let changes = self.sessions.record(session, seq, oldest_pending, result);
-        let touched = changes
-            .headers
-            .into_iter()
-            .map(Record::Session)
-            .chain(
-                changes
-                    .results
-                    .into_iter()
-                    .map(|(id, seq)| Record::SessionResult(id, seq)),
-            )
-            .collect();
-        self.render(&touched)
+        touched
+            .0
+            .extend(changes.headers.into_iter().map(Record::Session));
+        touched.0.extend(
+            changes
+                .results
+                .into_iter()
+                .map(|(id, seq)| Record::SessionResult(id, seq)),
+        );
+    }
+
+    /// The stored form of every record in `touched` as of now, ascending by
+    /// key (`None`: the record is gone).
+    pub fn render_touched(&self, touched: &Touched) -> Changes {
+        self.render(&touched.0)
     }
 
     /// The counter jumps to at least `floor`, and at least 2^32 past where

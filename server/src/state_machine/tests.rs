@@ -621,7 +621,7 @@ fn a_checkpoint_is_due_once_enough_entries_have_applied_since_the_last() {
 }
 
 #[test]
-fn a_checkpoint_is_due_once_the_records_changed_since_the_last_reach_checkpoint_bytes() {
+fn a_checkpoint_is_due_once_the_commands_applied_since_the_last_reach_checkpoint_bytes() {
     let mut h = Harness::new();
     let lease = h.lease();
     let value = vec![7u8; coordination::MAX_ELECTION_VALUE_BYTES];
