@@ -246,11 +246,11 @@ impl Coordination {
     /// Applies `op` on behalf of `caller`: leases it grants are the
     /// caller's, and the owner and limit checks it asks for are made.
     pub fn apply_as(&mut self, index: LogIndex, op: Op, caller: &Caller) -> Applied {
-        let (result, effects) = self.apply_effects(index, op, caller);
+        let mut touched = Touched::default();
+        let applied = self.apply_touching(index, op, caller, &mut touched);
         Applied {
-            result,
-            changes: self.render(&effects.touched),
-            events: effects.events,
+            changes: self.render(&touched.0),
+            ..applied
         }
     }
 
@@ -263,21 +263,6 @@ impl Coordination {
         caller: &Caller,
         touched: &mut Touched,
     ) -> Applied {
-        let (result, effects) = self.apply_effects(index, op, caller);
-        touched.0.extend(effects.touched);
-        Applied {
-            result,
-            changes: Changes::new(),
-            events: effects.events,
-        }
-    }
-
-    fn apply_effects(
-        &mut self,
-        index: LogIndex,
-        op: Op,
-        caller: &Caller,
-    ) -> (Result<Outcome, CoordinationError>, Effects) {
         let mut effects = Effects::default();
         let fx = &mut effects;
         let result = match op {
@@ -323,7 +308,12 @@ impl Coordination {
             "a refused op must change nothing, but {result:?} touched {:?}",
             effects.touched
         );
-        (result, effects)
+        touched.0.extend(effects.touched);
+        Applied {
+            result,
+            changes: Changes::new(),
+            events: effects.events,
+        }
     }
 
     /// Whether request `seq` of `session` must be applied, answered from
