@@ -345,3 +345,97 @@ fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
     }
     assert!(seen_compacted, "keeping the whole log keeps the compaction");
 }
+
+/// One change to the log in [`reads_agree_with_a_model_of_the_log_through_every_change`].
+#[derive(Debug, Clone)]
+enum LogOp {
+    /// Appends `count` entries of a new term, replacing the newest `back`
+    /// (as far as the compaction point allows); `big` entries hold 700 KB,
+    /// so that reads are cut by size.
+    Append { back: u64, count: u64, big: bool },
+    /// Compacts `keep` entries short of the last one.
+    Compact { keep: u64 },
+    /// Closes and reopens the log from its disk.
+    Reopen,
+}
+
+fn log_op() -> impl proptest::strategy::Strategy<Value = LogOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0..6u64, 1..6u64, proptest::bool::weighted(0.15))
+            .prop_map(|(back, count, big)| LogOp::Append { back, count, big }),
+        2 => (0..8u64).prop_map(|keep| LogOp::Compact { keep }),
+        1 => Just(LogOp::Reopen),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// Every read of entries and terms agrees with a model of the log
+    /// through appends that replace suffixes, compaction, big entries and
+    /// reopening.
+    #[test]
+    fn reads_agree_with_a_model_of_the_log_through_every_change(
+        ops in proptest::collection::vec(log_op(), 1..40)
+    ) {
+        let disk = MemoryDisk::new();
+        let reopen = || {
+            let engine = Engine::open_memory(&disk).unwrap();
+            RaftLog::open(engine, &[], &[], FatalSlot::default()).unwrap()
+        };
+        let mut log = reopen();
+        // model[i] = (index, term, payload length) of the entries held.
+        let mut model: Vec<(u64, u64, usize)> = Vec::new();
+        let mut truncated = (0u64, 0u64);
+        let mut term = 1;
+        for op in ops {
+            match op {
+                LogOp::Append { back, count, big } => {
+                    term += 1;
+                    let first = (log.last_index() + 1).saturating_sub(back).max(truncated.0 + 1);
+                    let len = if big { 700_000 } else { 10 };
+                    let entries: Vec<Entry> = (first..first + count)
+                        .map(|index| Entry {
+                            index,
+                            term,
+                            data: vec![index as u8; len].into(),
+                            ..Entry::default()
+                        })
+                        .collect();
+                    append(&mut log, &entries);
+                    model.retain(|(index, _, _)| *index < first);
+                    model.extend(entries.iter().map(|e| (e.index, e.term, len)));
+                }
+                LogOp::Compact { keep } => {
+                    let to = log.last_index().saturating_sub(keep);
+                    if to > truncated.0 {
+                        log.compact_to(to).unwrap();
+                        let at = model.iter().position(|(index, _, _)| *index == to).unwrap();
+                        truncated = (to, model[at].1);
+                        model.drain(..=at);
+                    }
+                }
+                LogOp::Reopen => {
+                    drop(log);
+                    log = reopen();
+                }
+            }
+            proptest::prop_assert_eq!(log.first_index(), truncated.0 + 1);
+            proptest::prop_assert_eq!(log.last_index(), model.last().map_or(truncated.0, |e| e.0));
+            let last = log.last_index();
+            for low in truncated.0 + 1..=last {
+                let read = log.entries(low, last + 1, None, GetEntriesContext::empty(false)).unwrap();
+                let got: Vec<_> = read.iter().map(|e| (e.index, e.term, e.data.len())).collect();
+                let want: Vec<_> = model.iter().filter(|e| e.0 >= low).cloned().collect();
+                proptest::prop_assert_eq!(got, want);
+                proptest::prop_assert!(read.iter().all(|e| e.data.iter().all(|b| *b == e.index as u8)));
+                let cut = log.entries(low, last + 1, 1, GetEntriesContext::empty(false)).unwrap();
+                proptest::prop_assert_eq!(cut.len(), 1, "a read is cut at max_size, to one entry at least");
+                let term_of = log.term(low).unwrap();
+                proptest::prop_assert_eq!(term_of, model.iter().find(|e| e.0 == low).unwrap().1);
+            }
+            proptest::prop_assert_eq!(log.term(truncated.0).unwrap(), truncated.1);
+        }
+    }
+}
