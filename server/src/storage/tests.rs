@@ -29,6 +29,12 @@ fn open_bootstrapped(dir: &std::path::Path) -> RaftLog {
     RaftLog::open(engine, &VOTERS, b"members", FatalSlot::default()).expect("open log")
 }
 
+/// A log without the bootstrap snapshot on the memory `disk`.
+fn open_on(disk: &MemoryDisk) -> RaftLog {
+    let engine = Engine::open_memory(disk).expect("open engine");
+    RaftLog::open(engine, &[], &[], FatalSlot::default()).expect("open log")
+}
+
 fn append(log: &mut RaftLog, entries: &[Entry]) {
     let mut batch = Batch::new(log.engine());
     log.append(&mut batch, entries);
@@ -314,8 +320,7 @@ fn truncated_record_is_corruption_not_a_panic() {
 #[test]
 fn raft_log_on_a_memory_disk_reopens_after_a_power_loss_at_any_cut() {
     let disk = MemoryDisk::new();
-    let engine = Engine::open_memory(&disk).unwrap();
-    let mut log = RaftLog::open(engine, &[], &[], FatalSlot::default()).unwrap();
+    let mut log = open_on(&disk);
     append(&mut log, &(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>());
     // Compaction and the commit index are written without sync.
     log.compact_to(4).unwrap();
@@ -380,11 +385,7 @@ proptest::proptest! {
         ops in proptest::collection::vec(log_op(), 1..40)
     ) {
         let disk = MemoryDisk::new();
-        let reopen = || {
-            let engine = Engine::open_memory(&disk).unwrap();
-            RaftLog::open(engine, &[], &[], FatalSlot::default()).unwrap()
-        };
-        let mut log = reopen();
+        let mut log = open_on(&disk);
         // model[i] = (index, term, payload length) of the entries held.
         let mut model: Vec<(u64, u64, usize)> = Vec::new();
         let mut truncated = (0u64, 0u64);
@@ -418,7 +419,7 @@ proptest::proptest! {
                 }
                 LogOp::Reopen => {
                     drop(log);
-                    log = reopen();
+                    log = open_on(&disk);
                 }
             }
             proptest::prop_assert_eq!(log.first_index(), truncated.0 + 1);
