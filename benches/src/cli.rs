@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! latchkey-bench compare [--quick] [--workloads a,b] [--systems latchkey,etcd]
-//!                        [--duration D] [--warmup D] [--repeats N] [--json FILE]
+//!                        [--duration D] [--warmup D] [--repeats N] [--rounds N]
+//!                        [--json FILE]
 //!                        [--latchkey PATH] [--etcd PATH] [--data-dir DIR]
 //!                        [--etcd-endpoints leader|all] [--keepalive-ttl D]
 //!                        [--keepalive-leases N] [--memory-leases N]
@@ -81,6 +82,11 @@ pub struct CompareArgs {
     /// Repeats of failover and holder-crash [default: 10, --quick 3].
     #[arg(long)]
     pub repeats: Option<usize>,
+    /// Runs of each throughput and latency workload (lock-1c, lock-nc,
+    /// lock-hot, fenced-write, lease-keepalive) per system, the systems
+    /// alternating; the table shows the median round and every round's ratio.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Also write the whole report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -158,8 +164,8 @@ impl CompareArgs {
         } else {
             DEFAULT_REPEATS
         });
-        if repeats == 0 || self.keepalive_leases == 0 {
-            return Err("--repeats and --keepalive-leases must be at least 1".into());
+        if repeats == 0 || self.rounds == 0 || self.keepalive_leases == 0 {
+            return Err("--repeats, --rounds and --keepalive-leases must be at least 1".into());
         }
         if self.keepalive_ttl < std::time::Duration::from_millis(300) {
             return Err("--keepalive-ttl must be at least 300ms".into());
@@ -169,6 +175,7 @@ impl CompareArgs {
             warmup: pick(self.warmup, DEFAULT_WARMUP, QUICK_WARMUP),
             duration: pick(self.duration, DEFAULT_DURATION, QUICK_DURATION),
             repeats,
+            rounds: self.rounds,
             lock_nc_clients: vec![16, 64, 256],
             lock_hot_clients: vec![8, 64],
             fenced_write_clients: vec![1, 16],
@@ -316,5 +323,15 @@ mod tests {
         assert_eq!(options.systems, vec![System::Latchkey]);
         assert!(resolve(&["--workloads", "lock-warm"]).is_err());
         assert!(resolve(&["--systems", "zookeeper"]).is_err());
+    }
+
+    #[test]
+    fn rounds_default_to_one_and_zero_is_refused() {
+        assert_eq!(resolve(&[]).expect("valid flags").settings.rounds, 1);
+        let three = resolve(&["--rounds", "3", "--quick"]).expect("valid flags");
+        assert_eq!(three.settings.rounds, 3);
+        let error = resolve(&["--rounds", "0"]).expect_err("zero rounds");
+        assert!(error.contains("--rounds"), "{error}");
+        assert!(resolve(&["--rounds", "many"]).is_err());
     }
 }

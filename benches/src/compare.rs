@@ -11,7 +11,10 @@
 //!    and stopped after it. The order of the two systems alternates from one
 //!    workload to the next, so neither always runs first (on a warmer or
 //!    cooler machine). A workload that fails on one system is reported
-//!    and the run goes on.
+//!    and the run goes on. With `--rounds N` the throughput and latency
+//!    workloads run N times on each system before the next workload, the
+//!    order alternating from round to round, and the table reads the median
+//!    round ([`crate::rounds`]).
 //! 5. Measure the floor again (it moves with whatever else uses the disk),
 //!    read the load average again, judge the targets against the first
 //!    floor, print the report and write the JSON file if asked.
@@ -26,6 +29,7 @@ use crate::floor::{self, QUICK_SAMPLES};
 use crate::machine::Machine;
 use crate::procfs::load_average;
 use crate::report::Report;
+use crate::rounds;
 use crate::workloads::{self, Measurement, Run, Workload};
 
 /// Runs `compare` and returns the report (already printed).
@@ -51,24 +55,42 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
             None
         }
     };
-    let mut measurements = Vec::new();
+    let mut every_round = Vec::new();
     for (index, workload) in options.workloads.iter().enumerate() {
-        for system in turn_order(&options.systems, index) {
-            match run_one(*workload, system, &binaries, &options).await {
-                Ok(found) => {
-                    for m in &found {
-                        say(summary_line(m));
-                    }
-                    measurements.extend(found);
+        let rounds = if rounds::takes_rounds(*workload) {
+            options.settings.rounds
+        } else {
+            1
+        };
+        for round in 1..=rounds {
+            for system in turn_order(&options.systems, index + round - 1) {
+                if rounds > 1 {
+                    say(format!("{}: round {round} of {rounds}", workload.name()));
                 }
-                Err(e) => {
-                    let line = format!("{} on {system}: {e}", workload.name());
-                    say(format!("FAILED {line}"));
-                    problems.push(line);
+                match run_one(*workload, system, &binaries, &options).await {
+                    Ok(found) => {
+                        for mut m in found {
+                            say(summary_line(&m));
+                            m.round = round;
+                            every_round.push(m);
+                        }
+                    }
+                    Err(e) => {
+                        let of_round = if rounds > 1 {
+                            format!(" (round {round})")
+                        } else {
+                            String::new()
+                        };
+                        let line = format!("{} on {system}{of_round}: {e}", workload.name());
+                        say(format!("FAILED {line}"));
+                        problems.push(line);
+                    }
                 }
             }
         }
     }
+    let measurements = rounds::combine(&every_round);
+    let spreads = rounds::spreads(&every_round);
     // The floor again: on a shared or virtual disk it moves with whatever
     // else syncs at the time, and the report should show by how much.
     let floor_after = measure_floor(&run_dir.path, options.settings.quick)
@@ -87,6 +109,7 @@ pub async fn compare(mut options: CompareOptions, command: String) -> Result<Rep
         floor,
         floor_after,
         measurements,
+        spreads,
         problems,
         targets,
         elapsed_seconds: started.elapsed().as_secs_f64(),
@@ -112,10 +135,11 @@ async fn measure_floor(dir: &Path, quick: bool) -> Result<floor::Floor, String> 
     Ok(floor)
 }
 
-/// latchkey first on even workloads, etcd first on odd ones.
-fn turn_order(systems: &[System], index: usize) -> Vec<System> {
+/// latchkey first on even turns, etcd first on odd ones; a workload's
+/// turn is its index plus its round, so rounds alternate too.
+fn turn_order(systems: &[System], turn: usize) -> Vec<System> {
     let mut order = systems.to_vec();
-    if index % 2 == 1 {
+    if turn % 2 == 1 {
         order.reverse();
     }
     order

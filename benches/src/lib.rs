@@ -12,6 +12,7 @@
 //! - [`procfs`]: CPU, memory, disk and load readings from `/proc`, to say what limited a run.
 //! - [`machine`]: the description of the machine the report prints.
 //! - [`report`]: the table, the ratios, what limited each number, and the JSON file.
+//! - [`rounds`]: `--rounds N`: the median round of each workload, and every round's ratio.
 //! - [`targets`]: the pass/fail lines against the optimisation targets.
 
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod machine;
 pub mod processes;
 pub mod procfs;
 pub mod report;
+pub mod rounds;
 pub mod stats;
 pub mod targets;
 pub mod workloads;

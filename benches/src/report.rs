@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::cluster::System;
 use crate::floor::{commits_floor_concurrent_ms, commits_floor_ms, Floor};
 use crate::machine::Machine;
+use crate::rounds::Spread;
 use crate::workloads::{Measurement, Settings, Workload};
 
 /// Machine busy above this share of all cores: CPU-bound.
@@ -49,7 +50,11 @@ pub struct Report {
     pub floor: Option<Floor>,
     /// Measured again after the workloads.
     pub floor_after: Option<Floor>,
+    /// One per system and workload variant: the median round when
+    /// `--rounds` is above 1.
     pub measurements: Vec<Measurement>,
+    /// Every round's number of each variant measured in more than one round.
+    pub spreads: Vec<Spread>,
     /// One line per thing that was skipped or failed.
     pub problems: Vec<String>,
     pub targets: Vec<TargetResult>,
@@ -87,10 +92,12 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  timing:     warm-up {:?}, window {:?}, {} repeats, leader-stability windows {:?}{}",
+            "  timing:     warm-up {:?}, window {:?}, {} repeats, {} round{}, leader-stability windows {:?}{}",
             self.settings.warmup,
             self.settings.duration,
             self.settings.repeats,
+            self.settings.rounds,
+            if self.settings.rounds == 1 { "" } else { "s" },
             self.settings.stability_duration,
             if self.settings.quick {
                 " (--quick)"
@@ -109,6 +116,9 @@ impl Report {
             }
         }
         let _ = writeln!(out, "\n{}", table(&self.measurements, self.floor.as_ref()));
+        if !self.spreads.is_empty() {
+            let _ = writeln!(out, "{}", rounds_table(&self.spreads));
+        }
         let _ = writeln!(
             out,
             "{}",
@@ -214,6 +224,49 @@ pub fn table(measurements: &[Measurement], floor: Option<&Floor>) -> String {
     let mut text = align_columns(&rows);
     text.push_str(&footnotes(measurements));
     text
+}
+
+/// Every round's number under the main table, and each round's ratio.
+pub fn rounds_table(spreads: &[Spread]) -> String {
+    let list = |values: &[(usize, f64)]| {
+        if values.is_empty() {
+            "-".to_string()
+        } else {
+            let cells: Vec<String> = values.iter().map(|(_, v)| num(Some(*v))).collect();
+            cells.join(", ")
+        }
+    };
+    let mut rows = vec![[
+        "workload",
+        "variant",
+        "metric",
+        "latchkey",
+        "etcd",
+        "lk/etcd by round",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for s in spreads {
+        let ratios = if s.ratios.is_empty() {
+            "-".to_string()
+        } else {
+            let cells: Vec<String> = s.ratios.iter().map(|r| format!("{r:.2}×")).collect();
+            cells.join(", ")
+        };
+        rows.push(vec![
+            s.workload.name().to_string(),
+            s.variant.clone(),
+            s.unit.clone(),
+            list(&s.latchkey),
+            list(&s.etcd),
+            ratios,
+        ]);
+    }
+    format!(
+        "each round (the table above shows the median round of each system):\n{}",
+        align_columns(&rows)
+    )
 }
 
 fn header_row() -> Vec<String> {
@@ -473,5 +526,27 @@ mod tests {
         let text = table(&[measured(System::Latchkey, 400.0, 2.5)], None);
         let throughput = text.lines().find(|l| l.contains("cycles/s")).expect("row");
         assert!(throughput.trim_end().ends_with('-'), "{text}");
+    }
+
+    #[test]
+    fn the_rounds_table_lists_every_round_and_its_ratio() {
+        let mut rounds = Vec::new();
+        for (round, lk, etcd) in [(1, 300.0, 100.0), (2, 500.0, 200.0), (3, 400.0, 100.0)] {
+            for (system, rate) in [(System::Latchkey, lk), (System::Etcd, etcd)] {
+                let mut m = measured(system, rate, 1.0);
+                m.round = round;
+                rounds.push(m);
+            }
+        }
+        let text = rounds_table(&crate::rounds::spreads(&rounds));
+        let row = text.lines().find(|l| l.contains("lock-1c")).expect("row");
+        assert!(row.contains("300, 500, 400"), "{text}");
+        assert!(row.contains("100, 200, 100"), "{text}");
+        assert!(row.contains("3.00×, 2.50×, 4.00×"), "{text}");
+        // The main table reads the median rounds: 400 against 100.
+        let combined = crate::rounds::combine(&rounds);
+        let main = table(&combined, None);
+        let throughput = main.lines().find(|l| l.contains("cycles/s")).expect("row");
+        assert!(throughput.contains("4.00×"), "{main}");
     }
 }

@@ -140,6 +140,8 @@ pub struct Settings {
     pub duration: Duration,
     /// Repeats of `failover` and `holder-crash`.
     pub repeats: usize,
+    /// Runs of each throughput and latency workload per system ([`crate::rounds`]).
+    pub rounds: usize,
     pub lock_nc_clients: Vec<usize>,
     pub lock_hot_clients: Vec<usize>,
     pub fenced_write_clients: Vec<usize>,
@@ -198,6 +200,8 @@ pub struct Measurement {
     pub notes: Vec<String>,
     /// Named numbers the targets read (e.g. `ttl_granted_ms`).
     pub numbers: std::collections::BTreeMap<String, f64>,
+    /// Which of the `--rounds` this is, from 1.
+    pub round: usize,
 }
 
 impl Measurement {
@@ -216,6 +220,7 @@ impl Measurement {
             error_samples: Vec::new(),
             notes: Vec::new(),
             numbers: Default::default(),
+            round: 1,
         }
     }
 
