@@ -228,13 +228,19 @@ pub fn table(measurements: &[Measurement], floor: Option<&Floor>) -> String {
 
 /// Every round's number under the main table, and each round's ratio.
 pub fn rounds_table(spreads: &[Spread]) -> String {
-    let list = |values: &[(usize, f64)]| {
+    // One cell per round, `-` where a system has no number for it (the
+    // round failed), so that the two lists line up.
+    let value = |values: &[(usize, f64)], round: usize| {
+        values.iter().find(|(r, _)| *r == round).map(|(_, v)| *v)
+    };
+    let list = |values: &[(usize, f64)], rounds: usize| {
         if values.is_empty() {
-            "-".to_string()
-        } else {
-            let cells: Vec<String> = values.iter().map(|(_, v)| num(Some(*v))).collect();
-            cells.join(", ")
+            return "-".to_string();
         }
+        let cells: Vec<String> = (1..=rounds)
+            .map(|round| num(value(values, round)))
+            .collect();
+        cells.join(", ")
     };
     let mut rows = vec![[
         "workload",
@@ -248,18 +254,27 @@ pub fn rounds_table(spreads: &[Spread]) -> String {
     .map(|s| s.to_string())
     .collect::<Vec<_>>()];
     for s in spreads {
+        let rounds = s
+            .latchkey
+            .iter()
+            .chain(&s.etcd)
+            .map(|(round, _)| *round)
+            .max()
+            .unwrap_or(0);
+        let ratios: Vec<String> = (1..=rounds)
+            .map(|round| ratio(value(&s.latchkey, round), value(&s.etcd, round)))
+            .collect();
         let ratios = if s.ratios.is_empty() {
             "-".to_string()
         } else {
-            let cells: Vec<String> = s.ratios.iter().map(|r| format!("{r:.2}×")).collect();
-            cells.join(", ")
+            ratios.join(", ")
         };
         rows.push(vec![
             s.workload.name().to_string(),
             s.variant.clone(),
             s.unit.clone(),
-            list(&s.latchkey),
-            list(&s.etcd),
+            list(&s.latchkey, rounds),
+            list(&s.etcd, rounds),
             ratios,
         ]);
     }
@@ -543,6 +558,16 @@ mod tests {
         assert!(row.contains("300, 500, 400"), "{text}");
         assert!(row.contains("100, 200, 100"), "{text}");
         assert!(row.contains("3.00×, 2.50×, 4.00×"), "{text}");
+        // A round that failed on one side shows as `-`, in its place.
+        let gap: Vec<Measurement> = rounds
+            .iter()
+            .filter(|m| !(m.system == System::Etcd && m.round == 2))
+            .cloned()
+            .collect();
+        let text = rounds_table(&crate::rounds::spreads(&gap));
+        let row = text.lines().find(|l| l.contains("lock-1c")).expect("row");
+        assert!(row.contains("100, -, 100"), "{text}");
+        assert!(row.contains("3.00×, -, 4.00×"), "{text}");
         // The main table reads the median rounds: 400 against 100.
         let combined = crate::rounds::combine(&rounds);
         let main = table(&combined, None);

@@ -51,8 +51,8 @@ pub struct Spread {
     pub latchkey: Vec<(usize, f64)>,
     /// etcd's, likewise.
     pub etcd: Vec<(usize, f64)>,
-    /// latchkey ÷ etcd in each round where both were measured.
-    pub ratios: Vec<f64>,
+    /// latchkey ÷ etcd in each round where both were measured (round, ratio).
+    pub ratios: Vec<(usize, f64)>,
 }
 
 /// The headline number of a measurement and whether higher is better.
@@ -125,7 +125,7 @@ pub fn spreads(all: &[Measurement]) -> Vec<Spread> {
             .iter()
             .filter_map(|(round, lk)| {
                 let etcd = spread.etcd.iter().find(|(r, _)| r == round)?.1;
-                (etcd > 0.0).then(|| lk / etcd)
+                (etcd > 0.0).then(|| (*round, lk / etcd))
             })
             .collect();
     }
@@ -339,7 +339,7 @@ mod tests {
         assert_eq!(s.unit, "cycles/s");
         assert_eq!(s.latchkey, vec![(1, 300.0), (2, 500.0)]);
         assert_eq!(s.etcd, vec![(1, 100.0), (2, 200.0)]);
-        assert_eq!(s.ratios, vec![3.0, 2.5]);
+        assert_eq!(s.ratios, vec![(1, 3.0), (2, 2.5)]);
     }
 
     #[test]
