@@ -8,9 +8,12 @@
 //! minute from deciding a verdict.
 //!
 //! - **Which round stands for a system**: the median by the headline number,
-//!   throughput if the workload has one, else the p50 latency. With an even
-//!   count the worse of the two middle rounds, so that the median never
-//!   flatters either system.
+//!   throughput if the workload has one, else the p50 latency. A window run
+//!   at a fixed offered rate (`lease-keepalive`'s paced window, which
+//!   records [`OFFERED_RATE`]) reaches that rate in every round, so its
+//!   rounds are told apart by their p99 latency instead, the number its
+//!   target reads. With an even count the worse of the two middle rounds,
+//!   so that the median never flatters either system.
 //! - **What it takes from the other rounds**: anything that went wrong.
 //!   Errors are added up, and first-come-first-served checks of every round
 //!   are added up, so a violation in any round fails the target.
@@ -24,6 +27,9 @@ use serde::Serialize;
 
 use crate::cluster::System;
 use crate::workloads::{FcfsVerdict, Measurement, Workload};
+
+/// The `numbers` key of a window run at a fixed offered rate.
+pub const OFFERED_RATE: &str = "offered_per_s";
 
 /// Error samples kept after merging the rounds.
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -57,6 +63,9 @@ pub struct Spread {
 
 /// The headline number of a measurement and whether higher is better.
 fn headline(m: &Measurement) -> Option<(f64, bool)> {
+    if m.numbers.contains_key(OFFERED_RATE) {
+        return m.latency.map(|l| (l.p99_ms, false));
+    }
     if let Some(metric) = &m.metric {
         return Some((metric.value, metric.higher_is_better));
     }
@@ -64,6 +73,9 @@ fn headline(m: &Measurement) -> Option<(f64, bool)> {
 }
 
 fn unit(m: &Measurement) -> String {
+    if m.numbers.contains_key(OFFERED_RATE) {
+        return "ms p99".into();
+    }
     match &m.metric {
         Some(metric) => metric.unit.to_string(),
         None => "ms p50".into(),
@@ -340,6 +352,52 @@ mod tests {
         assert_eq!(s.latchkey, vec![(1, 300.0), (2, 500.0)]);
         assert_eq!(s.etcd, vec![(1, 100.0), (2, 200.0)]);
         assert_eq!(s.ratios, vec![(1, 3.0), (2, 2.5)]);
+    }
+
+    #[test]
+    fn a_paced_window_is_told_apart_by_its_p99() {
+        let paced = |system, round, p99: f64| {
+            let mut m = Measurement::new(Workload::LeaseKeepalive, "10000 leases", system);
+            m.round = round;
+            m.metric = Some(Metric {
+                // Rounds 1, 2, 3: 9993, 9990, 9992 renewals/s.
+                value: [9993.0, 9990.0, 9992.0][round - 1],
+                unit: "keepalives/s",
+                higher_is_better: true,
+            });
+            m.latency = Some(LatencySummary {
+                count: 1000,
+                p50_ms: 1.0,
+                p99_ms: p99,
+                p999_ms: 2.0 * p99,
+                max_ms: 3.0 * p99,
+                clamped: 0,
+            });
+            m.numbers.insert(OFFERED_RATE.into(), 10_000.0);
+            m
+        };
+        let all = vec![
+            paced(System::Latchkey, 1, 9.9),
+            paced(System::Latchkey, 2, 8.7),
+            paced(System::Latchkey, 3, 1.7),
+            paced(System::Etcd, 1, 74.0),
+            paced(System::Etcd, 2, 80.0),
+            paced(System::Etcd, 3, 70.0),
+        ];
+        let combined = combine(&all);
+        let p99 = |system| {
+            let m = combined
+                .iter()
+                .find(|m| m.system == system)
+                .expect("system");
+            m.latency.expect("latency").p99_ms
+        };
+        // By throughput the third round would stand for both (1.7 and 70 ms).
+        assert_eq!(p99(System::Latchkey), 8.7);
+        assert_eq!(p99(System::Etcd), 74.0);
+        let spread = &spreads(&all)[0];
+        assert_eq!(spread.unit, "ms p99");
+        assert_eq!(spread.latchkey, vec![(1, 9.9), (2, 8.7), (3, 1.7)]);
     }
 
     #[test]

@@ -244,7 +244,7 @@ fn describe_ttls(
     m.numbers
         .insert("ttl_granted_ms".into(), min.as_millis() as f64);
     m.numbers.insert(
-        "offered_per_s".into(),
+        crate::rounds::OFFERED_RATE.into(),
         count as f64 / interval.as_secs_f64(),
     );
 }
