@@ -216,8 +216,15 @@ impl Loopback {
     async fn create(nodes: u64, workers: u64) -> Result<Loopback, String> {
         let links = LinkTable::default();
         let mut addrs = Vec::new();
+        // Held until every proxy below has its own port: each proxy binds
+        // port 0 too, and a node port released early could be handed to a
+        // proxy, whose forwarding would then answer for the node.
+        let mut reserved = Vec::new();
         for _ in 1..=nodes {
-            addrs.push((free_loopback_port()?, free_loopback_port()?));
+            let (client_hold, client) = reserve_loopback_port()?;
+            let (peer_hold, peer) = reserve_loopback_port()?;
+            reserved.extend([client_hold, peer_hold]);
+            addrs.push((client, peer));
         }
         let mut proxies = Vec::new();
         let mut node_addrs = Vec::new();
@@ -252,6 +259,8 @@ impl Loopback {
             }
             worker_proxies.insert(slot, dials);
         }
+        // The nodes bind these next.
+        drop(reserved);
         Ok(Loopback {
             links,
             nodes: node_addrs,
@@ -285,14 +294,17 @@ async fn spawn_proxy(
         .map_err(|e| format!("cannot start the proxy {from}->{to}: {e}"))
 }
 
-fn free_loopback_port() -> Result<SocketAddr, String> {
-    // The port is released before the node binds it; another program could
-    // take it in between, which the node would report as "address in use".
+/// A free loopback port and the listener that holds it. Once the listener
+/// is dropped another program could take the port before the node binds
+/// it, which the node would report as "address in use" (and the status
+/// check as an answer from someone else).
+fn reserve_loopback_port() -> Result<(std::net::TcpListener, SocketAddr), String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
-    listener
+    let addr = listener
         .local_addr()
-        .map_err(|e| format!("cannot read a bound address: {e}"))
+        .map_err(|e| format!("cannot read a bound address: {e}"))?;
+    Ok((listener, addr))
 }
 
 fn command_exists(tool: &str) -> bool {
@@ -405,6 +417,35 @@ mod tests {
             cuts,
             BTreeSet::from([(103, 1), (1, 103), (103, 2), (2, 103)])
         );
+    }
+
+    #[tokio::test]
+    async fn no_loopback_proxy_takes_a_port_picked_for_a_node() {
+        // The proxies bind port 0 after the nodes' ports are picked; a node
+        // port released too early could be handed to a proxy, and a status
+        // check of that node would be answered through it by another node.
+        for _ in 0..40 {
+            let network = Network::create_loopback(5, 4).await.expect("loopback");
+            let Backend::Loopback(l) = &network.backend else {
+                unreachable!("made as loopback")
+            };
+            let node_ports: BTreeSet<SocketAddr> = network
+                .nodes()
+                .iter()
+                .flat_map(|n| [n.client, n.peer])
+                .collect();
+            assert_eq!(node_ports.len(), 10, "ten distinct node ports");
+            let proxies = l.proxies.lock().unwrap_or_else(|p| p.into_inner());
+            for proxy in proxies.iter() {
+                assert!(
+                    !node_ports.contains(&proxy.listen_addr()),
+                    "a proxy listens on a node's port {}",
+                    proxy.listen_addr()
+                );
+            }
+            drop(proxies);
+            network.teardown();
+        }
     }
 
     #[tokio::test]
