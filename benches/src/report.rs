@@ -261,13 +261,13 @@ pub fn rounds_table(spreads: &[Spread]) -> String {
             .map(|(round, _)| *round)
             .max()
             .unwrap_or(0);
-        let ratios: Vec<String> = (1..=rounds)
-            .map(|round| ratio(value(&s.latchkey, round), value(&s.etcd, round)))
-            .collect();
         let ratios = if s.ratios.is_empty() {
             "-".to_string()
         } else {
-            ratios.join(", ")
+            let cells: Vec<String> = (1..=rounds)
+                .map(|round| value(&s.ratios, round).map_or("-".into(), |r| format!("{r:.2}×")))
+                .collect();
+            cells.join(", ")
         };
         rows.push(vec![
             s.workload.name().to_string(),

@@ -97,18 +97,13 @@ pub fn combine(all: &[Measurement]) -> Vec<Measurement> {
 /// The spread of every group measured in more than one round.
 pub fn spreads(all: &[Measurement]) -> Vec<Spread> {
     let mut out: Vec<Spread> = Vec::new();
-    for (workload, variant, system) in keys(all) {
-        let values: Vec<(usize, f64)> = all
+    for key in keys(all) {
+        let group: Vec<&Measurement> = all.iter().filter(|m| same_group(m, &key)).collect();
+        let values: Vec<(usize, f64)> = group
             .iter()
-            .filter(|m| same_group(m, &(workload, variant.clone(), system)))
             .filter_map(|m| headline(m).map(|(v, _)| (m.round, v)))
             .collect();
-        let Some(first) = all
-            .iter()
-            .find(|m| same_group(m, &(workload, variant.clone(), system)))
-        else {
-            continue;
-        };
+        let (workload, variant, system) = key;
         let index = match out
             .iter()
             .position(|s| s.workload == workload && s.variant == variant)
@@ -118,7 +113,7 @@ pub fn spreads(all: &[Measurement]) -> Vec<Spread> {
                 out.push(Spread {
                     workload,
                     variant: variant.clone(),
-                    unit: unit(first),
+                    unit: unit(group[0]),
                     latchkey: Vec::new(),
                     etcd: Vec::new(),
                     ratios: Vec::new(),
