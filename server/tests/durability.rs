@@ -373,9 +373,11 @@ async fn a_leader_whose_sync_stalls_takes_no_input_and_refuses_requests_until_it
         oldest_pending_seq: 1,
     });
     handle.report(NodeMsg::Propose { command, reply });
-    // Two ticks (50 ms each in this configuration): the sync is overdue,
-    // short of twice the election timeout (600 ms).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Six ticks (50 ms each in this configuration): the sync is overdue
+    // after one, and the loop notices at its next turn, which a loaded
+    // machine may run late; short of twice the election timeout (600 ms)
+    // counted from then, after which the node refuses requests.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = handle.status();
     assert!(before.last_index > before.commit_index, "{before:?}");
     let (reply, mut remaining) = oneshot::channel();
