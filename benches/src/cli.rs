@@ -56,7 +56,8 @@ pub struct Cli {
 pub enum Command {
     /// Runs the workloads on latchkey and etcd in turn and prints the table.
     Compare(Box<CompareArgs>),
-    /// Measures only the floor: one and two synced RocksDB writes.
+    /// Measures only the floor: one and two synced RocksDB writes, and one
+    /// synced overwrite of a preallocated file.
     Floor(FloorArgs),
 }
 

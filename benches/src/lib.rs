@@ -7,7 +7,8 @@
 //! - [`driver`]: one vocabulary (connection, lease, lock, fenced put, keepalive stream) over both clients.
 //! - [`cluster`]: starting, killing and restarting the 5-node clusters (`latchkey dev`, `etcd`).
 //! - [`processes`]: child processes and directories, and their cleanup on every exit path.
-//! - [`floor`]: the measured floor: one and two synced RocksDB writes on the data disk.
+//! - [`floor`]: the measured floor: one and two synced RocksDB writes on the data disk,
+//!   and one synced overwrite of a preallocated file.
 //! - [`stats`]: latency histograms (hdrhistogram) and measurement windows.
 //! - [`procfs`]: CPU, memory, disk and load readings from `/proc`, to say what limited a run.
 //! - [`machine`]: the description of the machine the report prints.

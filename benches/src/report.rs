@@ -109,7 +109,7 @@ impl Report {
             let Some(floor) = floor else { continue };
             let _ = writeln!(
                 out,
-                "\nmeasured floor {when} the workloads (synced RocksDB writes on the data disk):"
+                "\nmeasured floor {when} the workloads (synced writes on the data disk):"
             );
             for line in floor.lines() {
                 let _ = writeln!(out, "  {line}");
