@@ -265,7 +265,7 @@ pub fn rounds_table(spreads: &[Spread]) -> String {
             "-".to_string()
         } else {
             let cells: Vec<String> = (1..=rounds)
-                .map(|round| value(&s.ratios, round).map_or("-".into(), |r| format!("{r:.2}×")))
+                .map(|round| times(value(&s.ratios, round)))
                 .collect();
             cells.join(", ")
         };
@@ -364,10 +364,15 @@ fn percentiles(m: Option<&Measurement>) -> String {
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
-        _ => "-".into(),
-    }
+    times(match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    })
+}
+
+/// A ratio cell: `2.41×`, or `-` when there is none.
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or("-".into(), |r| format!("{r:.2}×"))
 }
 
 fn floor_cell(m: Option<&Measurement>, p50: Option<f64>, floor: Option<&Floor>) -> String {
