@@ -65,6 +65,7 @@ pub mod lease;
 pub mod lock;
 pub mod maintenance;
 pub(crate) mod observe;
+pub(crate) mod pipeline;
 pub mod raw;
 pub(crate) mod renewals;
 pub(crate) mod retry;

@@ -36,7 +36,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use latchkey_proto::v1::lock_client::LockClient;
 use latchkey_proto::v1::{AcquireRequest, Grant};
 use tokio::time::Instant;
 
@@ -94,10 +93,10 @@ impl Lease {
             request: None,
         };
         let grant = inner
-            .call_write(CallSpec::write(&inner.options), |channel, id| {
+            .call_write_at(CallSpec::write(&inner.options), |target, id| {
                 let mut request = request.clone();
                 request.request = id;
-                async move { LockClient::new(channel).acquire(request).await }
+                inner.acquire_at(target, request)
             })
             .await
             .map_err(|e| e.about_lease(self.id()))?;
@@ -112,7 +111,7 @@ impl Lease {
         self.check_not_lost()?;
         let inner = &self.shared.client.inner;
         let lease = self.id();
-        let acquire = inner.call_write(CallSpec::blocking_write(deadline), |channel, id| {
+        let acquire = inner.call_write_at(CallSpec::blocking_write(deadline), |target, id| {
             // A new request id per attempt: see `crate::client`.
             let request = AcquireRequest {
                 name: name.to_string(),
@@ -120,7 +119,7 @@ impl Lease {
                 wait: true,
                 request: id,
             };
-            async move { LockClient::new(channel).acquire(request).await }
+            inner.acquire_at(target, request)
         });
         let grant = tokio::select! {
             granted = acquire => granted.map_err(|e| e.about_lease(lease))?,

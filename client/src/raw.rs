@@ -198,7 +198,7 @@ impl Raw<'_> {
             CallSpec::write(&inner.options)
         };
         let answer = inner
-            .call_write(spec, |channel, id| {
+            .call_write_at(spec, |target, id| {
                 // A waiting acquire takes a new request id per attempt; see
                 // `crate::client`.
                 let request = AcquireRequest {
@@ -207,7 +207,7 @@ impl Raw<'_> {
                     wait,
                     request: id,
                 };
-                async move { LockClient::new(channel).acquire(request).await }
+                inner.acquire_at(target, request)
             })
             .await
             .map_err(|e| e.about_lease(lease))?;
@@ -268,13 +268,13 @@ pub(crate) async fn end_grant(
     let spec = CallSpec::write(&inner.options);
     match kind {
         GrantKind::Lock => inner
-            .call_write(spec, |channel, id| {
+            .call_write_at(spec, |target, id| {
                 let request = ReleaseRequest {
                     name: name.to_string(),
                     token: token.0,
                     request: id,
                 };
-                async move { LockClient::new(channel).release(request).await }
+                inner.release_at(target, request)
             })
             .await
             .map(|_| ()),

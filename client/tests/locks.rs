@@ -203,3 +203,37 @@ async fn wait_for_waiters(cluster: &TestCluster, name: &str, count: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Lock calls made as unary calls, as with a server that has no lock
+/// pipeline, give the same grants, waits and refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_lock_calls_give_the_same_grants_waits_and_refusals() {
+    let cluster = TestCluster::start(3).await;
+    let client = Client::builder(cluster.endpoints())
+        .unary_lock_calls()
+        .connect()
+        .await
+        .expect("connect");
+    let first = client.grant_lease(TTL).await.expect("grant");
+    let second = client.grant_lease(TTL).await.expect("grant");
+    let guard = first.try_lock("job").await.expect("free lock");
+    assert!(matches!(
+        second.try_lock("job").await,
+        Err(Error::LockHeld { .. })
+    ));
+    let waiter = tokio::spawn(async move { second.lock("job").await });
+    wait_for_waiters(&cluster, "job", 1).await;
+    let first_token = guard.token();
+    guard.release().await.expect("release");
+    let granted = within("waiter granted", waiter)
+        .await
+        .expect("waiter task")
+        .expect("granted");
+    assert!(granted.token() > first_token);
+    assert!(matches!(
+        client.raw().release("job", first_token).await,
+        Err(Error::StaleToken { .. })
+    ));
+    granted.release().await.expect("release");
+    cluster.shutdown().await;
+}

@@ -249,6 +249,12 @@ impl Metrics {
         }
     }
 
+    /// Counts one request that came as a message on a stream rather than
+    /// as a call (`Lock.Pipeline`), under the method of its unary call.
+    pub fn count_request(&self, path: &str, code: tonic::Code) {
+        self.count_call(path, &format!("{code:?}"));
+    }
+
     fn count_call(&self, path: &str, code: &str) {
         let method = self.method_label(path);
         self.grpc_requests

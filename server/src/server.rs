@@ -179,7 +179,8 @@ impl RunningServer {
             },
             config.data_dir.join("snapshots"),
             stopping_rx,
-        );
+        )
+        .with_metrics(metrics.clone());
         let client_addr = client_listener.local_addr().map_err(listen_error)?;
         let peer_addr = peer_listener.local_addr().map_err(listen_error)?;
         for service in Api::SERVICE_NAMES.into_iter().chain([HEALTH_SERVICE]) {

@@ -7,9 +7,10 @@ use latchkey_proto::v1::election_client::ElectionClient;
 use latchkey_proto::v1::lease_client::LeaseClient;
 use latchkey_proto::v1::lock_client::LockClient;
 use latchkey_proto::v1::{
-    error_details, AcquireRequest, CampaignRequest, ErrorDetails, Fence, GetRequest,
-    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, ObserveRequest, PutRequest,
-    ReleaseRequest,
+    error_details, pipeline_request, pipeline_response, AcquireRequest, CampaignRequest,
+    DescribeRequest, ErrorDetails, Fence, GetRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseTimeToLiveRequest, ObserveRequest, PipelineCancel, PipelineError, PipelineRequest,
+    PipelineResponse, PutRequest, ReleaseRequest,
 };
 use prost::Message as _;
 use tonic::Code;
@@ -537,5 +538,252 @@ async fn leases_expiring_while_writes_flow_stop_no_node() {
         .map(|answer| answer.into_inner().leases.len());
     println!("{granted} leases expired during {written} writes; still listed: {listed:?}");
     assert_eq!(listed.ok(), Some(0), "every lease expired");
+    cluster.shutdown().await;
+}
+
+/// One `Lock.Pipeline` stream: requests go in with `send`, answers come
+/// out of `next`, each within a deadline.
+struct Pipe {
+    requests: tokio::sync::mpsc::UnboundedSender<PipelineRequest>,
+    answers: tonic::Streaming<PipelineResponse>,
+}
+
+impl Pipe {
+    async fn open(cluster: &TestCluster, node: latchkey_server::types::NodeId) -> Pipe {
+        let (requests, queue) = tokio::sync::mpsc::unbounded_channel();
+        let answers = LockClient::new(cluster.channel(node).await)
+            .pipeline(tokio_stream::wrappers::UnboundedReceiverStream::new(queue))
+            .await
+            .expect("the pipeline opens")
+            .into_inner();
+        Pipe { requests, answers }
+    }
+
+    fn send(&self, seq: u64, op: pipeline_request::Op) {
+        let request = PipelineRequest { seq, op: Some(op) };
+        self.requests.send(request).expect("the stream is open");
+    }
+
+    fn acquire(&self, seq: u64, name: &str, lease: u64, wait: bool) {
+        let request = AcquireRequest {
+            name: name.into(),
+            lease,
+            wait,
+            request: None,
+        };
+        self.send(seq, pipeline_request::Op::Acquire(request));
+    }
+
+    fn release(&self, seq: u64, name: &str, token: u64) {
+        let request = ReleaseRequest {
+            name: name.into(),
+            token,
+            request: None,
+        };
+        self.send(seq, pipeline_request::Op::Release(request));
+    }
+
+    async fn next(&mut self) -> (u64, pipeline_response::Result) {
+        let answer = tokio::time::timeout(Duration::from_secs(10), self.answers.message())
+            .await
+            .expect("an answer within 10 s")
+            .expect("the stream is whole")
+            .expect("the stream goes on");
+        (answer.seq, answer.result.expect("a result"))
+    }
+
+    /// The next answer, which must be a refusal: its status.
+    async fn refusal(&mut self) -> (u64, PipelineError) {
+        match self.next().await {
+            (seq, pipeline_response::Result::Error(error)) => (seq, error),
+            (seq, other) => panic!("expected a refusal for {seq}, got {other:?}"),
+        }
+    }
+}
+
+fn granted(result: pipeline_response::Result) -> latchkey_proto::v1::Grant {
+    match result {
+        pipeline_response::Result::Acquire(answer) => answer.grant.expect("a grant"),
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+fn pipeline_details(error: &PipelineError) -> error_details::Detail {
+    ErrorDetails::decode(error.details.as_slice())
+        .expect("typed details")
+        .detail
+        .expect("a detail")
+}
+
+impl TestCluster {
+    async fn waiters(&self, name: &str) -> Vec<u64> {
+        let leader = self.leader().await;
+        let mut locks = LockClient::new(self.channel(leader).await);
+        let request = DescribeRequest {
+            name: name.into(),
+            serializable: false,
+        };
+        locks
+            .describe(request)
+            .await
+            .expect("describe")
+            .into_inner()
+            .waiters
+    }
+
+    async fn wait_for_waiters(&self, name: &str, expected: &[u64]) {
+        let start = Instant::now();
+        // Bounded by the deadline.
+        loop {
+            let waiters = self.waiters(name).await;
+            if waiters == expected {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "waiters of {name}: {waiters:?}, expected {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_answers_each_request_when_it_completes_so_a_waiting_acquire_holds_up_nothing() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let holder = cluster.grant(30_000).await;
+    let waiter = cluster.grant(30_000).await;
+    let held = cluster.acquire("job", holder, false).await.expect("free");
+    let mut pipe = Pipe::open(&cluster, leader).await;
+
+    pipe.acquire(1, "job", waiter, true);
+    cluster.wait_for_waiters("job", &[waiter]).await;
+    pipe.acquire(2, "other", waiter, false);
+    let (seq, other) = pipe.next().await;
+    assert_eq!(seq, 2, "the free lock is answered while the other waits");
+    assert_eq!(granted(other).lease, waiter);
+
+    pipe.release(3, "job", held);
+    let mut answers = [pipe.next().await, pipe.next().await];
+    answers.sort_by_key(|(seq, _)| *seq);
+    let [(1, acquired), (3, released)] = answers else {
+        panic!("expected answers to 1 and 3, got {answers:?}");
+    };
+    assert!(matches!(released, pipeline_response::Result::Release(_)));
+    let grant = granted(acquired);
+    assert_eq!((grant.lease, grant.name.as_str()), (waiter, "job"));
+    assert!(grant.token > held, "the next holder's token is higher");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_pipeline_acquire_leaves_the_queue_unanswered() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let holder = cluster.grant(30_000).await;
+    let waiter = cluster.grant(30_000).await;
+    cluster.acquire("job", holder, false).await.expect("free");
+    let mut pipe = Pipe::open(&cluster, leader).await;
+
+    pipe.acquire(1, "job", waiter, true);
+    cluster.wait_for_waiters("job", &[waiter]).await;
+    pipe.send(1, pipeline_request::Op::Cancel(PipelineCancel {}));
+    cluster.wait_for_waiters("job", &[]).await;
+    pipe.acquire(2, "other", waiter, false);
+    let (seq, _) = pipe.next().await;
+    assert_eq!(seq, 2, "the cancelled acquire gets no answer");
+
+    // Breaking the stream gives up what is in flight, as a unary caller
+    // going away does.
+    pipe.acquire(3, "job", waiter, true);
+    cluster.wait_for_waiters("job", &[waiter]).await;
+    drop(pipe);
+    cluster.wait_for_waiters("job", &[]).await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_refusals_carry_the_unary_status_and_change_nothing() {
+    let cluster = TestCluster::start(3, 10_000).await;
+    let leader = cluster.leader().await;
+    let holder = cluster.grant(30_000).await;
+    let waiter = cluster.grant(30_000).await;
+    let held = cluster.acquire("job", holder, false).await.expect("free");
+    let mut pipe = Pipe::open(&cluster, leader).await;
+
+    // A bad name: the same code and typed details as the unary call's.
+    pipe.acquire(1, "", waiter, false);
+    let (seq, refused) = pipe.refusal().await;
+    let unary = cluster.acquire("", waiter, false).await.unwrap_err();
+    assert_eq!(seq, 1);
+    assert_eq!(refused.code, unary.code() as i32);
+    assert_eq!(refused.details, unary.details().to_vec());
+    assert!(
+        matches!(pipeline_details(&refused), error_details::Detail::InvalidField(f) if f.field == "name")
+    );
+
+    // A held lock, without waiting: LockHeld, naming the holder.
+    pipe.acquire(2, "job", waiter, false);
+    let (_, refused) = pipe.refusal().await;
+    assert_eq!(refused.code, Code::FailedPrecondition as i32);
+    match pipeline_details(&refused) {
+        error_details::Detail::LockHeld(lock) => assert_eq!(lock.holder_token, held),
+        other => panic!("expected LockHeld, got {other:?}"),
+    }
+
+    // A stale token: StaleToken.
+    pipe.release(3, "job", held + 1000);
+    let (_, refused) = pipe.refusal().await;
+    assert!(matches!(
+        pipeline_details(&refused),
+        error_details::Detail::StaleToken(_)
+    ));
+
+    // No operation, and a seq already in flight.
+    pipe.send(4, pipeline_request::Op::Cancel(PipelineCancel {}));
+    pipe.requests
+        .send(PipelineRequest { seq: 5, op: None })
+        .expect("open");
+    let (seq, refused) = pipe.refusal().await;
+    assert_eq!((seq, refused.code), (5, Code::InvalidArgument as i32));
+    pipe.acquire(6, "job", waiter, true);
+    cluster.wait_for_waiters("job", &[waiter]).await;
+    pipe.acquire(6, "other", waiter, false);
+    let (seq, refused) = pipe.refusal().await;
+    assert_eq!((seq, refused.code), (6, Code::InvalidArgument as i32));
+    assert!(refused.message.contains("in flight"), "{refused:?}");
+
+    // A follower refuses with the leader's address, as in the metadata a
+    // unary refusal carries.
+    let follower = cluster
+        .servers_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let mut there = Pipe::open(&cluster, follower).await;
+    there.acquire(1, "elsewhere", waiter, false);
+    let (_, refused) = there.refusal().await;
+    assert_eq!(refused.code, Code::Unavailable as i32);
+    assert!(matches!(
+        pipeline_details(&refused),
+        error_details::Detail::NotLeader(_)
+    ));
+    assert!(
+        refused
+            .metadata
+            .get("latchkey-leader-addr")
+            .is_some_and(|addr| !addr.is_empty()),
+        "{refused:?}"
+    );
+
+    // Nothing changed hands: the holder still holds, the waiter still waits.
+    let unary_again = cluster
+        .acquire("job", holder, false)
+        .await
+        .expect("re-acquire");
+    assert_eq!(unary_again, held);
+    assert_eq!(cluster.waiters("job").await, vec![waiter]);
+    assert_eq!(cluster.waiters("other").await, Vec::<u64>::new());
     cluster.shutdown().await;
 }

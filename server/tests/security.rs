@@ -339,11 +339,25 @@ async fn without_credentials_or_permission_nothing_is_done() {
         matches!(wrong, Error::Unauthenticated { ref reason, .. } if reason == "bad_password"),
         "{wrong:?}"
     );
+    // A lock taken on alice's lock pipeline, whose stream carries the
+    // token she logged in with.
+    let held = alice
+        .raw()
+        .acquire("app/held", alice_lease, false, None)
+        .await
+        .expect("alice locks app/held");
     tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(
         reason(get(format!("Bearer {token}")).await.unwrap_err()),
         "token_expired"
     );
+    // Her client's token has expired too: the pipeline's next request is
+    // refused, and the client logs in again and sends it on a new stream.
+    alice
+        .raw()
+        .release("app/held", held.token)
+        .await
+        .expect("released once the client has logged in again");
     let (token, _) = alice.authenticate("alice", "alicepw").await.expect("token");
     root.user_change_password("alice", "newpw")
         .await

@@ -20,7 +20,7 @@ use latchkey_proto::state::v1::{command, command_result, Acquire, CancelWait, Gr
 use latchkey_proto::v1::lock_server::Lock;
 use latchkey_proto::v1::{
     error_details, AcquireRequest, AcquireResponse, DescribeRequest, DescribeResponse,
-    ErrorDetails, Grant, ReleaseRequest, ReleaseResponse, RequestId,
+    ErrorDetails, Grant, PipelineRequest, ReleaseRequest, ReleaseResponse, RequestId,
 };
 use prost::Message as _;
 
@@ -33,6 +33,18 @@ use latchkey_proto::v1::PermissionKind;
 
 #[tonic::async_trait]
 impl Lock for Api {
+    type PipelineStream = super::pipeline::PipelineStream;
+
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        // Refused at once without credentials, as a unary call would be;
+        // each request is identified again when it arrives.
+        self.identify(&request)?;
+        Ok(Response::new(super::pipeline::serve(self, request)))
+    }
+
     async fn acquire(
         &self,
         request: Request<AcquireRequest>,

@@ -40,10 +40,12 @@ mod election;
 mod lease;
 mod lock;
 mod maintenance;
+mod pipeline;
 mod session;
 pub mod streams;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
@@ -65,6 +67,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::config::Limits;
 use crate::coordination::{CoordinationError, LeaseId};
 use crate::error::{FatalError, RequestError};
+use crate::metrics::Metrics;
 use crate::node::{Applied, NodeHandle};
 use crate::state_machine::{Reader, MAX_KEY_BYTES, MAX_RANGE_KEYS, MAX_VALUE_BYTES};
 use crate::transport::PeerDirectory;
@@ -117,6 +120,8 @@ pub struct Api {
     stopping: watch::Receiver<bool>,
     auth: Authenticator,
     limits: Limits,
+    /// Where requests that are not calls of their own are counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The owner a non-admin user's lease-using command must match; `None`
@@ -149,7 +154,16 @@ impl Api {
             stopping,
             auth,
             limits,
+            metrics: None,
         }
+    }
+
+    /// Counts the requests of `Lock.Pipeline` streams in `metrics`, each
+    /// under its unary call's method (the layer around the services counts
+    /// calls, and sees a stream once).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Api {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Who is asking; `UNAUTHENTICATED` when authentication is on and the
