@@ -37,6 +37,8 @@
 //!   one per node.
 //! - [`lock`]: `Lease::lock` / `try_lock` / `lock_with_timeout` and
 //!   [`LockGuard`].
+//! - `pipeline` (private): the `Lock.Pipeline` streams lock acquires and
+//!   releases go on, one per node, with unary calls where a node lacks it.
 //! - [`cluster`]: membership and leadership for operators: list, add,
 //!   promote and remove members, transfer leadership.
 //! - [`election`]: [`Election`] (campaign, leader, observe) and
