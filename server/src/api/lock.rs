@@ -25,6 +25,7 @@ use latchkey_proto::v1::{
 use prost::Message as _;
 
 use super::{header_at, owner_check, refusal, Api};
+use crate::auth::Identity;
 use crate::coordination::{validate_name, validate_value, Event, Kind, LeaseId};
 use crate::error::RequestError;
 use crate::node::Role;
@@ -49,47 +50,20 @@ impl Lock for Api {
         &self,
         request: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
-        let name = &request.get_ref().name;
-        let identity = self.require(&request, PermissionKind::Lock, name)?;
-        let AcquireRequest {
-            name,
-            lease,
-            wait,
-            request,
-        } = request.into_inner();
-        let (header, grant) = self
-            .acquire_grant(
-                Kind::Lock,
-                name,
-                LeaseId(lease),
-                wait,
-                Vec::new(),
-                Asker {
-                    request,
-                    caller: owner_check(&identity),
-                },
-            )
-            .await?;
-        Ok(Response::new(AcquireResponse {
-            header: Some(header),
-            grant: Some(grant),
-        }))
+        let identity = self.identify(&request)?;
+        self.acquire_lock(&identity, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn release(
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        self.require(&request, PermissionKind::Lock, &request.get_ref().name)?;
-        let ReleaseRequest {
-            name,
-            token,
-            request,
-        } = request.into_inner();
-        let header = self.release_grant(Kind::Lock, name, token, request).await?;
-        Ok(Response::new(ReleaseResponse {
-            header: Some(header),
-        }))
+        let identity = self.identify(&request)?;
+        self.release_lock(&identity, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn describe(
@@ -110,6 +84,53 @@ impl Lock for Api {
                 .map(|lock| lock.waiters.iter().map(|w| w.lease.0).collect())
                 .unwrap_or_default(),
         }))
+    }
+}
+
+impl Api {
+    /// `Lock.Acquire` for `identity`, who has been identified: as a unary
+    /// call or as a `Lock.Pipeline` request.
+    pub(super) async fn acquire_lock(
+        &self,
+        identity: &Identity,
+        request: AcquireRequest,
+    ) -> Result<AcquireResponse, Status> {
+        identity.require(PermissionKind::Lock, &request.name)?;
+        let AcquireRequest {
+            name,
+            lease,
+            wait,
+            request,
+        } = request;
+        let asker = Asker {
+            request,
+            caller: owner_check(identity),
+        };
+        let (header, grant) = self
+            .acquire_grant(Kind::Lock, name, LeaseId(lease), wait, Vec::new(), asker)
+            .await?;
+        Ok(AcquireResponse {
+            header: Some(header),
+            grant: Some(grant),
+        })
+    }
+
+    /// `Lock.Release` for `identity`, as [`Api::acquire_lock`].
+    pub(super) async fn release_lock(
+        &self,
+        identity: &Identity,
+        request: ReleaseRequest,
+    ) -> Result<ReleaseResponse, Status> {
+        identity.require(PermissionKind::Lock, &request.name)?;
+        let ReleaseRequest {
+            name,
+            token,
+            request,
+        } = request;
+        let header = self.release_grant(Kind::Lock, name, token, request).await?;
+        Ok(ReleaseResponse {
+            header: Some(header),
+        })
     }
 }
 

@@ -30,15 +30,12 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use tonic::{Request, Status, Streaming};
 
-use latchkey_proto::v1::PermissionKind;
 use latchkey_proto::v1::{
-    pipeline_request, pipeline_response, AcquireRequest, AcquireResponse, PipelineError,
-    PipelineRequest, PipelineResponse, ReleaseRequest, ReleaseResponse,
+    pipeline_request, pipeline_response, AcquireRequest, PipelineError, PipelineRequest,
+    PipelineResponse, ReleaseRequest,
 };
 
-use super::lock::Asker;
-use super::{owner_check, Api};
-use crate::coordination::{Kind, LeaseId};
+use super::Api;
 
 pub(super) type PipelineStream =
     Pin<Box<dyn futures::Stream<Item = Result<PipelineResponse, Status>> + Send>>;
@@ -159,8 +156,14 @@ impl Pipeline {
         let api = self.api.clone();
         let work = async move {
             let outcome = match work {
-                Work::Acquire(request) => acquire(&api, identity, request).await,
-                Work::Release(request) => release(&api, identity, request).await,
+                Work::Acquire(request) => api
+                    .acquire_lock(&identity, request)
+                    .await
+                    .map(pipeline_response::Result::Acquire),
+                Work::Release(request) => api
+                    .release_lock(&identity, request)
+                    .await
+                    .map(pipeline_response::Result::Release),
             };
             api.count(
                 method,
@@ -210,48 +213,6 @@ async fn next_message(
         Some(incoming) => incoming.message().await,
         None => std::future::pending().await,
     }
-}
-
-async fn acquire(
-    api: &Api,
-    identity: crate::auth::Identity,
-    request: AcquireRequest,
-) -> Result<pipeline_response::Result, Status> {
-    let AcquireRequest {
-        name,
-        lease,
-        wait,
-        request,
-    } = request;
-    identity.require(PermissionKind::Lock, &name)?;
-    let asker = Asker {
-        request,
-        caller: owner_check(&identity),
-    };
-    let (header, grant) = api
-        .acquire_grant(Kind::Lock, name, LeaseId(lease), wait, Vec::new(), asker)
-        .await?;
-    Ok(pipeline_response::Result::Acquire(AcquireResponse {
-        header: Some(header),
-        grant: Some(grant),
-    }))
-}
-
-async fn release(
-    api: &Api,
-    identity: crate::auth::Identity,
-    request: ReleaseRequest,
-) -> Result<pipeline_response::Result, Status> {
-    let ReleaseRequest {
-        name,
-        token,
-        request,
-    } = request;
-    identity.require(PermissionKind::Lock, &name)?;
-    let header = api.release_grant(Kind::Lock, name, token, request).await?;
-    Ok(pipeline_response::Result::Release(ReleaseResponse {
-        header: Some(header),
-    }))
 }
 
 /// `status` as a message: code, message, details and ASCII metadata.
