@@ -72,6 +72,8 @@ pub mod raw;
 pub(crate) mod renewals;
 pub(crate) mod retry;
 pub mod session;
+#[cfg(test)]
+pub(crate) mod test_server;
 pub mod tls;
 pub mod types;
 

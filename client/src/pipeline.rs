@@ -21,6 +21,7 @@
 //! unary calls, and is asked again after [`RECHECK_UNSUPPORTED`].
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,22 +169,22 @@ impl Inner {
         target: String,
         request: AcquireRequest,
     ) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
-        let answer = self
-            .pipelined(&target, || pipeline_request::Op::Acquire(request.clone()))
-            .await;
-        match answer {
-            Some(Ok(pipeline_response::Result::Acquire(response))) => {
-                Ok(tonic::Response::new(response))
-            }
-            Some(Ok(_)) => Err(tonic::Status::internal(
-                "the lock pipeline answered an acquire with another call's result",
-            )),
-            Some(Err(status)) => Err(status),
-            None => {
-                let channel = self.router.channel_for_call(&target)?;
-                LockClient::new(channel).acquire(request).await
-            }
-        }
+        let response = |result: pipeline_response::Result| match result {
+            pipeline_response::Result::Acquire(response) => Some(response),
+            _ => None,
+        };
+        let unary = |mut lock: LockClient<Conn>, request: AcquireRequest| async move {
+            lock.acquire(request).await
+        };
+        self.lock_call_at(
+            target,
+            "an acquire",
+            request,
+            pipeline_request::Op::Acquire,
+            response,
+            unary,
+        )
+        .await
     }
 
     /// One attempt of a lock release at `target`, as [`Inner::acquire_at`].
@@ -192,44 +193,60 @@ impl Inner {
         target: String,
         request: ReleaseRequest,
     ) -> Result<tonic::Response<ReleaseResponse>, tonic::Status> {
-        let answer = self
-            .pipelined(&target, || pipeline_request::Op::Release(request.clone()))
-            .await;
-        match answer {
-            Some(Ok(pipeline_response::Result::Release(response))) => {
-                Ok(tonic::Response::new(response))
-            }
-            Some(Ok(_)) => Err(tonic::Status::internal(
-                "the lock pipeline answered a release with another call's result",
-            )),
-            Some(Err(status)) => Err(status),
-            None => {
-                let channel = self.router.channel_for_call(&target)?;
-                LockClient::new(channel).release(request).await
-            }
-        }
+        let response = |result: pipeline_response::Result| match result {
+            pipeline_response::Result::Release(response) => Some(response),
+            _ => None,
+        };
+        let unary = |mut lock: LockClient<Conn>, request: ReleaseRequest| async move {
+            lock.release(request).await
+        };
+        self.lock_call_at(
+            target,
+            "a release",
+            request,
+            pipeline_request::Op::Release,
+            response,
+            unary,
+        )
+        .await
     }
 
-    /// The answer to `op` on the lock pipeline to `target`; `None` when
-    /// the call should be unary instead (turned off, or a node without it).
-    async fn pipelined(
+    /// `request` on the lock pipeline to `target` as `op`, its answer
+    /// taken out of the result by `response`; or, when the pipeline is
+    /// turned off or the node has none, the `unary` call.
+    async fn lock_call_at<R: Clone, T, Fut>(
         &self,
-        target: &str,
-        op: impl FnOnce() -> pipeline_request::Op,
-    ) -> Option<Result<pipeline_response::Result, tonic::Status>> {
-        if !self.options.lock_pipeline || !self.pipelines.usable(target) {
-            return None;
-        }
-        let answer = self.pipelines.call(&self.router, target, op()).await;
-        match answer {
-            Err(status)
-                if status.code() == tonic::Code::Unimplemented
-                    && !self.pipelines.usable(target) =>
-            {
-                None
+        target: String,
+        what: &str,
+        request: R,
+        op: fn(R) -> pipeline_request::Op,
+        response: fn(pipeline_response::Result) -> Option<T>,
+        unary: impl FnOnce(LockClient<Conn>, R) -> Fut,
+    ) -> Result<tonic::Response<T>, tonic::Status>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        if self.options.lock_pipeline && self.pipelines.usable(&target) {
+            let answer = self
+                .pipelines
+                .call(&self.router, &target, op(request.clone()))
+                .await;
+            match answer {
+                Ok(result) => {
+                    return response(result).map(tonic::Response::new).ok_or_else(|| {
+                        tonic::Status::internal(format!(
+                            "the lock pipeline answered {what} with another call's result"
+                        ))
+                    })
+                }
+                // A node without the pipeline: nothing was sent.
+                Err(status)
+                    if status.code() == Code::Unimplemented && !self.pipelines.usable(&target) => {}
+                Err(status) => return Err(status),
             }
-            answer => Some(answer),
         }
+        let channel = self.router.channel_for_call(&target)?;
+        unary(LockClient::new(channel), request).await
     }
 }
 
@@ -370,7 +387,6 @@ fn status_of(error: PipelineError) -> tonic::Status {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
     use std::pin::Pin;
 
     use latchkey_proto::v1::lock_server::{Lock, LockServer};
@@ -383,6 +399,7 @@ mod tests {
     use super::*;
     use crate::client::Credentials;
     use crate::client::DEFAULT_CONNECT_TIMEOUT;
+    use crate::test_server::serve_on_loopback;
 
     /// A Lock service whose `Pipeline` is either unknown (a server from
     /// before it) or reads `batch` requests and answers them last first:
@@ -491,17 +508,8 @@ mod tests {
     }
 
     async fn serve(service: Scripted) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr: SocketAddr = listener.local_addr().expect("bound address");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(LockServer::new(service))
-                .serve_with_incoming(incoming),
-        );
-        format!("http://{addr}")
+        let router = tonic::transport::Server::builder().add_service(LockServer::new(service));
+        format!("http://{}", serve_on_loopback(router).await)
     }
 
     fn router(target: &str) -> Router {

@@ -218,6 +218,7 @@ mod tests {
 
     use super::*;
     use crate::client::Credentials;
+    use crate::test_server::serve_on_loopback;
 
     /// A Lease service whose `KeepAlive` reads `batch` renewals, then
     /// answers them last first (out of the order the protocol promises),
@@ -300,17 +301,8 @@ mod tests {
     }
 
     async fn serve_reversing(batch: usize, refuse: bool) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().expect("bound address");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(LeaseServer::new(Reversing { batch, refuse }))
-                .serve_with_incoming(incoming),
-        );
-        addr
+        let service = LeaseServer::new(Reversing { batch, refuse });
+        serve_on_loopback(tonic::transport::Server::builder().add_service(service)).await
     }
 
     fn conn(addr: SocketAddr) -> Conn {
