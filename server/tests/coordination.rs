@@ -648,14 +648,45 @@ impl TestCluster {
     }
 }
 
+/// A 3-node cluster where `holder`'s lease holds "job" with token `held`,
+/// `waiter`'s lease holds nothing, and a pipeline is open to the leader.
+struct JobHeld {
+    cluster: TestCluster,
+    leader: latchkey_server::types::NodeId,
+    holder: u64,
+    waiter: u64,
+    held: u64,
+    pipe: Pipe,
+}
+
+impl JobHeld {
+    async fn start() -> JobHeld {
+        let cluster = TestCluster::start(3, 10_000).await;
+        let leader = cluster.leader().await;
+        let holder = cluster.grant(30_000).await;
+        let waiter = cluster.grant(30_000).await;
+        let held = cluster.acquire("job", holder, false).await.expect("free");
+        let pipe = Pipe::open(&cluster, leader).await;
+        JobHeld {
+            cluster,
+            leader,
+            holder,
+            waiter,
+            held,
+            pipe,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_answers_each_request_when_it_completes_so_a_waiting_acquire_holds_up_nothing() {
-    let cluster = TestCluster::start(3, 10_000).await;
-    let leader = cluster.leader().await;
-    let holder = cluster.grant(30_000).await;
-    let waiter = cluster.grant(30_000).await;
-    let held = cluster.acquire("job", holder, false).await.expect("free");
-    let mut pipe = Pipe::open(&cluster, leader).await;
+    let JobHeld {
+        cluster,
+        waiter,
+        held,
+        mut pipe,
+        ..
+    } = JobHeld::start().await;
 
     pipe.acquire(1, "job", waiter, true);
     cluster.wait_for_waiters("job", &[waiter]).await;
@@ -679,12 +710,12 @@ async fn a_pipeline_answers_each_request_when_it_completes_so_a_waiting_acquire_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_pipeline_acquire_leaves_the_queue_unanswered() {
-    let cluster = TestCluster::start(3, 10_000).await;
-    let leader = cluster.leader().await;
-    let holder = cluster.grant(30_000).await;
-    let waiter = cluster.grant(30_000).await;
-    cluster.acquire("job", holder, false).await.expect("free");
-    let mut pipe = Pipe::open(&cluster, leader).await;
+    let JobHeld {
+        cluster,
+        waiter,
+        mut pipe,
+        ..
+    } = JobHeld::start().await;
 
     pipe.acquire(1, "job", waiter, true);
     cluster.wait_for_waiters("job", &[waiter]).await;
@@ -705,12 +736,14 @@ async fn a_cancelled_pipeline_acquire_leaves_the_queue_unanswered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_refusals_carry_the_unary_status_and_change_nothing() {
-    let cluster = TestCluster::start(3, 10_000).await;
-    let leader = cluster.leader().await;
-    let holder = cluster.grant(30_000).await;
-    let waiter = cluster.grant(30_000).await;
-    let held = cluster.acquire("job", holder, false).await.expect("free");
-    let mut pipe = Pipe::open(&cluster, leader).await;
+    let JobHeld {
+        cluster,
+        leader,
+        holder,
+        waiter,
+        held,
+        mut pipe,
+    } = JobHeld::start().await;
 
     // A bad name: the same code and typed details as the unary call's.
     pipe.acquire(1, "", waiter, false);
