@@ -13,6 +13,9 @@
 //! state must commit an entry the log holds ([`RaftLog::check_commit`]).
 //! Either failing is corruption naming its key.
 //!
+//! The newest entries are also kept decoded in memory (`cache.rs`), so that
+//! raft-rs's reads on the node's loop are served without RocksDB.
+//!
 //! # Bootstrap
 //! A node of a new cluster starts as if it had installed a snapshot at
 //! index 1, term 1 that holds the initial membership (as raft-rs's own
@@ -24,6 +27,8 @@
 //! existing cluster bootstraps with no voters at all and waits for that
 //! snapshot.
 
+mod cache;
+pub use cache::{MAX_BYTES as MAX_CACHED_BYTES, MAX_ENTRIES as MAX_CACHED_ENTRIES};
 pub mod snapshots;
 
 use std::cell::RefCell;
@@ -60,6 +65,8 @@ pub struct RaftLog {
     /// Snapshot files and the last snapshot built for a follower, reused
     /// while still current (see `snapshots.rs`).
     snapshots: RefCell<snapshots::Snapshots>,
+    /// The newest entries, decoded (see `cache.rs`).
+    cache: cache::EntryCache,
 }
 
 impl RaftLog {
@@ -85,6 +92,7 @@ impl RaftLog {
             last_term: 0,
             fatal,
             snapshots: RefCell::new(snapshots::Snapshots::default()),
+            cache: cache::EntryCache::default(),
         };
         match &conf_state {
             None => log.bootstrap(voters, members)?,
@@ -215,6 +223,13 @@ impl RaftLog {
         &self.engine
     }
 
+    /// Bounds the cache of the newest entries (tests: to read across its
+    /// edge, or without it).
+    #[cfg(test)]
+    pub fn set_cache_limits(&mut self, entries: usize, bytes: usize) {
+        self.cache = cache::EntryCache::with_limits(entries, bytes);
+    }
+
     /// Adds `entries` to `batch`, replacing any conflicting suffix.
     pub fn append(&mut self, batch: &mut Batch, entries: &[Entry]) {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
@@ -246,6 +261,7 @@ impl RaftLog {
                 &encode_pb(entry),
             );
         }
+        self.cache.append(entries);
         self.last_index = last.index;
         self.last_term = last.term;
     }
@@ -297,6 +313,7 @@ impl RaftLog {
         batch.put_message(CF_RAFT_STATE, raft_state::TRUNCATED, &truncated);
         self.engine.write(batch, false)?;
         self.truncated = truncated;
+        self.cache.compact_to(index);
         Ok(())
     }
 
@@ -318,6 +335,7 @@ impl RaftLog {
         hard_state.commit = meta.index;
         self.set_hard_state(&mut batch, &hard_state);
         self.set_conf_state(&mut batch, meta.get_conf_state());
+        self.cache.clear();
         self.engine.write(batch, true)?;
         self.truncated = truncated;
         self.last_index = meta.index;
@@ -331,6 +349,9 @@ impl RaftLog {
         }
         if index == self.last_index {
             return Ok(self.last_term);
+        }
+        if let Some(term) = self.cache.term(index) {
+            return Ok(term);
         }
         let key = keys::log_entry(index);
         match self.engine.get(CF_RAFT_LOG, &key)? {
@@ -349,6 +370,9 @@ impl RaftLog {
         high: u64,
         max_size: Option<u64>,
     ) -> Result<Vec<Entry>, FatalError> {
+        if let Some(entries) = self.cache.entries(low, high, max_size) {
+            return Ok(entries);
+        }
         let mut entries = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
         let mut failure = None;

@@ -212,11 +212,21 @@ fn snapshot_carries_the_state_machine_and_installs_elsewhere() {
 
     let follower_dir = tempfile::tempdir().unwrap();
     let mut follower = open(follower_dir.path());
-    append(&mut follower, &[entry(1, 1)]);
+    // Entries of another term past the snapshot's index, which it replaces.
+    append(
+        &mut follower,
+        &(1..=8).map(|i| entry(i, 2)).collect::<Vec<_>>(),
+    );
     follower.apply_snapshot(&snapshot).unwrap();
     assert_eq!(follower.first_index(), 6);
     assert_eq!(follower.last_index(), 5);
     assert_eq!(follower.hard_state().commit, 5);
+    assert_eq!(all_entries(&follower), []);
+    append(&mut follower, &[entry(6, 3), entry(7, 3)]);
+    assert_eq!(all_entries(&follower), [(6, 3), (7, 3)]);
+    assert_eq!(follower.term(5).unwrap(), 1);
+    assert_eq!(follower.term(6).unwrap(), 3);
+    follower.compact_to(6).unwrap();
     let engine = follower.engine().clone();
     assert_eq!(
         engine.get(CF_STATE, &keys::kv(b"x")).unwrap().unwrap(),
@@ -225,8 +235,9 @@ fn snapshot_carries_the_state_machine_and_installs_elsewhere() {
     drop(follower);
     drop(engine);
     let follower = open(follower_dir.path());
-    assert_eq!(follower.first_index(), 6);
-    assert_eq!(follower.term(5).unwrap(), 1);
+    assert_eq!(follower.first_index(), 7);
+    assert_eq!(follower.term(6).unwrap(), 3);
+    assert_eq!(all_entries(&follower), [(7, 3)]);
 }
 
 #[test]
@@ -382,10 +393,19 @@ proptest::proptest! {
     /// reopening.
     #[test]
     fn reads_agree_with_a_model_of_the_log_through_every_change(
-        ops in proptest::collection::vec(log_op(), 1..40)
+        ops in proptest::collection::vec(log_op(), 1..40),
+        cache_entries in proptest::prop_oneof![0..12usize, proptest::strategy::Just(usize::MAX)],
     ) {
         let disk = MemoryDisk::new();
         let mut log = open_on(&disk);
+        // A cache of 0 entries reads everything from the engine, a small
+        // one reads across its edge, the default size holds every entry
+        // (though not the 700 KB ones).
+        let limits = match cache_entries {
+            usize::MAX => (raft_log::MAX_CACHED_ENTRIES, raft_log::MAX_CACHED_BYTES),
+            n => (n, usize::MAX),
+        };
+        log.set_cache_limits(limits.0, limits.1);
         // model[i] = (index, term, payload length) of the entries held.
         let mut model: Vec<(u64, u64, usize)> = Vec::new();
         let mut truncated = (0u64, 0u64);
@@ -420,6 +440,7 @@ proptest::proptest! {
                 LogOp::Reopen => {
                     drop(log);
                     log = open_on(&disk);
+                    log.set_cache_limits(limits.0, limits.1);
                 }
             }
             proptest::prop_assert_eq!(log.first_index(), truncated.0 + 1);
