@@ -7,6 +7,10 @@
 //!   of [`ENTRY_BYTES`] each, synced; on most disks this is the fsync.
 //! - `append_unsynced/{1,16}`: the same without sync: the CPU cost of
 //!   encoding, checksumming and RocksDB's memtable insert.
+//! - `read_committed/{cached,rocksdb}/{1,64}`: raft-rs reading the newest
+//!   1 or 64 entries back, as every Ready does for the committed entries it
+//!   hands to apply: from the log's cache of the newest entries, and with
+//!   the cache off, from RocksDB (an iterator and a decode per entry).
 //!
 //! Run with `cargo bench --workspace --bench storage` (all benches:
 //! `cargo bench --workspace --benches`).
@@ -17,6 +21,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use latchkey_server::storage::raft_log::FatalSlot;
 use latchkey_server::storage::{Batch, Engine, RaftLog};
 use raft::prelude::{Entry, HardState};
+use raft::{GetEntriesContext, Storage as _};
 
 /// Bytes of each entry's data: a small command.
 const ENTRY_BYTES: usize = 128;
@@ -90,5 +95,45 @@ fn append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append);
+fn read_committed(c: &mut Criterion) {
+    let mut group = c.benchmark_group("raft_log");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for cached in [true, false] {
+        let mut log = Log::new();
+        if !cached {
+            log.log.set_cache_limits(0, 0);
+        }
+        for _ in 0..64 {
+            log.append(16, false);
+        }
+        let last = log.log.last_index();
+        let name = if cached {
+            "read_committed/cached"
+        } else {
+            "read_committed/rocksdb"
+        };
+        for count in [1u64, 64] {
+            group.throughput(Throughput::Elements(count));
+            group.bench_with_input(BenchmarkId::new(name, count), &count, |b, &count| {
+                b.iter(|| {
+                    // The log holds these entries: a failure is a broken disk.
+                    log.log
+                        .entries(
+                            last + 1 - count,
+                            last + 1,
+                            None,
+                            GetEntriesContext::empty(false),
+                        )
+                        .expect("read entries")
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, read_committed);
 criterion_main!(benches);

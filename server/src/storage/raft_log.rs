@@ -224,8 +224,7 @@ impl RaftLog {
     }
 
     /// Bounds the cache of the newest entries (tests: to read across its
-    /// edge, or without it).
-    #[cfg(test)]
+    /// edge; benchmarks: to read without it). A node keeps the default.
     pub fn set_cache_limits(&mut self, entries: usize, bytes: usize) {
         self.cache = cache::EntryCache::with_limits(entries, bytes);
     }
