@@ -225,7 +225,7 @@ impl RaftLog {
 
     /// Bounds the cache of the newest entries (tests: to read across its
     /// edge; benchmarks: to read without it). A node keeps the default.
-    pub fn set_cache_limits(&mut self, entries: usize, bytes: usize) {
+    pub fn set_cache_limits(&mut self, entries: usize, bytes: u64) {
         self.cache = cache::EntryCache::with_limits(entries, bytes);
     }
 

@@ -403,7 +403,7 @@ proptest::proptest! {
         // (though not the 700 KB ones).
         let limits = match cache_entries {
             usize::MAX => (raft_log::MAX_CACHED_ENTRIES, raft_log::MAX_CACHED_BYTES),
-            n => (n, usize::MAX),
+            n => (n, u64::MAX),
         };
         log.set_cache_limits(limits.0, limits.1);
         // model[i] = (index, term, payload length) of the entries held.

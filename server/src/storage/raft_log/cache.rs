@@ -21,15 +21,15 @@ use raft::prelude::Entry;
 /// is further behind is caught up from RocksDB.
 pub const MAX_ENTRIES: usize = 4096;
 /// Encoded bytes kept at most, so that a few big entries do not hold memory.
-pub const MAX_BYTES: usize = 2 << 20;
+pub const MAX_BYTES: u64 = 2 << 20;
 
 #[derive(Debug)]
 pub(super) struct EntryCache {
     /// Entries with consecutive indexes, and each one's encoded size.
     entries: VecDeque<(Entry, u64)>,
-    bytes: usize,
+    bytes: u64,
     max_entries: usize,
-    max_bytes: usize,
+    max_bytes: u64,
 }
 
 impl Default for EntryCache {
@@ -39,7 +39,7 @@ impl Default for EntryCache {
 }
 
 impl EntryCache {
-    pub(super) fn with_limits(max_entries: usize, max_bytes: usize) -> EntryCache {
+    pub(super) fn with_limits(max_entries: usize, max_bytes: u64) -> EntryCache {
         EntryCache {
             entries: VecDeque::new(),
             bytes: 0,
@@ -61,21 +61,23 @@ impl EntryCache {
         self.truncate_from(first.index);
         if let Some((last, _)) = self.entries.back() {
             if last.index + 1 != first.index {
-                // Cannot follow on (the cache was emptied past a gap):
-                // start again from these entries.
+                // They do not follow the cached ones. `RaftLog` never
+                // does this (the cache ends at the log's last entry, and
+                // an append starts at most one past it), but a cache with
+                // a gap would serve wrong entries: start again from these.
                 self.clear();
             }
         }
         for entry in entries {
             let size = u64::from(entry.compute_size());
-            self.bytes += size as usize;
+            self.bytes += size;
             self.entries.push_back((entry.clone(), size));
         }
         while self.entries.len() > self.max_entries || self.bytes > self.max_bytes {
             let Some((_, size)) = self.entries.pop_front() else {
                 break;
             };
-            self.bytes -= size as usize;
+            self.bytes -= size;
         }
     }
 
@@ -83,7 +85,7 @@ impl EntryCache {
     fn truncate_from(&mut self, index: u64) {
         while self.entries.back().is_some_and(|(e, _)| e.index >= index) {
             let (_, size) = self.entries.pop_back().expect("checked");
-            self.bytes -= size as usize;
+            self.bytes -= size;
         }
     }
 
@@ -91,7 +93,7 @@ impl EntryCache {
     pub(super) fn compact_to(&mut self, index: u64) {
         while self.entries.front().is_some_and(|(e, _)| e.index <= index) {
             let (_, size) = self.entries.pop_front().expect("checked");
-            self.bytes -= size as usize;
+            self.bytes -= size;
         }
     }
 
@@ -148,7 +150,7 @@ mod tests {
 
     #[test]
     fn holds_a_contiguous_suffix_within_its_bounds() {
-        let mut cache = EntryCache::with_limits(3, usize::MAX);
+        let mut cache = EntryCache::with_limits(3, u64::MAX);
         cache.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>());
         assert_eq!(cache.term(2), None, "evicted");
         assert_eq!(cache.term(3), Some(1));
@@ -184,7 +186,7 @@ mod tests {
 
     #[test]
     fn compaction_and_byte_bounds_drop_the_oldest() {
-        let size = entry(1, 1).compute_size() as usize;
+        let size = u64::from(entry(1, 1).compute_size());
         let mut cache = EntryCache::with_limits(usize::MAX, 3 * size);
         cache.append(&(1..=4).map(|i| entry(i, 1)).collect::<Vec<_>>());
         assert_eq!(cache.term(1), None, "over the byte bound");
@@ -196,7 +198,7 @@ mod tests {
             "max_size cuts to one entry at least"
         );
         assert_eq!(
-            indexes(&cache.entries(3, 5, Some(2 * size as u64)).unwrap()),
+            indexes(&cache.entries(3, 5, Some(2 * size)).unwrap()),
             [(3, 1), (4, 1)]
         );
         cache.clear();
